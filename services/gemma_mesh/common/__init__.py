@@ -1,0 +1,1 @@
+"""Code shared by every service: errors, logging, settings, metrics."""

@@ -1,0 +1,62 @@
+"""Named error classes, mapped once to gRPC status codes, HTTP statuses and WebSocket close codes.
+
+Services raise these; the transport adapters (gRPC interceptor, FastAPI handlers, WebSocket
+adapter) convert them with the tables below, so no module builds a status code by hand.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base class of every error the mesh reports to a caller.
+
+    Attributes:
+        message: a sentence for the caller that names the problem and, where one applies, the limit.
+        param: the request field at fault, when there is one (OpenAI's ``param``).
+    """
+
+    code = "internal_error"
+    grpc_status = "INTERNAL"
+    http_status = 500
+    ws_close_code = 1011
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(MeshError, ValueError):
+    """The caller's input is wrong (shape, size, format, limit). Never retried as is."""
+
+    code = "invalid_request_error"
+    grpc_status = "INVALID_ARGUMENT"
+    http_status = 400
+    ws_close_code = 1008
+
+
+class NotFound(MeshError, LookupError):
+    """A named thing (model, session, graph) does not exist."""
+
+    code = "not_found_error"
+    grpc_status = "NOT_FOUND"
+    http_status = 404
+    ws_close_code = 1008
+
+
+class Overloaded(MeshError):
+    """A bounded queue is full; the caller may retry later."""
+
+    code = "overloaded_error"
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    ws_close_code = 1013
+
+
+class EngineDead(MeshError):
+    """The engine cannot serve (failed to load, crashed). The service is not ready."""
+
+    code = "engine_unavailable"
+    grpc_status = "UNAVAILABLE"
+    http_status = 503
+    ws_close_code = 1011

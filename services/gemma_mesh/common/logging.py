@@ -1,0 +1,50 @@
+"""Structured logging (structlog) configured once per process.
+
+Logs are JSON lines when stderr is not a terminal (containers, CI) and coloured key=value
+pairs on a terminal. Library loggers (onnxruntime, grpc) go through the same pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
+    """Configure structlog and the standard ``logging`` root logger.
+
+    Args:
+        level: a standard level name (``DEBUG``, ``INFO``, ...).
+        json: force JSON output (True) or console output (False); by default JSON unless
+            stderr is a TTY.
+    """
+    global _configured
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    _configured = True
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger bound to ``component=name``; configures defaults on first use."""
+    if not _configured:
+        configure_logging()
+    return structlog.get_logger().bind(component=name)
