@@ -1,0 +1,320 @@
+"""``gemma-mesh export``: a local Hugging Face Gemma 4 checkpoint -> a model bundle directory.
+
+The bundle (DESIGN.md) holds ``manifest.json``, the tokenizer, chat template and processor settings
+copied from the checkpoint, and four ONNX graphs: ``embed_tokens``, ``audio_encoder``,
+``vision_encoder`` and ``decoder_model_merged``.
+
+Memory: the checkpoint is loaded once in its storage dtype (bf16 for E4B, about 16 GB), never in
+fp32 as a whole; each graph's modules are cast to the export dtype just before their export and
+the graph is verified against PyTorch right after, so peak memory stays near one copy of the
+weights plus the largest graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gemma_mesh import __version__
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION, GEMMA4_SPECIAL_TOKENS
+
+log = get_logger("export")
+
+GRAPH_ORDER = ("embed_tokens", "audio_encoder", "vision_encoder", "decoder_model_merged")
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+)
+# fp32 parity bound of the issue; fp16 graphs are checked against a looser, dtype-aware bound.
+FP32_TOLERANCE = 1e-4
+FP16_TOLERANCE = 5e-2
+
+
+def _checkpoint_fingerprint(checkpoint: Path) -> str:
+    """sha256 over config.json and the safetensors index/headers (not the weights: E4B is 16 GB)."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in checkpoint.iterdir()):
+        path = checkpoint / name
+        if name == "config.json" or name.endswith(".safetensors.index.json"):
+            digest.update(path.read_bytes())
+        elif name.endswith(".safetensors"):
+            with path.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
+                digest.update(fh.read(header_len))
+    return digest.hexdigest()
+
+
+def _io_spec(session: Any) -> dict[str, list[dict[str, Any]]]:
+    def one(arg: Any) -> dict[str, Any]:
+        return {
+            "name": arg.name,
+            "dtype": arg.type,
+            "shape": [d if isinstance(d, int) else str(d) for d in arg.shape],
+        }
+
+    return {
+        "inputs": [one(a) for a in session.get_inputs()],
+        "outputs": [one(o) for o in session.get_outputs()],
+    }
+
+
+def _verify(spec: Any, path: Path, tolerance: float) -> float:
+    """Run the ONNX graph and the wrapper on ``spec.check`` (sizes unlike the export example); return max |diff|."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = spec.module(*spec.check)
+    if isinstance(expected, torch.Tensor):
+        expected = (expected,)
+    feeds = {name: t.numpy() for name, t in zip(spec.input_names, spec.check, strict=True)}
+    got = session.run(None, feeds)
+    worst = 0.0
+    for name, ref, out in zip(spec.output_names, expected, got, strict=True):
+        ref_np = ref.float().numpy()
+        if ref_np.shape != out.shape:
+            raise RuntimeError(
+                f"{spec.name}: output {name} has shape {out.shape}, PyTorch gives {ref_np.shape}"
+            )
+        diff = float(np.max(np.abs(ref_np - out.astype(np.float32)))) if ref_np.size else 0.0
+        worst = max(worst, diff)
+    if not worst <= tolerance:
+        raise RuntimeError(f"{spec.name}: ONNX Runtime differs from PyTorch by {worst:.3g} (> {tolerance:g})")
+    return worst
+
+
+def _special_tokens(processor: Any) -> dict[str, dict[str, Any]]:
+    """Ids of Gemma 4's special tokens, read from the checkpoint's tokenizer (never assumed)."""
+    tok = processor.tokenizer
+    vocab = tok.get_vocab()
+    out: dict[str, dict[str, Any]] = {}
+    named = {
+        "bos": tok.bos_token,
+        "eos": tok.eos_token,
+        "pad": tok.pad_token,
+        "image": processor.image_token,
+        "boi": processor.boi_token,
+        "eoi": processor.eoi_token,
+        "audio": processor.audio_token,
+        "boa": processor.boa_token,
+        "eoa": processor.eoa_token,
+        "video": processor.video_token,
+    }
+    for role, text in {**GEMMA4_SPECIAL_TOKENS, **named}.items():
+        if text is not None and text in vocab:
+            out[role] = {"text": text, "id": int(vocab[text])}
+    return out
+
+
+def _text_section(text_cfg: Any) -> dict[str, Any]:
+    modes = text_cfg.kv_sharing_modes
+    kv_layers = [i for i, m in enumerate(modes) if m != "reuse"]
+    producers: dict[str, int] = {}
+    for i in kv_layers:
+        producers[text_cfg.layer_types[i]] = (
+            i  # the last non-shared layer of each type produces the shared KV
+        )
+    layers = []
+    for i, layer_type in enumerate(text_cfg.layer_types):
+        lc = text_cfg.per_layer_config[i]
+        layers.append(
+            {
+                "type": layer_type,
+                "num_key_value_heads": int(lc.num_key_value_heads),
+                "head_dim": int(lc.head_dim),
+                "kv_source": i if i in kv_layers else producers[layer_type],
+            }
+        )
+    return {
+        "vocab_size": int(text_cfg.vocab_size),
+        "hidden_size": int(text_cfg.hidden_size),
+        "num_hidden_layers": int(text_cfg.num_hidden_layers),
+        "hidden_size_per_layer_input": int(text_cfg.hidden_size_per_layer_input or 0),
+        "sliding_window": int(text_cfg.sliding_window),
+        "max_position_embeddings": int(text_cfg.max_position_embeddings),
+        "final_logit_softcapping": text_cfg.final_logit_softcapping,
+        "use_bidirectional_attention": text_cfg.use_bidirectional_attention,
+        "layers": layers,
+        "kv_layers": kv_layers,
+    }
+
+
+def export_bundle(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    weights: str = "float",
+    graphs: tuple[str, ...] = GRAPH_ORDER,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` to a bundle in ``out_dir`` and return the manifest written there.
+
+    Args:
+        checkpoint: a local Hugging Face Gemma 4 checkpoint (``Gemma4ForConditionalGeneration``),
+            for example a ``google/gemma-4-E4B-it`` snapshot or ``gemma-mesh make-tiny`` output.
+        out_dir: bundle directory (created; existing graph files are replaced).
+        dtype: ``float32`` or ``float16`` for weights and activations of the graphs.
+        weights: ``float`` (as ``dtype``) or ``int4`` (block-wise 4-bit MatMul weights in the decoder).
+        graphs: which graphs to export (all by default).
+        progress: show a progress bar per graph on stderr.
+
+    Raises:
+        ValueError: unknown dtype/weights, or a checkpoint that is not Gemma 4.
+        RuntimeError: a graph whose ONNX Runtime output differs from PyTorch beyond the tolerance.
+    """
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers import AutoConfig, AutoProcessor, Gemma4ForConditionalGeneration
+
+    from gemma_mesh.model.export import graphs as g
+    from gemma_mesh.model.export import wrappers as w
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if weights not in ("float", "int4"):
+        raise ValueError(f"weights must be float or int4, got {weights!r}")
+    checkpoint = Path(checkpoint)
+    config = AutoConfig.from_pretrained(checkpoint)
+    if config.model_type != "gemma4":
+        raise ValueError(f"{checkpoint} is a {config.model_type!r} checkpoint, not gemma4")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    # Load in the checkpoint's own storage dtype (bf16 for E4B, fp32 for make-tiny output), never
+    # upcast as a whole; each graph's modules are cast to ``dtype`` just before their export.
+    model = Gemma4ForConditionalGeneration.from_pretrained(
+        checkpoint, dtype="auto", attn_implementation="eager", low_cpu_mem_usage=True
+    ).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    text_cfg = config.text_config
+    feature_size = int(processor.feature_extractor.feature_size)
+
+    def spec_for(name: str) -> Any:
+        if name == "embed_tokens":
+            return g.embed_spec(
+                w.EmbedTokens(model.model.language_model).to(torch_dtype), text_cfg.vocab_size
+            )
+        if name == "audio_encoder":
+            return g.audio_spec(w.AudioEncoder(model).to(torch_dtype), torch_dtype, feature_size)
+        if name == "vision_encoder":
+            return g.vision_spec(w.VisionEncoder(model).to(torch_dtype), torch_dtype)
+        return g.decoder_spec(w.DecoderWithPast(model).to(torch_dtype), torch_dtype)
+
+    tolerance = FP32_TOLERANCE if dtype == "float32" else FP16_TOLERANCE
+    manifest_graphs: dict[str, Any] = {}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        for name in graphs:
+            task = bar.add_task(f"{name:>22}", total=4, stage="tracing")
+            spec = spec_for(name)
+            bar.update(task, advance=1, stage="exporting")
+            path = g.export_graph(spec, out_dir)
+            bar.update(task, advance=1, stage="verifying")
+            max_diff = _verify(spec, path, tolerance)
+            if weights == "int4" and name == "decoder_model_merged":
+                bar.update(task, stage="int4")
+                from gemma_mesh.model.export.quantize import quantize_int4
+
+                quantize_int4(path)
+            bar.update(task, advance=1, stage="recording")
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            manifest_graphs[name] = {
+                "file": path.name,
+                **_io_spec(session),
+                "max_abs_diff_vs_torch": max_diff,
+                "external_data": path.with_suffix(".onnx.data").exists(),
+            }
+            del session, spec
+            bar.update(task, advance=1, stage=f"done (max |diff| {max_diff:.2e})")
+            log.info("graph exported", graph=name, file=path.name, max_abs_diff=max_diff)
+
+    for fname in COPIED_FILES:
+        src = checkpoint / fname
+        if src.exists():
+            shutil.copyfile(src, out_dir / fname)
+
+    manifest = build_manifest(
+        checkpoint=checkpoint,
+        config=config,
+        processor=processor,
+        graphs=manifest_graphs,
+        dtype=dtype,
+        weights=weights,
+    )
+    (out_dir / "manifest.json").write_text(
+        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    log.info("bundle written", out=str(out_dir), seconds=round(time.monotonic() - started, 1))
+    return manifest
+
+
+def build_manifest(
+    *, checkpoint: Path, config: Any, processor: Any, graphs: dict[str, Any], dtype: str, weights: str
+) -> dict[str, Any]:
+    """The bundle contract (DESIGN.md): everything services need to know, read from the checkpoint."""
+    fe = processor.feature_extractor
+    ip = processor.image_processor
+    vp = processor.video_processor
+    gen_cfg_path = checkpoint / "generation_config.json"
+    gen_cfg = json.loads(gen_cfg_path.read_text()) if gen_cfg_path.exists() else {}
+    stop_ids = gen_cfg.get("eos_token_id", config.text_config.eos_token_id)
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "exporter": {"name": "gemma-mesh", "version": __version__},
+        "source": {
+            "checkpoint": checkpoint.name,
+            "model_type": config.model_type,
+            "revision": _checkpoint_fingerprint(checkpoint),
+        },
+        "dtype": dtype,
+        "weights": weights,
+        "graphs": graphs,
+        "text": _text_section(config.text_config),
+        "special_tokens": _special_tokens(processor),
+        "stop_token_ids": [int(i) for i in stop_ids],
+        "vision": {
+            "patch_size": int(ip.patch_size),
+            "pooling_kernel_size": int(ip.pooling_kernel_size),
+            "default_max_soft_tokens": int(ip.max_soft_tokens),
+            "supported_soft_tokens": [70, 140, 280, 560, 1120],
+            "output_hidden_size": int(config.text_config.hidden_size),
+        },
+        "video": {
+            "max_soft_tokens_per_frame": int(vp.max_soft_tokens),
+            "num_frames": int(getattr(vp, "num_frames", 0) or 0),
+        },
+        "audio": {
+            "sampling_rate": int(fe.sampling_rate),
+            "feature_size": int(fe.feature_size),
+            "ms_per_token": int(processor.audio_ms_per_token),
+            "max_soft_tokens": int(processor.audio_seq_length),
+            "max_samples": 30 * int(fe.sampling_rate),
+            "frames_multiple": 4,
+        },
+        "image_seq_length": int(processor.image_seq_length),
+    }

@@ -1,0 +1,228 @@
+"""Example inputs, dynamic axes and names of the four graphs, and the ONNX export of one graph.
+
+``torch.export`` specialises any dimension whose example size is 1 and records equalities between
+example sizes, so every example here uses distinct sizes of at least 2 (batch 2, sequence 3, past 5
+and 4, ...). Audio frames are a multiple of 4 and vision patches a multiple of k^2, as at run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+# Graphs over this size are written with their weights in an external ``.onnx.data`` file
+# (protobuf's hard limit is 2 GiB).
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+
+@dataclass
+class GraphSpec:
+    """What ``torch.onnx.export`` needs for one graph, plus the names the bundle manifest records."""
+
+    name: str
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    check: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple[Any, ...]
+    optimize: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _dyn(*axes: int) -> dict[int, Any]:
+    return dict.fromkeys(axes, Dim.DYNAMIC)
+
+
+def _kv_example(
+    wrapper: Any, batch: int, past_full: int, past_sliding: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    cfg = wrapper.lm.config
+    tensors = []
+    gen = torch.Generator().manual_seed(past_full * 31 + past_sliding)
+    for idx in wrapper.kv_layers:
+        layer_cfg = cfg.per_layer_config[idx]
+        past = past_full if cfg.layer_types[idx] == "full_attention" else past_sliding
+        shape = (batch, layer_cfg.num_key_value_heads, past, layer_cfg.head_dim)
+        tensors.append(torch.randn(shape, generator=gen).to(dtype))
+        tensors.append(torch.randn(shape, generator=gen).to(dtype))
+    return tensors
+
+
+def _masks(batch: int, seq: int, past: int, window: int | None) -> torch.Tensor:
+    """Causal (optionally sliding) boolean mask [B, 1, S, past + S] with the first key of batch row 0 padded."""
+    q = torch.arange(seq)[:, None] + past
+    k = torch.arange(past + seq)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    mask = allowed[None, None].expand(batch, 1, seq, past + seq).clone()
+    mask[0, :, :, 0] = False
+    return mask
+
+
+def decoder_inputs(wrapper: Any, batch: int, seq: int, past_full: int, past_sliding: int, dtype: torch.dtype):
+    """Random decoder inputs of the given sizes (``past_sliding`` keys kept for sliding layers)."""
+    cfg = wrapper.lm.config
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    embeds = torch.randn((batch, seq, cfg.hidden_size), generator=gen).to(dtype)
+    per_layer = torch.randn(
+        (batch, seq, cfg.num_hidden_layers, max(cfg.hidden_size_per_layer_input, 1)), generator=gen
+    ).to(dtype)
+    positions = (torch.arange(seq) + past_full)[None].expand(batch, seq).contiguous()
+    return (
+        embeds,
+        per_layer,
+        _masks(batch, seq, past_full, None),
+        _masks(batch, seq, past_sliding, cfg.sliding_window),
+        positions,
+        *_kv_example(wrapper, batch, past_full, past_sliding, dtype),
+    )
+
+
+def decoder_spec(wrapper: Any, dtype: torch.dtype) -> GraphSpec:
+    """The ``decoder_model_merged`` graph: one step (prefill or decode) with past and present KV."""
+    cfg = wrapper.lm.config
+    kv_names_in, kv_names_out, kv_dyn = [], [], []
+    for idx in wrapper.kv_layers:
+        for part in ("key", "value"):
+            kv_names_in.append(f"past_key_values.{idx}.{part}")
+            kv_names_out.append(f"present.{idx}.{part}")
+            kv_dyn.append(_dyn(0, 2))
+    window = cfg.sliding_window
+    return GraphSpec(
+        name="decoder_model_merged",
+        module=wrapper,
+        example=decoder_inputs(wrapper, 2, 3, 5, 4, dtype),
+        check=decoder_inputs(wrapper, 3, 5, 2 * window + 3, window - 1, dtype),
+        input_names=[
+            "inputs_embeds",
+            "per_layer_inputs",
+            "attention_mask",
+            "sliding_attention_mask",
+            "position_ids",
+            *kv_names_in,
+        ],
+        output_names=["logits", *kv_names_out],
+        dynamic_shapes=(
+            _dyn(0, 1),
+            _dyn(0, 1),
+            _dyn(0, 2, 3),
+            _dyn(0, 2, 3),
+            _dyn(0, 1),
+            tuple(kv_dyn),  # the wrapper's *past varargs are one tuple to torch.export
+        ),
+        optimize=True,
+    )
+
+
+def embed_spec(wrapper: Any, vocab_size: int) -> GraphSpec:
+    """The ``embed_tokens`` graph."""
+    gen = torch.Generator().manual_seed(7)
+    return GraphSpec(
+        name="embed_tokens",
+        module=wrapper,
+        example=(torch.randint(0, vocab_size, (2, 3), generator=gen),),
+        check=(torch.randint(0, vocab_size, (3, 11), generator=gen),),
+        input_names=["input_ids"],
+        output_names=["inputs_embeds", "per_layer_inputs"],
+        dynamic_shapes=(_dyn(0, 1),),
+        optimize=True,
+    )
+
+
+def _audio_inputs(batch: int, frames: int, bins: int, valid: list[int], seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn((batch, frames, bins), generator=gen)
+    mask = torch.zeros((batch, frames), dtype=torch.bool)
+    for b, n in enumerate(valid):
+        mask[b, :n] = True
+    return feats * mask[..., None], mask
+
+
+def audio_spec(wrapper: Any, dtype: torch.dtype, num_mel_bins: int) -> GraphSpec:
+    """The ``audio_encoder`` graph. Frames must be a multiple of 4 (two stride-2 convolutions)."""
+    # 104 frames -> 26 tokens -> 3 attention chunks of 12: no derived size is 1 in the example.
+    ex = _audio_inputs(2, 104, num_mel_bins, [104, 61], seed=3)
+    ck = _audio_inputs(3, 200, num_mel_bins, [200, 57, 9], seed=4)
+    return GraphSpec(
+        name="audio_encoder",
+        module=wrapper,
+        example=(ex[0].to(dtype), ex[1]),
+        check=(ck[0].to(dtype), ck[1]),
+        input_names=["input_features", "input_features_mask"],
+        output_names=["audio_features"],
+        dynamic_shapes=(_dyn(0, 1), _dyn(0, 1)),
+        # The onnxscript optimiser has broken graphs with clipped linears; export them as traced.
+        optimize=False,
+    )
+
+
+def _vision_inputs(grids: list[tuple[int, int]], max_patches: int, patch_pixels: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(grids)
+    pixels = torch.zeros((batch, max_patches, patch_pixels))
+    positions = torch.full((batch, max_patches, 2), -1, dtype=torch.int64)
+    for b, (ph, pw) in enumerate(grids):
+        n = ph * pw
+        pixels[b, :n] = torch.rand((n, patch_pixels), generator=gen)
+        xs, ys = np.meshgrid(np.arange(pw), np.arange(ph), indexing="xy")
+        positions[b, :n] = torch.from_numpy(np.stack([xs, ys], axis=-1).reshape(n, 2))
+    return pixels, positions
+
+
+def vision_spec(wrapper: Any, dtype: torch.dtype) -> GraphSpec:
+    """The ``vision_encoder`` graph. Patches must be a multiple of k^2 (the pooling kernel)."""
+    cfg = wrapper.tower.config
+    kk = cfg.pooling_kernel_size**2
+    patch_pixels = 3 * cfg.patch_size**2
+    ex = _vision_inputs([(6, 9), (3, 3)], 8 * kk, patch_pixels, seed=5)
+    ck = _vision_inputs([(9, 6), (3, 12), (6, 6)], 12 * kk, patch_pixels, seed=6)
+    return GraphSpec(
+        name="vision_encoder",
+        module=wrapper,
+        example=(ex[0].to(dtype), ex[1]),
+        check=(ck[0].to(dtype), ck[1]),
+        input_names=["pixel_values", "pixel_position_ids"],
+        output_names=["image_features"],
+        dynamic_shapes=(_dyn(0, 1), _dyn(0, 1)),
+        optimize=False,
+    )
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in list(module.parameters()) + list(module.buffers()):
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def export_graph(spec: GraphSpec, out_dir: Path) -> Path:
+    """Export ``spec`` to ``out_dir/{name}.onnx`` with torch.export (the TorchScript exporter fails on
+    the audio encoder). Graphs over ``EXTERNAL_DATA_THRESHOLD_BYTES`` keep weights in ``{name}.onnx.data``.
+    """
+    path = out_dir / f"{spec.name}.onnx"
+    spec.module.eval()
+    external = _param_bytes(spec.module) > EXTERNAL_DATA_THRESHOLD_BYTES
+    with torch.no_grad():
+        program = torch.onnx.export(
+            spec.module,
+            spec.example,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
+            dynamo=True,
+            optimize=spec.optimize,
+            verbose=False,
+        )
+    program.save(str(path), external_data=external)
+    return path

@@ -1,0 +1,202 @@
+"""Export-friendly ``torch.nn.Module`` views of the four Gemma 4 graphs.
+
+Each wrapper calls transformers' own Gemma 4 modules (layers, norms, rotary embeddings, towers),
+so the math is the reference's; only the orchestration around them changes where
+``torch.export`` needs it:
+
+- the decoder runs through a plain concatenating cache (``ConcatCache``) and explicit boolean
+  4-D masks, one for full-attention layers and one for sliding layers, instead of transformers'
+  ``DynamicCache`` whose sliding trim is Python branching that pins the past length;
+- the vision encoder returns the pooled features padded to the budget (``[B, max_soft_tokens, D]``,
+  valid tokens first) instead of stripping padding with a data-dependent boolean index, and pools
+  with a comparison matrix instead of ``one_hot`` with a symbolic class count.
+
+Graph names and input/output names follow the Gemma 4 layout of transformers.js / onnx-community
+(``embed_tokens``, ``audio_encoder``, ``vision_encoder``, ``decoder_model_merged``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class EmbedTokens(nn.Module):
+    """``input_ids [B, S] int64 -> inputs_embeds [B, S, H], per_layer_inputs [B, S, L, P]``.
+
+    ``inputs_embeds`` is the scaled token embedding (``Gemma4TextScaledWordEmbedding``, times
+    sqrt(H)); ``per_layer_inputs`` is the token-identity half of the per-layer embeddings
+    (``Gemma4TextModel.get_per_layer_inputs``). Callers replace multimodal placeholder ids by the
+    pad id before calling, as ``Gemma4Model.forward`` does.
+    """
+
+    def __init__(self, text_model: nn.Module) -> None:
+        super().__init__()
+        self.embed_tokens = text_model.embed_tokens
+        self.embed_tokens_per_layer = text_model.embed_tokens_per_layer
+        self.num_layers = text_model.config.num_hidden_layers
+        self.per_layer_dim = text_model.config.hidden_size_per_layer_input
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs_embeds = self.embed_tokens(input_ids)
+        per_layer = self.embed_tokens_per_layer(input_ids)
+        per_layer = per_layer.reshape(
+            input_ids.shape[0], input_ids.shape[1], self.num_layers, self.per_layer_dim
+        )
+        return inputs_embeds, per_layer
+
+
+class ConcatCache:
+    """The smallest cache ``Gemma4TextAttention`` accepts: ``update`` appends new keys/values to the past.
+
+    Args:
+        past: ``{layer_idx: (key [B, kvH, T, D], value [B, kvH, T, D])}`` for layers that own a cache.
+    """
+
+    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.past = past
+        self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        past_k, past_v = self.past[layer_idx]
+        key = torch.cat([past_k, key_states], dim=2)
+        value = torch.cat([past_v, value_states], dim=2)
+        self.present[layer_idx] = (key, value)
+        return key, value
+
+
+class DecoderWithPast(nn.Module):
+    """One prefill or decode step of the Gemma 4 text decoder with an external KV cache.
+
+    Inputs (in order): ``inputs_embeds [B, S, H]``, ``per_layer_inputs [B, S, L, P]``,
+    ``attention_mask [B, 1, S, T_full] bool`` (True = attend, for full-attention layers),
+    ``sliding_attention_mask [B, 1, S, T_sliding] bool`` (for sliding layers), ``position_ids [B, S]
+    int64``, then ``past_key_values.{i}.key/value [B, kvH_i, T, D_i]`` for every layer ``i`` that
+    owns a cache (``kv_layers``; KV-shared layers reuse their producer's keys). ``T`` is the past
+    plus ``S``; the caller decides what the sliding layers keep (the whole past, or the window).
+
+    Outputs: ``logits [B, S, V]`` (after final softcapping) and ``present.{i}.key/value`` = past
+    concatenated with the step's keys/values.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        lm = model.model.language_model
+        self.lm = lm
+        self.lm_head = model.lm_head
+        cfg = lm.config
+        self.layer_types = list(cfg.layer_types)
+        self.softcap = cfg.final_logit_softcapping
+        self.has_ple = bool(cfg.hidden_size_per_layer_input)
+        modes = cfg.kv_sharing_modes
+        self.kv_layers = [i for i, mode in enumerate(modes) if mode != "reuse"]
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        per_layer_inputs: torch.Tensor,
+        attention_mask: torch.Tensor,
+        sliding_attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        lm = self.lm
+        dtype = inputs_embeds.dtype
+        neg = torch.finfo(dtype).min
+        zero = torch.zeros((), dtype=dtype)
+        masks = {
+            "full_attention": torch.where(attention_mask, zero, torch.full((), neg, dtype=dtype)),
+            "sliding_attention": torch.where(sliding_attention_mask, zero, torch.full((), neg, dtype=dtype)),
+        }
+        per_layer = lm.project_per_layer_inputs(inputs_embeds, per_layer_inputs) if self.has_ple else None
+        position_embeddings = {
+            t: lm.rotary_emb(inputs_embeds, position_ids, t) for t in sorted(set(self.layer_types))
+        }
+        cache = ConcatCache({idx: (past[2 * n], past[2 * n + 1]) for n, idx in enumerate(self.kv_layers)})
+        shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        hidden = inputs_embeds
+        for i, layer in enumerate(lm.layers):
+            layer_type = self.layer_types[i]
+            hidden = layer(
+                hidden,
+                per_layer[:, :, i, :] if per_layer is not None else None,
+                shared_kv_states=shared,
+                position_embeddings=position_embeddings[layer_type],
+                attention_mask=masks[layer_type],
+                position_ids=position_ids,
+                past_key_values=cache,
+            )
+        hidden = lm.norm(hidden)
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        presents: list[torch.Tensor] = []
+        for idx in self.kv_layers:
+            presents.extend(cache.present[idx])
+        return (logits, *presents)
+
+
+class AudioEncoder(nn.Module):
+    """``input_features [B, T, 128] float, input_features_mask [B, T] bool -> audio_features [B, T/4, H]``.
+
+    The USM conformer (``Gemma4AudioModel``) followed by ``embed_audio`` (``Gemma4MultimodalEmbedder``),
+    as ``Gemma4Model.get_audio_features`` computes it. ``T`` must be a multiple of 4 (the two stride-2
+    subsampling convolutions); callers pad features with masked frames, which leaves valid outputs
+    unchanged. Output rows past the valid count are padding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.tower = model.model.audio_tower
+        self.embed = model.model.embed_audio
+
+    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
+        out = self.tower(input_features, input_features_mask, return_dict=True)
+        return self.embed(out.last_hidden_state)
+
+
+class VisionEncoder(nn.Module):
+    """``pixel_values [B, N, 3*p*p], pixel_position_ids [B, N, 2] int64 -> image_features [B, N/k^2, H]``.
+
+    ``Gemma4VisionModel`` + ``embed_vision`` as ``Gemma4Model.get_image_features`` computes them, with
+    the pooled features kept padded: row ``j < num_soft_tokens`` of image ``b`` is its ``j``-th soft
+    token; rows past it are padding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.tower = model.model.vision_tower
+        self.embed = model.model.embed_vision
+        cfg = self.tower.config
+        self.k = cfg.pooling_kernel_size
+        self.root_hidden = cfg.hidden_size**0.5
+        self.standardize = bool(cfg.standardize)
+
+    def _pool(self, hidden: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        # Matches Gemma4VisionPooler._avg_pool_by_positions: average each k x k block of patches.
+        k = self.k
+        clamped = positions.clamp(min=0)
+        max_x = clamped[..., 0].max(dim=-1, keepdim=True)[0] + 1
+        kernel = torch.div(clamped, k, rounding_mode="floor")
+        kernel = kernel[..., 0] + torch.div(max_x, k, rounding_mode="floor") * kernel[..., 1]
+        slots = torch.arange(length, device=hidden.device)
+        weights = (kernel[..., None] == slots).to(torch.float32) / (k * k)  # [B, N, L]
+        return weights.transpose(1, 2) @ hidden.float()
+
+    def forward(self, pixel_values: torch.Tensor, pixel_position_ids: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        length = pixel_values.shape[-2] // (self.k * self.k)
+        padding = (pixel_position_ids == -1).all(dim=-1)
+        embeds = tower.patch_embedder(pixel_values, pixel_position_ids, padding)
+        out = tower.encoder(
+            inputs_embeds=embeds, attention_mask=~padding, pixel_position_ids=pixel_position_ids
+        )
+        hidden = out.last_hidden_state.masked_fill(padding.unsqueeze(-1), 0.0)
+        pooled = self._pool(hidden, pixel_position_ids, length) * self.root_hidden
+        if self.standardize:
+            pooled = (pooled - tower.std_bias.float()) * tower.std_scale.float()
+        return self.embed(pooled.to(embeds.dtype))

@@ -1,0 +1,117 @@
+"""One multimodal request end to end, in process: files -> preprocessing -> encoders -> prompt -> decode.
+
+``gemma-mesh generate`` runs this; the services split the same steps over gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.model.audio_io import decode_audio
+from gemma_mesh.model.bundle import ModelBundle
+from gemma_mesh.model.detokenize import IncrementalDetokenizer
+from gemma_mesh.model.generation import PromptInput, generate
+from gemma_mesh.model.sampling import SamplingParams
+
+
+@dataclass
+class GenerateResult:
+    """The answer: text (special tokens removed) and the generated ids (stop token included)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+
+
+def build_user_turn(
+    bundle: ModelBundle,
+    prompt: str,
+    images: Sequence[bytes],
+    audios: Sequence[np.ndarray],
+    system: str | None = None,
+    *,
+    enable_thinking: bool = False,
+) -> PromptInput:
+    """Encode media and build the prompt of one user turn: images, then audio clips, then text.
+
+    Args:
+        images: encoded image files (JPEG, PNG, WebP, GIF).
+        audios: mono float32 waveforms at ``bundle.manifest.audio.sampling_rate``.
+
+    Raises:
+        InvalidRequest: bad media (see ``ImageProcessor`` and ``LogMelExtractor``).
+    """
+    content: list[dict] = [{"type": "image"} for _ in images]
+    content += [{"type": "audio"} for _ in audios]
+    content.append({"type": "text", "text": prompt})
+    messages: list[dict] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.append({"role": "user", "content": content})
+
+    processed = [bundle.image_processor.preprocess(bundle.image_processor.decode_image(b)) for b in images]
+    image_tokens = bundle.encode_images(processed)
+    audio_tokens = [bundle.encode_audio(a) for a in audios]
+    built = bundle.prompt_builder.build(
+        messages,
+        image_soft_tokens=[t.shape[0] for t in image_tokens],
+        audio_soft_tokens=[t.shape[0] for t in audio_tokens],
+        enable_thinking=enable_thinking,
+    )
+    soft = [(bundle.manifest.token_id("image"), t) for t in image_tokens]
+    soft += [(bundle.manifest.token_id("audio"), t) for t in audio_tokens]
+    return PromptInput(input_ids=built.input_ids, soft_tokens=soft)
+
+
+def run_generate(
+    *,
+    bundle_path: Path | None,
+    prompt: str,
+    images: Sequence[Path] = (),
+    audios: Sequence[Path] = (),
+    system: str | None = None,
+    max_tokens: int = 64,
+    temperature: float | None = None,
+    seed: int | None = None,
+    on_text: Callable[[str], object] | None = None,
+) -> GenerateResult:
+    """Load a bundle (the embedded one when ``bundle_path`` is None), run one turn, stream text to ``on_text``.
+
+    Raises:
+        InvalidRequest: unreadable files, bad media, bad sampling settings, a prompt over the context.
+    """
+    bundle = ModelBundle(bundle_path)
+    for path in [*images, *audios]:
+        if not Path(path).is_file():
+            raise InvalidRequest(f"no such file: {path}")
+    rate = bundle.manifest.audio.sampling_rate
+    waveforms = [decode_audio(Path(p), rate) for p in audios]
+    request = build_user_turn(bundle, prompt, [Path(p).read_bytes() for p in images], waveforms, system)
+    sampling = SamplingParams(temperature=temperature or 0.0, seed=seed)
+    detok = IncrementalDetokenizer(bundle.tokenizer)
+    ids: list[int] = []
+    text_parts: list[str] = []
+    for (token,) in generate(bundle, [request], max_new_tokens=max_tokens, sampling=sampling):
+        if token is None:
+            break
+        ids.append(token)
+        if token in bundle.manifest.stop_token_ids:
+            break
+        delta = detok.push(token)
+        if delta:
+            text_parts.append(delta)
+            if on_text:
+                on_text(delta)
+    tail = detok.flush()
+    if tail:
+        text_parts.append(tail)
+        if on_text:
+            on_text(tail)
+    return GenerateResult(
+        text="".join(text_parts), token_ids=ids, prompt_tokens=int(request.input_ids.shape[0])
+    )

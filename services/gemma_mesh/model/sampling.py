@@ -1,0 +1,72 @@
+"""Next-token selection from logits: greedy, temperature, top-k, top-p, seeded.
+
+Pure numpy. The order of the filters matches transformers' ``generate()`` logits processors
+(temperature, then top-k, then top-p), and greedy is ``argmax`` with the lowest id winning ties,
+as ``torch.argmax`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose tokens.
+
+    Attributes:
+        temperature: 0 means greedy; otherwise logits are divided by it (> 0).
+        top_k: keep the k most likely tokens (0 = no limit).
+        top_p: keep the smallest set whose probability reaches top_p, in (0, 1].
+        seed: seed of the request's own random generator (None = nondeterministic).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}", param="top_k")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Chooses the next token for one sequence; owns that sequence's random generator."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """Pick a token id from ``logits [V]`` (any float dtype)."""
+        p = self.params
+        if p.greedy:
+            return int(np.argmax(logits))
+        scores = logits.astype(np.float64) / p.temperature
+        if p.top_k and p.top_k < scores.shape[-1]:
+            kth = np.partition(scores, -p.top_k)[-p.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        probs = np.exp(scores - np.max(scores))
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = cumulative - probs[order] < p.top_p  # always keeps the most likely token
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0.0)
+            probs /= probs.sum()
+        return int(self._rng.choice(probs.shape[-1], p=probs))

@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny Gemma 4 checkpoint and its exported bundle, built once per session.
+
+Both are made by the project's own commands (``make-tiny``, ``export``); nothing is downloaded.
+Set ``GEMMA_MESH_TEST_CACHE`` to a directory to reuse them across runs while developing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+
+
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    configured = os.environ.get("GEMMA_MESH_TEST_CACHE")
+    if configured:
+        path = Path(configured)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh ``make-tiny`` checkpoint (seed 0)."""
+    from gemma_mesh.model.tiny import make_tiny_checkpoint
+
+    out = _cache_dir(tmp_path_factory) / "tiny-checkpoint"
+    if not (out / "model.safetensors").exists():
+        make_tiny_checkpoint(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fp32 bundle exported from ``tiny_checkpoint``."""
+    from gemma_mesh.model.export.exporter import export_bundle
+
+    out = _cache_dir(tmp_path_factory) / "tiny-bundle"
+    if not (out / "manifest.json").exists():
+        export_bundle(tiny_checkpoint, out, dtype="float32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_bundle_dir: Path):
+    """A loaded ``ModelBundle`` on the CPU execution provider."""
+    from gemma_mesh.model.bundle import ModelBundle
+
+    return ModelBundle(tiny_bundle_dir, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def librivox_clips() -> list[Path]:
+    """The five 16 kHz LibriVox clips of Debian's pocketsphinx-testdata."""
+    clips = sorted(LIBRIVOX_DIR.glob("*.wav"))
+    assert len(clips) == 5, f"pocketsphinx-testdata is not installed ({LIBRIVOX_DIR})"
+    return clips
