@@ -162,6 +162,7 @@ class ModelBundle:
             options.intra_op_num_threads = self.intra_op_threads
             options.inter_op_num_threads = self.inter_op_threads
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3  # errors only: ORT warns about unfoldable CastLike nodes
             sess = ort.InferenceSession(
                 str(self.path / entry.file), sess_options=options, providers=self.providers
             )

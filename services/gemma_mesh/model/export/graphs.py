@@ -225,4 +225,27 @@ def export_graph(spec: GraphSpec, out_dir: Path) -> Path:
             verbose=False,
         )
     program.save(str(path), external_data=external)
+    strip_debug_metadata(path)
     return path
+
+
+def strip_debug_metadata(path: Path) -> None:
+    """Remove the exporter's per-node debug metadata (Python stack traces with local file paths and
+    line numbers) so that a graph is a pure function of the checkpoint: the same weights export to
+    the same bytes on any machine. External weight files are left untouched.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph] + [f for f in model.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
