@@ -33,7 +33,9 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint")],
     seed: Annotated[int, typer.Option(help="Weights are a pure function of size and seed")] = 0,
-    size: Annotated[str, typer.Option(help="tiny (a few MB) or small (about 100M parameters)")] = "tiny",
+    size: Annotated[
+        str, typer.Option(help="tiny (a few MB), small (about 100M parameters) or e4b (E4B sizes, ~8B, bf16)")
+    ] = "tiny",
 ) -> None:
     """Build a deterministic random Gemma 4 checkpoint (Hugging Face format) with every E4B feature."""
     from gemma_mesh.model.tiny import PRESETS, make_tiny_checkpoint
@@ -103,6 +105,45 @@ def generate(
         typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+
+
+@app.command("demo")
+def demo(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
+    ] = None,
+    samples_dir: Annotated[Path, typer.Option(help="Where to write the sample photo and speech clip")] = Path(
+        "runs/samples"
+    ),
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens")] = 32,
+) -> None:
+    """The main job on real input: a real photo and a real speech recording through the model."""
+    from rich.console import Console
+
+    from gemma_mesh.model.pipeline import run_generate
+    from gemma_mesh.samples import librivox_transcripts, write_samples
+
+    console = Console(stderr=True)
+    photo, speech = write_samples(samples_dir)
+    transcript = librivox_transcripts().get(speech.stem, "?")
+    console.print(f"[bold]photo[/bold]  {photo}")
+    console.print(f"[bold]speech[/bold] {speech}  ([italic]{transcript}[/italic])")
+    console.print(f"[bold]bundle[/bold] {bundle or 'embedded tiny (random weights: the answer is noise)'}")
+    console.print("[bold]answer[/bold] ", end="")
+    try:
+        result = run_generate(
+            bundle_path=bundle,
+            prompt="Describe the photo, then transcribe the speech.",
+            images=[photo],
+            audios=[speech],
+            max_tokens=max_tokens,
+            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+        )
+    except MeshError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    sys.stdout.write("\n")
+    console.print(f"prompt tokens {result.prompt_tokens}, generated tokens {len(result.token_ids)}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,12 @@ class TinySize:
     vision_hidden_size: int
     vision_layers: int
     vision_heads: int
+    full_attention_period: int = 3
+    use_double_wide_mlp: bool = True
+    audio_heads: int = 2
+    audio_channels: tuple[int, int] = (128, 8)
+    vision_intermediate_size: int = 0  # 0: twice the hidden size
+    dtype: str = "float32"
 
 
 PRESETS: dict[str, TinySize] = {
@@ -93,12 +99,38 @@ PRESETS: dict[str, TinySize] = {
         vision_layers=2,
         vision_heads=4,
     ),
+    # Gemma 4 E4B's own architecture (about 8B parameters with PLE and the towers) with random
+    # weights in bf16: measures the time and memory of the real export path without the real weights.
+    "e4b": TinySize(
+        vocab_size=262_144,
+        hidden_size=2560,
+        intermediate_size=10_240,
+        num_hidden_layers=42,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=18,
+        sliding_window=512,
+        audio_hidden_size=1024,
+        audio_layers=12,
+        audio_output_dims=1536,
+        vision_hidden_size=768,
+        vision_layers=16,
+        vision_heads=12,
+        full_attention_period=6,
+        use_double_wide_mlp=False,
+        audio_heads=8,
+        audio_channels=(128, 32),
+        vision_intermediate_size=3072,
+        dtype="bfloat16",
+    ),
 }
 
 
-def _layer_types(num_layers: int) -> list[str]:
-    """E4B's pattern (four sliding layers, then one full), scaled down: every third layer is full, the last is full."""
-    period = 3
+def _layer_types(num_layers: int, period: int) -> list[str]:
+    """E4B's pattern (five sliding layers, then one full) at another period; the last layer is always full."""
     types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(num_layers)]
     types[-1] = "full_attention"
     return types
@@ -119,7 +151,7 @@ def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
         "hidden_size_per_layer_input": size.hidden_size_per_layer_input,
         "num_kv_shared_layers": size.num_kv_shared_layers,
         "sliding_window": size.sliding_window,
-        "layer_types": _layer_types(size.num_hidden_layers),
+        "layer_types": _layer_types(size.num_hidden_layers, size.full_attention_period),
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {
@@ -129,7 +161,7 @@ def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
             },
         },
         "final_logit_softcapping": 30.0,
-        "use_double_wide_mlp": True,
+        "use_double_wide_mlp": size.use_double_wide_mlp,
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": 131_072,
         "rms_norm_eps": 1e-6,
@@ -138,14 +170,13 @@ def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
         "bos_token_id": token_ids["bos"],
         "eos_token_id": token_ids["eos"],
     }
-    audio_heads = 2
     audio_config = {
         "hidden_size": size.audio_hidden_size,
         "num_hidden_layers": size.audio_layers,
-        "num_attention_heads": audio_heads,
+        "num_attention_heads": size.audio_heads,
         # The first channel count must stay 128 (= mel bins): the projection input is
         # (channels[0] // 4) * channels[1], i.e. the 32 frequency rows left after two stride-2 convs.
-        "subsampling_conv_channels": [128, 8],
+        "subsampling_conv_channels": list(size.audio_channels),
         "conv_kernel_size": 5,
         "attention_chunk_size": 12,
         "attention_context_left": 13,
@@ -157,7 +188,7 @@ def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
     }
     vision_config = {
         "hidden_size": size.vision_hidden_size,
-        "intermediate_size": size.vision_hidden_size * 2,
+        "intermediate_size": size.vision_intermediate_size or size.vision_hidden_size * 2,
         "num_hidden_layers": size.vision_layers,
         "num_attention_heads": size.vision_heads,
         "num_key_value_heads": size.vision_heads,
@@ -190,47 +221,54 @@ def _randomize(model: Any, seed: int) -> None:
     transformers' default init (std 0.02, unit norms, infinite clip bounds) leaves logits nearly
     flat and several features inert; here linear weights get std 1/sqrt(fan_in) so activations keep
     their scale, norms scatter around 1, clip bounds are finite (so clipping happens) and the
-    per-layer scalars differ from 1, which makes greedy decoding a strong parity check.
+    per-layer scalars differ from 1, which makes greedy decoding a strong parity check. Values are
+    drawn in fp32 chunks of ``chunk`` elements and cast into the tensor's own dtype, so E4B's
+    2.8B-entry PLE table never exists in fp32.
     """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
+    chunk = 1 << 24
 
-    def normal(shape: torch.Size, std: float, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, dtype=torch.float32) * std + mean
-
-    def uniform(shape: torch.Size, low: float, high: float) -> torch.Tensor:
-        return torch.rand(shape, generator=gen, dtype=torch.float32) * (high - low) + low
+    def fill(tensor: torch.Tensor, low: float, high: float, *, gaussian: bool) -> None:
+        # gaussian: mean ``low``, std ``high``; else uniform in [low, high).
+        flat = tensor.view(-1)
+        for start in range(0, flat.numel(), chunk):
+            n = min(chunk, flat.numel() - start)
+            if gaussian:
+                values = torch.randn(n, generator=gen, dtype=torch.float32) * high + low
+            else:
+                values = torch.rand(n, generator=gen, dtype=torch.float32) * (high - low) + low
+            flat[start : start + n].copy_(values)
 
     with torch.no_grad():
         for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if "embed_tokens" in name:
                 # Tied with lm_head: std 0.25 gives logits of std ~2 (peaked enough for stable greedy
                 # decoding, small enough that fp32 rounding stays far below the 1e-4 parity bound).
-                param.copy_(normal(param.shape, 0.25))
+                fill(param, 0.0, 0.25, gaussian=True)
             elif "position_embedding_table" in name:
-                param.copy_(normal(param.shape, 0.5))
+                fill(param, 0.0, 0.5, gaussian=True)
             elif name.endswith("per_dim_scale"):
-                param.copy_(normal(param.shape, 0.3))
+                fill(param, 0.0, 0.3, gaussian=True)
             elif param.ndim >= 2:
-                fan_in = math.prod(param.shape[1:])
-                param.copy_(normal(param.shape, 1.0 / math.sqrt(fan_in)))
+                fill(param, 0.0, 1.0 / math.sqrt(math.prod(param.shape[1:])), gaussian=True)
             else:  # norm scales scatter around 1, biases around 0
-                param.copy_(normal(param.shape, 0.1, 1.0 if name.endswith("weight") else 0.0))
+                fill(param, 1.0 if name.endswith("weight") else 0.0, 0.1, gaussian=True)
         persistent = dict(model.state_dict(keep_vars=True))
         for name, buf in sorted(model.named_buffers(), key=lambda kv: kv[0]):
             if name not in persistent:
                 continue  # rotary tables, embed scales: derived from the config
-            if name.endswith("input_min") or name.endswith("output_min"):
-                buf.copy_(uniform(buf.shape, -4.0, -2.0))
-            elif name.endswith("input_max") or name.endswith("output_max"):
-                buf.copy_(uniform(buf.shape, 2.0, 4.0))
+            if name.endswith(("input_min", "output_min")):
+                fill(buf, -4.0, -2.0, gaussian=False)
+            elif name.endswith(("input_max", "output_max")):
+                fill(buf, 2.0, 4.0, gaussian=False)
             elif name.endswith("layer_scalar"):
-                buf.copy_(uniform(buf.shape, 0.6, 1.0))
+                fill(buf, 0.6, 1.0, gaussian=False)
             elif name.endswith("std_bias"):
-                buf.copy_(normal(buf.shape, 0.1))
+                fill(buf, 0.0, 0.1, gaussian=True)
             elif name.endswith("std_scale"):
-                buf.copy_(uniform(buf.shape, 0.5, 1.5))
+                fill(buf, 0.5, 1.5, gaussian=False)
 
 
 def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, size: str = "tiny") -> Path:
@@ -240,7 +278,8 @@ def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, size: str = "tiny") ->
         out_dir: directory to create (overwritten files: config.json, model.safetensors,
             generation_config.json, tokenizer and processor files, chat_template.jinja).
         seed: weights are a pure function of (size, seed).
-        size: a key of ``PRESETS`` ("tiny": a few MB; "small": about 100M parameters).
+        size: a key of ``PRESETS`` ("tiny": a few MB; "small": about 100M parameters; "e4b":
+            E4B's architecture at full size, ~8B parameters in bf16, for export measurements).
 
     Returns:
         ``out_dir``.
@@ -270,7 +309,12 @@ def make_tiny_checkpoint(out_dir: Path, *, seed: int = 0, size: str = "tiny") ->
 
     config = Gemma4Config(**build_config(preset, token_ids))
     torch.manual_seed(seed)
-    model = Gemma4ForConditionalGeneration(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, preset.dtype))  # E4B is built directly in bf16
+    try:
+        model = Gemma4ForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     _randomize(model, seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model", size=size, parameters=n_params, seed=seed)
