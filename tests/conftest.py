@@ -28,7 +28,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh ``make-tiny`` checkpoint (seed 0)."""
     from gemma_mesh.model.tiny import make_tiny_checkpoint
 
-    out = _cache_dir(tmp_path_factory) / "tiny-checkpoint"
+    # Named like the embedded bundle's source (scripts/build_embedded_bundle.py), so the exported
+    # bundle must equal the embedded one byte for byte.
+    out = _cache_dir(tmp_path_factory) / "gemma-mesh-tiny"
     if not (out / "model.safetensors").exists():
         make_tiny_checkpoint(out, seed=0)
     return out

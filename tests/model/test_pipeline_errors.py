@@ -1,0 +1,67 @@
+"""Bad input to the in-process pipeline gets ``InvalidRequest`` naming the problem and the limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.model.generation import PromptInput, embed_prompt, generate
+
+
+def _user(content):
+    return [{"role": "user", "content": content}]
+
+
+def test_empty_and_over_long_audio(tiny_bundle):
+    with pytest.raises(InvalidRequest, match="empty"):
+        tiny_bundle.encode_audio(np.zeros(0, dtype=np.float32))
+    with pytest.raises(InvalidRequest, match=r"480000.*segment|segment.*480000"):
+        tiny_bundle.encode_audio(np.zeros(30 * 16_000 + 1, dtype=np.float32))
+    # Exactly 30 s is accepted: 750 soft tokens, the manifest's maximum.
+    tokens = tiny_bundle.encode_audio(np.zeros(30 * 16_000, dtype=np.float32))
+    assert tokens.shape[0] == tiny_bundle.manifest.audio.max_soft_tokens == 750
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\xff\xd8\xff\xe0" + b"\x00" * 64])
+def test_corrupt_or_empty_images(tiny_bundle, data):
+    with pytest.raises(InvalidRequest):
+        tiny_bundle.image_processor.decode_image(data)
+
+
+def test_unknown_role_and_media_count_mismatch(tiny_bundle):
+    builder = tiny_bundle.prompt_builder
+    with pytest.raises(InvalidRequest, match="role"):
+        builder.build([{"role": "wizard", "content": "hi"}])
+    with pytest.raises(InvalidRequest, match="image"):
+        builder.build(
+            _user([{"type": "image"}, {"type": "image"}, {"type": "text", "text": "x"}]),
+            image_soft_tokens=[4],
+        )
+    with pytest.raises(InvalidRequest):
+        builder.build([])
+
+
+def test_soft_tokens_that_do_not_match_the_placeholders(tiny_bundle):
+    prompt = tiny_bundle.prompt_builder.build(
+        _user([{"type": "image"}, {"type": "text", "text": "x"}]), image_soft_tokens=[9]
+    )
+    image_id = tiny_bundle.manifest.token_id("image")
+    hidden = tiny_bundle.manifest.text.hidden_size
+    with pytest.raises(InvalidRequest, match="soft tokens"):
+        embed_prompt(tiny_bundle, prompt.input_ids, [(image_id, np.zeros((10, hidden), np.float32))])
+    with pytest.raises(InvalidRequest, match="placeholders"):
+        embed_prompt(tiny_bundle, prompt.input_ids, [(image_id, np.zeros((4, hidden), np.float32))])
+    with pytest.raises(InvalidRequest, match="no image soft tokens"):
+        embed_prompt(tiny_bundle, prompt.input_ids, [])
+
+
+def test_generation_limits(tiny_bundle):
+    ids = tiny_bundle.prompt_builder.build(_user("hi")).input_ids
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        next(generate(tiny_bundle, [PromptInput(ids)], max_new_tokens=0))
+    too_long = tiny_bundle.manifest.text.max_position_embeddings
+    with pytest.raises(InvalidRequest, match="context length"):
+        next(generate(tiny_bundle, [PromptInput(ids)], max_new_tokens=too_long))
+    with pytest.raises(InvalidRequest, match="no prompts"):
+        next(generate(tiny_bundle, [], max_new_tokens=3))
