@@ -1,0 +1,41 @@
+# gemma-mesh: the two set-up commands of the README are `make demo` and `make test`.
+# Both install what they need first (Debian packages, a virtualenv with the project and its extras).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := pocketsphinx-testdata ffmpeg espeak-ng
+
+.PHONY: setup apt venv demo test lint bundle
+
+setup: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# The main job: a real photo and a real speech recording through the model (embedded tiny bundle).
+demo: setup
+	$(VENV)/bin/gemma-mesh demo
+
+lint: venv
+	$(VENV)/bin/ruff check services tests scripts bench
+	$(VENV)/bin/ruff format --check services tests scripts bench
+
+# Regenerate the embedded bundle after changing make-tiny or the exporter.
+bundle: venv
+	$(PY) scripts/build_embedded_bundle.py
+
+test: setup lint
+	$(VENV)/bin/pytest -q
