@@ -1,0 +1,38 @@
+"""Settings of every service, declared once (pydantic-settings, environment prefix ``GEMMA_MESH_``).
+
+Each service has one class; field names match the Helm chart's ``values.yaml`` keys. Nothing else
+reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class GrpcServiceSettings(BaseSettings):
+    """What every gRPC service shares: addresses, message limits, the bundle, ONNX Runtime threads."""
+
+    model_config = SettingsConfigDict(env_prefix="GEMMA_MESH_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers)")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+    max_message_bytes: int = Field(
+        64 * MiB,
+        ge=MiB,
+        description="Largest gRPC message, sent or received (five 768x768 images need > 4 MiB)",
+    )
+    bundle: Path | None = Field(None, description="Bundle directory; None = the embedded tiny bundle")
+    providers: list[str] = Field(
+        default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers, in order of preference",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0 = default)")
+    inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators (0 = default)")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight calls get on SIGTERM")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
