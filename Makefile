@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := pocketsphinx-testdata ffmpeg espeak-ng
 
-.PHONY: setup apt venv demo test lint bundle
+.PHONY: setup apt venv demo test lint bundle protos
 
 setup: apt venv
 
@@ -37,5 +37,9 @@ lint: venv
 bundle: venv
 	$(PY) scripts/build_embedded_bundle.py
 
+protos: venv
+	$(PY) scripts/gen_protos.py
+
 test: setup lint
+	$(PY) scripts/gen_protos.py --check
 	$(VENV)/bin/pytest -q
