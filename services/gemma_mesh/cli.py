@@ -29,6 +29,31 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
     configure_logging(log_level)
 
 
+serve_app = typer.Typer(help="Run one gRPC service of the mesh.", no_args_is_help=True)
+app.add_typer(serve_app, name="serve")
+
+
+@serve_app.command("decoder")
+def serve_decoder(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+) -> None:
+    """The decoder: streaming generation with continuous batching and prefix caching.
+
+    Every other setting comes from GEMMA_MESH_DECODER_* environment variables (see decoder/settings.py).
+    """
+    from gemma_mesh.decoder.server import run_decoder_server
+    from gemma_mesh.decoder.settings import DecoderSettings
+
+    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
+    settings = DecoderSettings(**{k: v for k, v in overrides.items() if v is not None})
+    run_decoder_server(settings)
+
+
 @app.command("make-tiny")
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint")],

@@ -108,25 +108,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 def create_server(
     settings: GrpcServiceSettings, register: Callable[[grpc.aio.Server], Iterable[str]]
-) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build a grpc.aio server on ``settings.host:settings.port`` (0 = a free port).
 
     Args:
         register: adds the servicers and returns their full service names (for health and reflection).
 
     Returns:
-        ``(server, bound_port, health_servicer)``; services start NOT_SERVING until the caller marks
-        them ready (``mark_serving``), so load balancers wait for model loading (UNAVAILABLE meanwhile).
+        ``(server, bound_port, health_servicer)``; a service is unknown to health checks (NOT_FOUND,
+        i.e. not ready) until the caller marks it ready with ``await mark_serving(...)``.
     """
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()], options=message_options(settings.max_message_bytes)
     )
     names = list(register(server))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in names:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
@@ -134,13 +131,13 @@ def create_server(
     return server, port, health_servicer
 
 
-def mark_serving(health_servicer: health.HealthServicer, names: Iterable[str]) -> None:
+async def mark_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
     """Report every service (and the server as a whole, "") as SERVING."""
     for name in [*names, ""]:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def serve(server: grpc.aio.Server, health_servicer: health.HealthServicer, grace_s: float) -> None:
+async def serve(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, grace_s: float) -> None:
     """Run ``server`` (already started) until SIGTERM/SIGINT; then NOT_SERVING and ``stop(grace_s)``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,7 +146,7 @@ async def serve(server: grpc.aio.Server, health_servicer: health.HealthServicer,
     wait_server = asyncio.create_task(server.wait_for_termination())
     wait_signal = asyncio.create_task(stop.wait())
     await asyncio.wait([wait_server, wait_signal], return_when=asyncio.FIRST_COMPLETED)
-    health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()
     log.info("shutting down", grace_s=grace_s)
     await server.stop(grace_s)
     wait_signal.cancel()
@@ -174,11 +171,15 @@ def error_detail(error: grpc.aio.AioRpcError) -> common_pb2.ErrorDetail | None:
     return None
 
 
-def start_metrics_server(port: int | None, host: str = "0.0.0.0") -> int | None:
-    """Serve Prometheus ``/metrics`` on ``port`` (0 = a free port); returns the bound port or None."""
-    if port is None:
-        return None
-    from prometheus_client import start_http_server
+def start_metrics_server(port: int | None, host: str, registry: Any = None) -> tuple[Any, int | None]:
+    """Serve Prometheus ``/metrics`` of ``registry`` (default: the global one) on ``host:port`` (0 = free port).
 
-    server, _thread = start_http_server(port, addr=host)
-    return int(server.server_port)
+    Returns:
+        ``(http_server, bound_port)`` (``http_server.shutdown()`` stops it), or ``(None, None)`` if port is None.
+    """
+    if port is None:
+        return None, None
+    from prometheus_client import REGISTRY, start_http_server
+
+    server, _thread = start_http_server(port, addr=host, registry=registry or REGISTRY)
+    return server, int(server.server_port)

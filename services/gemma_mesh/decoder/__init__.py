@@ -1,0 +1,1 @@
+"""The decoder service: streaming generation on ONNX Runtime with continuous batching and prefix caching."""

@@ -1,0 +1,416 @@
+"""The decoder engine: continuous batching over one ONNX decoder session, with chunked prefill and prefix caching.
+
+One scheduler thread owns the session and the batch KV cache. Each iteration it:
+
+1. drops cancelled requests (their rows are freed at once: the last row moves into the hole);
+2. admits the oldest waiting request if a row is free (restoring the longest cached prompt prefix);
+3. prefills at most ``prefill_chunk_tokens`` of that request (long prompts do not stall decoding);
+4. runs one decode step for every decoding sequence together (requests join and leave at step
+   boundaries), samples each row with its own sampler and streams the text.
+
+Rows ``0 .. n_decoding-1`` decode; row ``n_decoding`` is the one being prefilled. Each sequence sees
+only its own keys (the masks come from its own length and ring), so batched greedy output equals
+the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.decoder.kv_cache import BatchKVCache
+from gemma_mesh.decoder.metrics import DecoderMetrics
+from gemma_mesh.decoder.output import Channel, Delta, FinishReason, OutputProcessor
+from gemma_mesh.decoder.prefix_cache import PrefixCache, snapshot_lengths, token_keys
+from gemma_mesh.decoder.settings import DecoderSettings
+from gemma_mesh.model.bundle import ModelBundle
+from gemma_mesh.model.generation import embed_prompt
+from gemma_mesh.model.sampling import Sampler, SamplingParams
+
+log = get_logger("decoder.engine")
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. ``soft_tokens`` are ``(placeholder_id, [n, H])`` in prompt order."""
+
+    request_id: str
+    input_ids: np.ndarray
+    soft_tokens: Sequence[tuple[int, np.ndarray]] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 64
+    stop: Sequence[str] = ()
+    enable_thinking: bool = False
+    prefix_cache_key: str = ""
+
+
+@dataclass
+class Finished:
+    """The last event of a request."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float
+    queue_s: float
+    total_s: float
+
+
+class RequestHandle:
+    """The caller's side of a request: ``events()`` (async) or ``iter_events()`` (sync), and ``cancel()``."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+        self.request = request
+        self._engine = engine
+        self._cancelled = threading.Event()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._aqueue: asyncio.Queue = asyncio.Queue()
+        except RuntimeError:
+            self._loop = None
+        self._squeue: queue.SimpleQueue = queue.SimpleQueue()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; the row is freed within one step."""
+        self._cancelled.set()
+        self._engine.wake()
+
+    def emit(self, event: Delta | Finished | MeshError) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
+            except RuntimeError:  # the caller's loop is closed: nobody listens any more
+                self._cancelled.set()
+        else:
+            self._squeue.put(event)
+
+    async def events(self) -> AsyncIterator[Delta | Finished]:
+        """Deltas, then one ``Finished``. Raises the request's ``MeshError`` if it failed."""
+        while True:
+            event = await self._aqueue.get()
+            if isinstance(event, MeshError):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def iter_events(self, timeout_s: float | None = None) -> Iterator[Delta | Finished]:
+        """Synchronous ``events()`` for callers without an event loop."""
+        while True:
+            event = self._squeue.get(timeout=timeout_s)
+            if isinstance(event, MeshError):
+                raise event
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+class _Sequence:
+    def __init__(self, handle: RequestHandle, engine: Engine) -> None:
+        req = handle.request
+        bundle = engine.bundle
+        self.handle = handle
+        self.req = req
+        self.embeds, self.per_layer = embed_prompt(bundle, req.input_ids, req.soft_tokens)
+        media = []
+        cursor: dict[int, int] = {}
+        for placeholder, tokens in req.soft_tokens:
+            positions = np.flatnonzero(req.input_ids == placeholder)
+            start = cursor.get(placeholder, 0)
+            media.append((positions[start : start + tokens.shape[0]], tokens))
+            cursor[placeholder] = start + tokens.shape[0]
+        self.keys = token_keys(req.input_ids, media)
+        # Prompts diverge at turn starts (a new user message) and at media: snapshot there.
+        boundaries = [int(p[0]) for p, _ in media if p.size]
+        if engine.turn_start_id is not None:
+            boundaries += np.flatnonzero(req.input_ids == engine.turn_start_id).tolist()
+        self.snapshots = snapshot_lengths(len(req.input_ids), boundaries, engine.prefix_cache.block_tokens)
+        self.processor = OutputProcessor(
+            bundle.tokenizer,
+            stop_token_ids=bundle.manifest.stop_token_ids,
+            channel_start_id=engine.channel_ids[0],
+            channel_end_id=engine.channel_ids[1],
+            stop_strings=req.stop,
+            enable_thinking=req.enable_thinking,
+            max_tokens=req.max_tokens,
+        )
+        self.sampler = Sampler(req.sampling)
+        self.cursor = 0
+        self.cached = 0
+        self.last_token = -1
+        self.arrival = time.monotonic()
+        self.admitted = 0.0
+        self.first_token_at = 0.0
+        self.last_token_at = 0.0
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.req.input_ids.shape[0])
+
+
+class Engine:
+    """Continuous-batching generation over ``bundle``'s decoder. Thread-safe ``submit``; call ``start()`` first."""
+
+    def __init__(
+        self, bundle: ModelBundle, settings: DecoderSettings, metrics: DecoderMetrics | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.settings = settings
+        self.metrics = metrics or DecoderMetrics()
+        manifest = bundle.manifest
+        self.session = bundle.session("decoder_model_merged")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.kv = BatchKVCache(
+            manifest.text, settings.max_batch_size, bundle.float_dtype, settings.kv_initial_tokens
+        )
+        self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, settings.prefix_block_tokens)
+        tokens = manifest.special_tokens
+        self.channel_ids = (
+            tokens["channel_start"].id if "channel_start" in tokens else None,
+            tokens["channel_end"].id if "channel_end" in tokens else None,
+        )
+        self.turn_start_id = tokens["turn_start"].id if "turn_start" in tokens else None
+        self.max_context = settings.max_context_tokens or manifest.text.max_position_embeddings
+        self._waiting: deque[RequestHandle] = deque()
+        self._decoding: list[_Sequence] = []
+        self._prefilling: _Sequence | None = None
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="decoder-engine", daemon=True)
+        self.steps = 0
+
+    # ---------------------------------------------------------------- public
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue ``request``.
+
+        Raises:
+            InvalidRequest: empty prompt, ``max_tokens <= 0``, prompt + max_tokens over the context.
+            Overloaded: the waiting queue is full (``max_queue_size``).
+        """
+        n = int(request.input_ids.shape[0])
+        if n == 0:
+            raise InvalidRequest("the prompt is empty", param="messages")
+        if request.max_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be > 0, got {request.max_tokens}", param="max_tokens")
+        if n + request.max_tokens > self.max_context:
+            raise InvalidRequest(
+                f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context length of "
+                f"{self.max_context} tokens",
+                param="max_tokens",
+            )
+        handle = RequestHandle(self, request)
+        with self._cond:
+            active = len(self._decoding) + (self._prefilling is not None)
+            if active + len(self._waiting) >= self.settings.max_batch_size + self.settings.max_queue_size:
+                raise Overloaded(
+                    f"the decoder is full: {self.settings.max_batch_size} sequences running and "
+                    f"{self.settings.max_queue_size} waiting (max_batch_size, max_queue_size)"
+                )
+            self._waiting.append(handle)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify_all()
+        return handle
+
+    # ------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not (self._waiting or self._decoding or self._prefilling):
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._prefilling is not None:
+                    self._prefill_chunk()
+                if self._decoding:
+                    self._decode_step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self._fail_all(MeshError(f"decoder step failed: {type(exc).__name__}: {exc}"))
+        self._fail_all(MeshError("the decoder is shutting down"))
+
+    def _fail_all(self, error: MeshError) -> None:
+        seqs = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
+        for seq in seqs:
+            seq.handle.emit(error)
+        self._decoding, self._prefilling = [], None
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            handle.emit(error)
+        for row in range(self.settings.max_batch_size):
+            self.kv.reset_row(row)
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self._decoding))):
+            if self._decoding[row].handle.cancelled:
+                self._remove_row(row)
+                self.metrics.requests.labels("cancelled").inc()
+        if self._prefilling is not None and self._prefilling.handle.cancelled:
+            self.kv.reset_row(len(self._decoding))
+            self._prefilling = None
+            self.metrics.requests.labels("cancelled").inc()
+        with self._cond:
+            kept = deque(h for h in self._waiting if not h.cancelled)
+            self._waiting = kept
+        self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
+
+    def _remove_row(self, row: int) -> None:
+        last = len(self._decoding) - 1
+        self.kv.move_row(last, row)
+        self._decoding[row] = self._decoding[last]
+        self._decoding.pop()
+        self.kv.reset_row(last)
+        if self._prefilling is not None:  # keep the prefilling row right after the decoding rows
+            self.kv.move_row(last + 1, last)
+            self.kv.reset_row(last + 1)
+
+    def _admit(self) -> None:
+        if self._prefilling is not None or len(self._decoding) >= self.settings.max_batch_size:
+            return
+        with self._cond:
+            if not self._waiting:
+                return
+            handle = self._waiting.popleft()
+            self.metrics.queue_depth.set(len(self._waiting))
+        try:
+            seq = _Sequence(handle, self)
+        except MeshError as exc:
+            handle.emit(exc)
+            return
+        seq.admitted = time.monotonic()
+        row = len(self._decoding)
+        self.kv.reset_row(row)
+        snap = self.prefix_cache.lookup(seq.req.prefix_cache_key, seq.keys)
+        if snap is not None:
+            self.kv.restore(row, snap)
+            seq.cursor = seq.cached = snap.length
+            self.metrics.cached_prompt_tokens.inc(snap.length)
+        self.metrics.prefix_hit_ratio.set(self.prefix_cache.stats.hit_ratio)
+        self._prefilling = seq
+
+    def _run_step(
+        self, rows: slice, embeds: np.ndarray, per_layer: np.ndarray, positions: np.ndarray
+    ) -> np.ndarray:
+        lengths = self.kv.lengths[rows]
+        self.kv.reserve(int(lengths.max()) + positions.shape[1])
+        full, sliding = self.kv.masks(rows, positions)
+        feeds = {
+            "inputs_embeds": embeds,
+            "per_layer_inputs": per_layer,
+            "attention_mask": full,
+            "sliding_attention_mask": sliding,
+            "position_ids": positions,
+            **self.kv.feeds(rows),
+        }
+        outputs = self.session.run(None, feeds)
+        named = dict(zip(self.output_names, outputs, strict=True))
+        self.kv.commit(rows, positions, named)
+        self.steps += 1
+        return named["logits"]
+
+    def _prefill_chunk(self) -> None:
+        seq = self._prefilling
+        assert seq is not None
+        row = len(self._decoding)
+        end = min(seq.prompt_len, seq.cursor + self.settings.prefill_chunk_tokens)
+        for point in seq.snapshots:  # stop exactly at snapshot lengths
+            if seq.cursor < point < end:
+                end = point
+                break
+        start = seq.cursor
+        positions = np.arange(start, end, dtype=np.int64)[None]
+        logits = self._run_step(
+            slice(row, row + 1), seq.embeds[None, start:end], seq.per_layer[None, start:end], positions
+        )
+        seq.cursor = end
+        if end in seq.snapshots and not self.prefix_cache.contains(seq.req.prefix_cache_key, seq.keys[:end]):
+            self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(row))
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
+        if end < seq.prompt_len:
+            return
+        self.metrics.prompt_tokens.inc(seq.prompt_len)
+        self._prefilling = None
+        self._decoding.append(seq)
+        self._accept(len(self._decoding) - 1, seq, logits[0, -1])
+
+    def _decode_step(self) -> None:
+        n = len(self._decoding)
+        tokens = np.array([[s.last_token] for s in self._decoding], dtype=np.int64)
+        embeds, per_layer = self.bundle.embed(tokens)
+        positions = self.kv.lengths[:n, None].copy()
+        logits = self._run_step(slice(0, n), embeds, per_layer, positions)
+        self.metrics.batch_size.observe(n)
+        for row in reversed(range(n)):  # reversed: removing a finished row moves only later rows
+            self._accept(row, self._decoding[row], logits[row, -1])
+
+    def _accept(self, row: int, seq: _Sequence, logits: np.ndarray) -> None:
+        """Sample the next token of ``seq`` (at ``row``), stream its text, retire it when finished."""
+        token = seq.sampler(logits)
+        now = time.monotonic()
+        if seq.first_token_at == 0.0:
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.inter_token.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        seq.last_token = token
+        self.metrics.generated_tokens.inc()
+        for delta in seq.processor.push(token):
+            seq.handle.emit(delta)
+        reason = seq.processor.finish_reason
+        if reason is None and seq.handle.cancelled:
+            return  # dropped at the next step boundary
+        if reason is None:
+            return
+        pending = seq.processor.pending_token_ids
+        if pending:  # ids that produced no text (the stop token, thoughts dropped with thinking off)
+            seq.handle.emit(Delta(Channel.ANSWER, "", pending))
+        decode_s = now - seq.first_token_at
+        generated = seq.processor.generated
+        seq.handle.emit(
+            Finished(
+                reason=reason,
+                prompt_tokens=seq.prompt_len,
+                completion_tokens=generated,
+                cached_prompt_tokens=seq.cached,
+                ttft_s=seq.first_token_at - seq.arrival,
+                decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
+                queue_s=seq.admitted - seq.arrival,
+                total_s=now - seq.arrival,
+            )
+        )
+        self.metrics.requests.labels(reason.value).inc()
+        self._remove_row(row)
+        self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
+        self.metrics.kv_cache_bytes.set(self.kv.nbytes())

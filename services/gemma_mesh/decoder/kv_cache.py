@@ -1,0 +1,205 @@
+"""The decoder's preallocated, batched KV cache.
+
+Layout (one array pair per layer that owns a cache, ``manifest.text.kv_layers``):
+
+- full-attention layers: ``[max_batch, kvH, capacity, D]``; row ``b`` holds its sequence's keys at
+  indices ``0 .. length_b - 1``; the rest is masked. ``capacity`` doubles when a row needs more.
+- sliding layers: a ring of ``window`` slots ``[max_batch, kvH, window, D]``; position ``p`` lives in
+  slot ``p % window``. Keys are stored already rotated (RoPE), so slot order does not matter; only
+  the mask does. A sliding layer therefore keeps at most the window (E4B: 20 of its 24 cache-owning
+  layers are sliding, so a token costs 16 KiB instead of 56 KiB once past the window).
+
+Each step feeds whole rows ``[:n]`` (contiguous views, no copies) with boolean masks built from the
+rows' lengths and ring positions, and writes the step's new keys back. Rows ``0 .. n-1`` are always
+the active ones: a finished row is replaced by the last row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_mesh.model.manifest import TextSection
+
+EMPTY = -1  # ring slot without a key
+
+
+@dataclass
+class RowSnapshot:
+    """The KV state of one sequence after its first ``length`` tokens (for the prefix cache)."""
+
+    length: int
+    full: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> ([kvH, length, D], [kvH, length, D])
+    ring: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> ([kvH, window, D], ...)
+    ring_positions: np.ndarray  # [window] int64
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [a for pair in (*self.full.values(), *self.ring.values()) for a in pair]
+        return sum(a.nbytes for a in arrays) + self.ring_positions.nbytes
+
+
+class BatchKVCache:
+    """Preallocated KV storage for up to ``max_batch`` sequences.
+
+    Args:
+        text: the manifest's decoder section (layer types, KV heads, head dims, window).
+        max_batch: rows.
+        dtype: float dtype of the decoder graph.
+        initial_capacity: tokens per row for full-attention layers before the first growth.
+    """
+
+    def __init__(
+        self, text: TextSection, max_batch: int, dtype: np.dtype, initial_capacity: int = 256
+    ) -> None:
+        self.text = text
+        self.max_batch = max_batch
+        self.dtype = np.dtype(dtype)
+        self.window = text.sliding_window
+        self.full_layers = [i for i in text.kv_layers if text.layers[i].type != "sliding_attention"]
+        self.sliding_layers = [i for i in text.kv_layers if text.layers[i].type == "sliding_attention"]
+        self.capacity = 0
+        self.keys: dict[int, np.ndarray] = {}
+        self.values: dict[int, np.ndarray] = {}
+        for i in self.sliding_layers:
+            shape = (max_batch, text.layers[i].num_key_value_heads, self.window, text.layers[i].head_dim)
+            self.keys[i] = np.zeros(shape, dtype=self.dtype)
+            self.values[i] = np.zeros(shape, dtype=self.dtype)
+        self.lengths = np.zeros(max_batch, dtype=np.int64)
+        self.ring_positions = np.full((max_batch, self.window), EMPTY, dtype=np.int64)
+        self._grow(initial_capacity)
+
+    # ------------------------------------------------------------------ sizes
+    def _grow(self, capacity: int) -> None:
+        for i in self.full_layers:
+            layer = self.text.layers[i]
+            shape = (self.max_batch, layer.num_key_value_heads, capacity, layer.head_dim)
+            for store in (self.keys, self.values):
+                new = np.zeros(shape, dtype=self.dtype)
+                if i in store:
+                    new[:, :, : self.capacity] = store[i]
+                store[i] = new
+        self.capacity = capacity
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` keys per row in the full-attention layers (capacity doubles)."""
+        if tokens > self.capacity:
+            capacity = max(self.capacity, 1)
+            while capacity < tokens:
+                capacity *= 2
+            self._grow(capacity)
+
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return sum(a.nbytes for a in self.keys.values()) + sum(a.nbytes for a in self.values.values())
+
+    def bytes_per_token(self) -> dict[str, int]:
+        """KV bytes one token costs in full-attention layers and, until the window is full, in sliding ones."""
+
+        def cost(layers: list[int]) -> int:
+            return sum(
+                2
+                * self.text.layers[i].num_key_value_heads
+                * self.text.layers[i].head_dim
+                * self.dtype.itemsize
+                for i in layers
+            )
+
+        return {"full": cost(self.full_layers), "sliding": cost(self.sliding_layers)}
+
+    # ------------------------------------------------------------------- rows
+    def reset_row(self, row: int) -> None:
+        self.lengths[row] = 0
+        self.ring_positions[row] = EMPTY
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row ``src`` over row ``dst`` (compaction after a sequence leaves)."""
+        if src == dst:
+            return
+        used = int(self.lengths[src])
+        for i in self.full_layers:
+            self.keys[i][dst, :, :used] = self.keys[i][src, :, :used]
+            self.values[i][dst, :, :used] = self.values[i][src, :, :used]
+        for i in self.sliding_layers:
+            self.keys[i][dst] = self.keys[i][src]
+            self.values[i][dst] = self.values[i][src]
+        self.lengths[dst] = used
+        self.ring_positions[dst] = self.ring_positions[src]
+
+    def feeds(self, rows: slice) -> dict[str, np.ndarray]:
+        """``past_key_values.*`` inputs for the rows (views of the buffers, no copies)."""
+        out = {}
+        for i in self.text.kv_layers:
+            out[f"past_key_values.{i}.key"] = self.keys[i][rows]
+            out[f"past_key_values.{i}.value"] = self.values[i][rows]
+        return out
+
+    def masks(self, rows: slice, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks for queries at ``positions [n, S]`` (each row's next positions, in order).
+
+        Full layers see every stored key of the row and the step's own keys causally; sliding layers
+        see ring keys and the step's keys less than ``window`` positions back.
+
+        Returns:
+            ``(attention_mask [n, 1, S, capacity + S], sliding_attention_mask [n, 1, S, window + S])``.
+        """
+        lengths = self.lengths[rows]
+        n, seq = positions.shape
+        q = positions[:, :, None]  # [n, S, 1]
+        step_k = positions[:, None, :]  # [n, 1, S]
+        step_causal = step_k <= q  # [n, S, S]
+        stored = np.arange(self.capacity)[None, None, :] < lengths[:, None, None]  # [n, 1, cap]
+        full = np.concatenate([np.broadcast_to(stored, (n, seq, self.capacity)), step_causal], axis=2)
+        ring = self.ring_positions[rows][:, None, :]  # [n, 1, W]
+        ring_ok = (ring != EMPTY) & (q - ring < self.window) & (ring <= q)
+        step_ok = step_causal & (q - step_k < self.window)
+        sliding = np.concatenate([ring_ok, step_ok], axis=2)
+        return full[:, None], sliding[:, None]
+
+    def commit(self, rows: slice, positions: np.ndarray, presents: dict[str, np.ndarray]) -> None:
+        """Store the step's new keys/values (the last ``S`` entries of each ``present`` output)."""
+        start = rows.start or 0
+        n, seq = positions.shape
+        for i in self.full_layers:
+            for part, store in (("key", self.keys), ("value", self.values)):
+                new = presents[f"present.{i}.{part}"][:, :, -seq:]
+                for r in range(n):
+                    length = int(self.lengths[start + r])
+                    store[i][start + r, :, length : length + seq] = new[r]
+        for i in self.sliding_layers:
+            for part, store in (("key", self.keys), ("value", self.values)):
+                new = presents[f"present.{i}.{part}"][:, :, -seq:]
+                keep = min(seq, self.window)
+                for r in range(n):
+                    slots = positions[r, -keep:] % self.window
+                    store[i][start + r, :, slots] = np.moveaxis(new[r, :, -keep:], 1, 0)
+        for r in range(n):
+            keep = min(seq, self.window)
+            self.ring_positions[start + r, positions[r, -keep:] % self.window] = positions[r, -keep:]
+            self.lengths[start + r] += seq
+
+    # --------------------------------------------------------------- snapshots
+    def snapshot(self, row: int) -> RowSnapshot:
+        """A copy of row ``row``'s state (full keys up to its length, the ring)."""
+        length = int(self.lengths[row])
+        full = {
+            i: (self.keys[i][row, :, :length].copy(), self.values[i][row, :, :length].copy())
+            for i in self.full_layers
+        }
+        ring = {i: (self.keys[i][row].copy(), self.values[i][row].copy()) for i in self.sliding_layers}
+        return RowSnapshot(
+            length=length, full=full, ring=ring, ring_positions=self.ring_positions[row].copy()
+        )
+
+    def restore(self, row: int, snap: RowSnapshot) -> None:
+        """Load ``snap`` into row ``row`` (reserving capacity as needed)."""
+        self.reserve(snap.length)
+        for i, (k, v) in snap.full.items():
+            self.keys[i][row, :, : snap.length] = k
+            self.values[i][row, :, : snap.length] = v
+        for i, (k, v) in snap.ring.items():
+            self.keys[i][row] = k
+            self.values[i][row] = v
+        self.ring_positions[row] = snap.ring_positions
+        self.lengths[row] = snap.length

@@ -1,0 +1,125 @@
+"""Prompt-prefix KV reuse: an LRU of ``RowSnapshot``s keyed by the prefix's content, bounded in bytes.
+
+A prefix's key is a digest of its *token keys*: the token ids, except that every soft-token
+position gets a value derived from a digest of that media's soft tokens (so two prompts with the
+same placeholders but different images never share a cache). Snapshots are taken at block-aligned
+lengths (``block_tokens``) so that prompts sharing a long system prompt or conversation history
+reuse it even when their tails differ. Pure: no model, no clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_mesh.decoder.kv_cache import RowSnapshot
+
+
+def media_digest(tokens: np.ndarray) -> int:
+    """A 62-bit digest of a soft-token tensor's bytes (dtype and shape included)."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str((tokens.dtype.str, tokens.shape)).encode())
+    h.update(np.ascontiguousarray(tokens).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+def token_keys(input_ids: np.ndarray, media: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Token ids with each media position replaced by ``-(1 + (digest + k) mod 2^62)`` (never a real id).
+
+    Args:
+        media: ``(positions [n] int64, soft tokens [n, H])`` per media item.
+    """
+    keys = np.asarray(input_ids, dtype=np.int64).copy()
+    for positions, tokens in media:
+        digest = media_digest(tokens)
+        offsets = (digest + np.arange(positions.shape[0], dtype=np.uint64)) % np.uint64(1 << 62)
+        keys[positions] = -(1 + offsets.astype(np.int64))
+    return keys
+
+
+def snapshot_lengths(num_tokens: int, boundaries: Sequence[int], block_tokens: int) -> list[int]:
+    """Prefix lengths worth snapshotting for a prompt: the block boundary at or before each of
+    ``boundaries`` (turn starts, the first media token: where later prompts diverge) and before the
+    final token (at least one token is always left to prefill, so the request gets logits)."""
+    points = {((num_tokens - 1) // block_tokens) * block_tokens}
+    points.update((b // block_tokens) * block_tokens for b in boundaries)
+    return sorted(p for p in points if 0 < p < num_tokens)
+
+
+@dataclass
+class PrefixCacheStats:
+    lookups: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.lookups if self.lookups else 0.0
+
+
+class PrefixCache:
+    """LRU of snapshots, at most ``max_bytes`` in total (0 disables caching).
+
+    Args:
+        max_bytes: budget for stored keys/values.
+        block_tokens: granularity of snapshot lengths.
+    """
+
+    def __init__(self, max_bytes: int, block_tokens: int = 16) -> None:
+        self.max_bytes = max_bytes
+        self.block_tokens = block_tokens
+        self._entries: OrderedDict[bytes, RowSnapshot] = OrderedDict()
+        self._lengths: Counter[int] = Counter()
+        self.bytes = 0
+        self.stats = PrefixCacheStats()
+
+    @staticmethod
+    def _key(namespace: str, keys: np.ndarray) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(namespace.encode())
+        h.update(b"\0")
+        h.update(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
+        return h.digest()
+
+    def lookup(self, namespace: str, keys: np.ndarray) -> RowSnapshot | None:
+        """The snapshot of the longest cached prefix shorter than ``keys`` (None on a miss)."""
+        if self.max_bytes <= 0:
+            return None
+        self.stats.lookups += 1
+        for length in sorted((n for n in self._lengths if n < keys.shape[0]), reverse=True):
+            key = self._key(namespace, keys[:length])
+            snap = self._entries.get(key)
+            if snap is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                self.stats.hit_tokens += length
+                return snap
+        return None
+
+    def contains(self, namespace: str, keys: np.ndarray) -> bool:
+        return self._key(namespace, keys) in self._entries
+
+    def store(self, namespace: str, keys: np.ndarray, snap: RowSnapshot) -> None:
+        """Insert ``snap`` (the state after ``keys``), evicting least recently used entries to fit."""
+        if self.max_bytes <= 0 or snap.nbytes > self.max_bytes:
+            return
+        key = self._key(namespace, keys)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        self._entries[key] = snap
+        self._lengths[snap.length] += 1
+        self.bytes += snap.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self._lengths[old.length] -= 1
+            if self._lengths[old.length] == 0:
+                del self._lengths[old.length]
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,182 @@
+"""``Decoder.Generate``: protobuf request -> prompt (chat template + soft tokens) -> engine -> streamed deltas.
+
+Validation of shape happens here, at the edge (STYLE.md); limits that need the model (context
+length) are checked by the engine. Errors are ``InvalidRequest``/``Overloaded``; the interceptor maps
+them to INVALID_ARGUMENT/RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.common.tensors import from_tensor_pb
+from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
+from gemma_mesh.decoder.output import Channel, Delta, FinishReason
+from gemma_mesh.decoder.settings import DecoderSettings
+from gemma_mesh.model.bundle import ModelBundle
+from gemma_mesh.model.sampling import SamplingParams
+from gemma_mesh.proto.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
+
+MAX_STOP_STRING_CHARS = 256
+_MODALITY_ROLE = {common_pb2.IMAGE: "image", common_pb2.AUDIO: "audio", common_pb2.VIDEO: "video"}
+_CHANNEL = {Channel.ANSWER: decoder_pb2.ANSWER, Channel.REASONING: decoder_pb2.REASONING}
+_FINISH = {FinishReason.STOP: decoder_pb2.STOP, FinishReason.LENGTH: decoder_pb2.LENGTH}
+
+
+def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> SamplingParams:
+    """``SamplingParams`` from the request (unset top_p = 1; temperature 0 = greedy).
+
+    Raises:
+        InvalidRequest: temperature < 0 or not finite, top_p outside (0, 1], top_k < 0.
+    """
+    top_p = pb.top_p if pb.HasField("top_p") else 1.0
+    if not math.isfinite(pb.temperature):
+        raise InvalidRequest("temperature must be a finite number", param="sampling.temperature")
+    return SamplingParams(
+        temperature=float(pb.temperature),
+        top_k=int(pb.top_k),
+        top_p=float(top_p),
+        seed=int(pb.seed) if pb.HasField("seed") else None,
+    )
+
+
+def build_request(
+    pb: decoder_pb2.GenerateRequest, bundle: ModelBundle, settings: DecoderSettings
+) -> GenerationRequest:
+    """Render the conversation with the bundle's chat template and attach the soft tokens.
+
+    Raises:
+        InvalidRequest: no messages, an empty part, a soft-token tensor of the wrong shape or dtype,
+            video frames that do not add up, bad sampling settings or stop strings, an unknown role
+            (from the prompt builder).
+    """
+    manifest = bundle.manifest
+    if not pb.messages:
+        raise InvalidRequest("messages is empty", param="messages")
+    hidden = manifest.text.hidden_size
+    messages: list[dict[str, Any]] = []
+    counts: dict[str, list[int]] = {"image": [], "audio": []}
+    video_frames: list[list[tuple[float, int]]] = []
+    soft: list[tuple[int, np.ndarray]] = []
+    for m, msg in enumerate(pb.messages):
+        parts: list[dict[str, Any]] = []
+        for p, part in enumerate(msg.content):
+            where = f"messages[{m}].content[{p}]"
+            kind = part.WhichOneof("kind")
+            if kind == "text":
+                parts.append({"type": "text", "text": part.text})
+                continue
+            if kind != "soft_tokens":
+                raise InvalidRequest(f"{where} is empty (neither text nor soft_tokens)", param=where)
+            st = part.soft_tokens
+            role = _MODALITY_ROLE.get(st.modality)
+            if role is None:
+                raise InvalidRequest(
+                    f"{where}.soft_tokens.modality must be IMAGE, AUDIO or VIDEO", param=where
+                )
+            tokens = from_tensor_pb(st.tokens, param=f"{where}.soft_tokens.tokens")
+            if tokens.ndim != 2 or tokens.shape[1] != hidden or tokens.shape[0] == 0:
+                raise InvalidRequest(
+                    f"{where}.soft_tokens.tokens must have shape [n > 0, {hidden}], got {list(tokens.shape)}",
+                    param=where,
+                )
+            if not np.issubdtype(tokens.dtype, np.floating):
+                raise InvalidRequest(f"{where}.soft_tokens.tokens must be float16 or float32", param=where)
+            if role == "audio" and tokens.shape[0] > manifest.audio.max_soft_tokens:
+                raise InvalidRequest(
+                    f"{where}: {tokens.shape[0]} audio soft tokens exceed the limit of {manifest.audio.max_soft_tokens}"
+                    " (30 s); segment the audio",
+                    param=where,
+                )
+            if role == "video":
+                frames = [(float(f.timestamp_s), int(f.num_soft_tokens)) for f in st.frames]
+                if not frames or sum(n for _, n in frames) != tokens.shape[0]:
+                    raise InvalidRequest(
+                        f"{where}: video frames declare {sum(n for _, n in frames)} soft tokens, the tensor has "
+                        f"{tokens.shape[0]}",
+                        param=where,
+                    )
+                video_frames.append(frames)
+            else:
+                counts[role].append(int(tokens.shape[0]))
+            parts.append({"type": role})
+            soft.append((manifest.token_id(role), tokens.astype(bundle.float_dtype, copy=False)))
+        messages.append({"role": msg.role, "content": parts})
+    if len(pb.stop) > settings.max_stop_strings or any(len(s) > MAX_STOP_STRING_CHARS for s in pb.stop):
+        raise InvalidRequest(
+            f"at most {settings.max_stop_strings} stop strings of at most {MAX_STOP_STRING_CHARS} characters",
+            param="stop",
+        )
+    prompt = bundle.prompt_builder.build(
+        messages,
+        image_soft_tokens=counts["image"],
+        audio_soft_tokens=counts["audio"],
+        video_frames=video_frames,
+        enable_thinking=pb.enable_thinking,
+    )
+    # The builder numbers media per kind in message order; embed_prompt fills each placeholder id in order.
+    return GenerationRequest(
+        request_id=pb.request_id,
+        input_ids=prompt.input_ids,
+        soft_tokens=soft,
+        sampling=sampling_from_pb(pb.sampling),
+        max_tokens=int(pb.max_tokens),
+        stop=list(pb.stop),
+        enable_thinking=pb.enable_thinking,
+        prefix_cache_key=pb.prefix_cache_key,
+    )
+
+
+def finished_pb(event: Finished) -> decoder_pb2.GenerateResponse:
+    usage = common_pb2.Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+        cached_prompt_tokens=event.cached_prompt_tokens,
+    )
+    timings = decoder_pb2.Timings(
+        ttft_ms=event.ttft_s * 1000,
+        decode_tokens_per_s=event.decode_tokens_per_s,
+        queue_ms=event.queue_s * 1000,
+        total_ms=event.total_s * 1000,
+    )
+    return decoder_pb2.GenerateResponse(
+        finished=decoder_pb2.Finished(reason=_FINISH[event.reason], usage=usage, timings=timings)
+    )
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+    """The gRPC face of an ``Engine``."""
+
+    def __init__(self, engine: Engine, settings: DecoderSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        try:
+            gen = build_request(request, self.engine.bundle, self.settings)
+            handle = self.engine.submit(gen)
+        except Exception as exc:
+            code = getattr(exc, "grpc_status", "INTERNAL")
+            self.engine.metrics.errors.labels(code).inc()
+            raise
+        try:
+            async for event in handle.events():
+                if isinstance(event, Delta):
+                    yield decoder_pb2.GenerateResponse(
+                        delta=decoder_pb2.TextDelta(
+                            text=event.text, token_ids=event.token_ids, channel=_CHANNEL[event.channel]
+                        )
+                    )
+                else:
+                    yield finished_pb(event)
+        finally:
+            handle.cancel()  # a no-op once finished; frees the row if the client went away

@@ -1,0 +1,33 @@
+"""Decoder service settings (environment prefix ``GEMMA_MESH_DECODER_``; Helm ``decoder.*`` values)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from gemma_mesh.common.settings import GrpcServiceSettings, MiB
+
+
+class DecoderSettings(GrpcServiceSettings):
+    """Limits and sizes of the decoder engine, on top of the shared gRPC settings."""
+
+    model_config = SettingsConfigDict(env_prefix="GEMMA_MESH_DECODER_", extra="ignore")
+
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step")
+    max_queue_size: int = Field(
+        64, ge=0, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED"
+    )
+    prefill_chunk_tokens: int = Field(
+        256, ge=1, description="Prompt tokens per prefill call; decode steps of other requests run in between"
+    )
+    prefix_cache_bytes: int = Field(
+        256 * MiB, ge=0, description="KV bytes kept for prompt-prefix reuse (0 = off)"
+    )
+    prefix_block_tokens: int = Field(16, ge=1, description="Granularity of cached prefix lengths, in tokens")
+    kv_initial_tokens: int = Field(
+        256, ge=1, description="Initial KV capacity per sequence (doubles on demand)"
+    )
+    max_context_tokens: int = Field(
+        0, ge=0, description="Prompt + max_tokens limit; 0 = the model's max_position_embeddings"
+    )
+    max_stop_strings: int = Field(16, ge=0, description="Stop strings per request")
