@@ -61,3 +61,33 @@ def librivox_clips() -> list[Path]:
     clips = sorted(LIBRIVOX_DIR.glob("*.wav"))
     assert len(clips) == 5, f"pocketsphinx-testdata is not installed ({LIBRIVOX_DIR})"
     return clips
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tiny_checkpoint: Path):
+    """transformers' ``Gemma4ForConditionalGeneration`` (fp32) and ``Gemma4Processor`` with the PIL
+    image backend (the runtime's preprocessing is Pillow) on the tiny checkpoint."""
+    import torch
+    from transformers import AutoImageProcessor, AutoProcessor, Gemma4ForConditionalGeneration
+
+    model = Gemma4ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    processor.image_processor = AutoImageProcessor.from_pretrained(tiny_checkpoint, backend="pil")
+    return model, processor
+
+
+def reference_generate(reference, input_ids, max_new_tokens: int, **inputs) -> list[int]:
+    """Greedy ``generate()`` continuation of one prompt, cut after the first stop token."""
+    import torch
+
+    model, _ = reference
+    ids = torch.as_tensor(input_ids, dtype=torch.long)[None]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, **inputs)
+    stops = set(model.generation_config.eos_token_id)
+    tokens = []
+    for t in out[0, ids.shape[1] :].tolist():
+        tokens.append(t)
+        if t in stops:
+            break
+    return tokens

@@ -23,14 +23,9 @@ MAX_NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path):
-    from transformers import AutoImageProcessor, AutoProcessor, Gemma4ForConditionalGeneration
-
-    model = Gemma4ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    processor.image_processor = AutoImageProcessor.from_pretrained(tiny_checkpoint, backend="pil")
-    assert type(processor.image_processor).__name__ == "Gemma4ImageProcessorPil"
-    return model, processor
+def reference(torch_reference):
+    assert type(torch_reference[1].image_processor).__name__ == "Gemma4ImageProcessorPil"
+    return torch_reference
 
 
 @pytest.fixture(scope="module")

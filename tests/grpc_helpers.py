@@ -1,0 +1,32 @@
+"""Run a grpc.aio server in a background thread with its own event loop, as a separate process would."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+class ServerThread:
+    """``with ServerThread(lambda: start_decoder(settings)) as started:`` -> the started server object.
+
+    ``start`` is a coroutine factory returning an object with ``port`` and ``async stop(grace_s)``.
+    """
+
+    def __init__(self, start: Callable[[], Awaitable[Any]]) -> None:
+        self._start = start
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.started: Any = None
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        self.started = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
+        return self.started
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.started.stop(0), self._loop).result(timeout=60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
