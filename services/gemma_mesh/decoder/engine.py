@@ -51,6 +51,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     enable_thinking: bool = False
     prefix_cache_key: str = ""
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 @dataclass
@@ -142,7 +143,7 @@ class _Sequence:
         self.snapshots = snapshot_lengths(len(req.input_ids), boundaries, engine.prefix_cache.block_tokens)
         self.processor = OutputProcessor(
             bundle.tokenizer,
-            stop_token_ids=bundle.manifest.stop_token_ids,
+            stop_token_ids=() if req.ignore_eos else bundle.manifest.stop_token_ids,
             channel_start_id=engine.channel_ids[0],
             channel_end_id=engine.channel_ids[1],
             stop_strings=req.stop,

@@ -130,6 +130,7 @@ def build_request(
         stop=list(pb.stop),
         enable_thinking=pb.enable_thinking,
         prefix_cache_key=pb.prefix_cache_key,
+        ignore_eos=pb.ignore_eos,
     )
 
 
@@ -158,7 +159,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self.engine = engine
         self.settings = settings
 
-    async def Generate(  # noqa: N802 (gRPC method name)
+    async def Generate(
         self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         try:
