@@ -161,23 +161,26 @@ class BatchKVCache:
         """Store the step's new keys/values (the last ``S`` entries of each ``present`` output)."""
         start = rows.start or 0
         n, seq = positions.shape
-        for i in self.full_layers:
+        keep = min(seq, self.window)
+        row_index = np.arange(start, start + n)
+        lengths = self.lengths[start : start + n]
+        slots = positions[:, -keep:] % self.window  # [n, keep]
+        for i in self.text.kv_layers:
+            sliding = i in self.sliding_layers
             for part, store in (("key", self.keys), ("value", self.values)):
-                new = presents[f"present.{i}.{part}"][:, :, -seq:]
+                new = presents[f"present.{i}.{part}"]
+                if seq == 1:  # decode: one vectorised scatter for the whole batch
+                    dest = slots[:, 0] if sliding else lengths
+                    store[i][row_index, :, dest] = new[:, :, -1]
+                    continue
                 for r in range(n):
-                    length = int(self.lengths[start + r])
-                    store[i][start + r, :, length : length + seq] = new[r]
-        for i in self.sliding_layers:
-            for part, store in (("key", self.keys), ("value", self.values)):
-                new = presents[f"present.{i}.{part}"][:, :, -seq:]
-                keep = min(seq, self.window)
-                for r in range(n):
-                    slots = positions[r, -keep:] % self.window
-                    store[i][start + r, :, slots] = np.moveaxis(new[r, :, -keep:], 1, 0)
-        for r in range(n):
-            keep = min(seq, self.window)
-            self.ring_positions[start + r, positions[r, -keep:] % self.window] = positions[r, -keep:]
-            self.lengths[start + r] += seq
+                    if sliding:
+                        store[i][start + r, :, slots[r]] = np.moveaxis(new[r, :, -keep:], 1, 0)
+                    else:
+                        length = int(lengths[r])
+                        store[i][start + r, :, length : length + seq] = new[r, :, -seq:]
+        self.ring_positions[row_index[:, None], slots] = positions[:, -keep:]
+        self.lengths[start : start + n] += seq
 
     # --------------------------------------------------------------- snapshots
     def snapshot(self, row: int) -> RowSnapshot:
