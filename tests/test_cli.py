@@ -14,7 +14,7 @@ import soundfile as sf
 from PIL import Image
 from skimage import data as skdata
 
-from gemma_mesh.model.pipeline import run_generate
+from gemma_mesh.pipeline import run_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +17,8 @@ import typer
 
 from gemma_mesh.common.errors import MeshError
 from gemma_mesh.common.logging import configure_logging
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 app = typer.Typer(
     name="gemma-mesh",
@@ -26,7 +30,23 @@ app = typer.Typer(
 
 @app.callback()
 def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "WARNING") -> None:
+    if log_level.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
     configure_logging(log_level)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause (bad input, bad files, bad bundles) into ``error: ...`` and exit 2."""
+    try:
+        yield
+    except MeshError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    except (OSError, ValueError) as exc:  # unreadable/unwritable paths, invalid configs and manifests
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from exc
 
 
 serve_app = typer.Typer(help="Run one gRPC service of the mesh.", no_args_is_help=True)
@@ -67,7 +87,10 @@ def make_tiny(
 
     if size not in PRESETS:
         raise typer.BadParameter(f"size must be one of {sorted(PRESETS)}", param_hint="--size")
-    make_tiny_checkpoint(out, seed=seed, size=size)
+    if not 0 <= seed < 2**63:
+        raise typer.BadParameter("must be in [0, 2**63)", param_hint="--seed")
+    with user_errors():
+        make_tiny_checkpoint(out, seed=seed, size=size)
     typer.echo(f"wrote {size} Gemma 4 checkpoint to {out}")
 
 
@@ -81,18 +104,17 @@ def export(
     """Export a checkpoint to a model bundle: four ONNX graphs, tokenizer, template and manifest."""
     from gemma_mesh.model.export.exporter import export_bundle
 
-    if not (checkpoint / "config.json").exists():
-        raise typer.BadParameter(f"{checkpoint} has no config.json", param_hint="--checkpoint")
-    try:
+    with user_errors():
+        if not (checkpoint / "config.json").exists():
+            raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face checkpoint")
         export_bundle(checkpoint, out, dtype=dtype, weights=weights, progress=sys.stderr.isatty())
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"wrote bundle to {out}")
 
 
 @app.command("generate")
 def generate(
-    prompt: Annotated[str, typer.Option(help="The user's text")],
+    prompt: Annotated[str | None, typer.Option(help="The user's text")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="Read the user's text from a UTF-8 file")] = None,
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
     ] = None,
@@ -109,9 +131,13 @@ def generate(
     ] = False,
 ) -> None:
     """One user turn (images, then audio clips, then the text); streams the answer to stdout."""
-    from gemma_mesh.model.pipeline import run_generate
+    from gemma_mesh.pipeline import run_generate
 
-    try:
+    with user_errors():
+        if prompt_file is not None:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        if prompt is None:
+            raise ValueError("give --prompt or --prompt-file")
         result = run_generate(
             bundle_path=bundle,
             prompt=prompt,
@@ -123,9 +149,6 @@ def generate(
             seed=seed,
             on_text=None if json_output else (lambda s: (sys.stdout.write(s), sys.stdout.flush())),
         )
-    except MeshError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
     if json_output:
         typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids}, ensure_ascii=False))
     else:
@@ -145,7 +168,7 @@ def demo(
     """The main job on real input: a real photo and a real speech recording through the model."""
     from rich.console import Console
 
-    from gemma_mesh.model.pipeline import run_generate
+    from gemma_mesh.pipeline import run_generate
     from gemma_mesh.samples import librivox_transcripts, write_samples
 
     console = Console(stderr=True)
@@ -155,7 +178,7 @@ def demo(
     console.print(f"[bold]speech[/bold] {speech}  ([italic]{transcript}[/italic])")
     console.print(f"[bold]bundle[/bold] {bundle or 'embedded tiny (random weights: the answer is noise)'}")
     console.print("[bold]answer[/bold] ", end="")
-    try:
+    with user_errors():
         result = run_generate(
             bundle_path=bundle,
             prompt="Describe the photo, then transcribe the speech.",
@@ -164,9 +187,6 @@ def demo(
             max_tokens=max_tokens,
             on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
         )
-    except MeshError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
     sys.stdout.write("\n")
     console.print(f"prompt tokens {result.prompt_tokens}, generated tokens {len(result.token_ids)}")
 

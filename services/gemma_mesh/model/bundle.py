@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from gemma_mesh.common.errors import InvalidRequest, NotFound
@@ -82,7 +83,15 @@ class ModelBundle:
             raise NotFound(
                 f"no bundle at {self.path} (manifest.json missing); create one with `gemma-mesh export`"
             )
-        self.manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
+        try:
+            self.manifest = Manifest.model_validate_json(manifest_path.read_text(encoding="utf-8"))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise InvalidRequest(f"invalid bundle manifest {manifest_path}: {where}: {first['msg']}") from exc
+        for name in ("tokenizer.json", "chat_template.jinja", "processor_config.json"):
+            if not (self.path / name).exists():
+                raise NotFound(f"bundle {self.path} lacks {name}; re-export it with `gemma-mesh export`")
         self.providers = self._choose_providers(providers)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
@@ -199,7 +208,13 @@ class ModelBundle:
             InvalidRequest: empty, non-finite or over-long audio (see ``LogMelExtractor``).
         """
         features, mask = self.log_mel(waveform)
-        return self.encode_audio_features([features], [mask])[0]
+        tokens = self.encode_audio_features([features], [mask])[0]
+        if tokens.shape[0] == 0:
+            raise InvalidRequest(
+                f"audio of {len(waveform)} samples is too short to give a soft token "
+                f"(about {self.manifest.audio.ms_per_token} ms of audio per token)"
+            )
+        return tokens
 
     def encode_audio_features(self, features: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
         """Batch of log-mel clips (``[T_i, F]`` float32, ``[T_i]`` bool) -> soft tokens ``[n_i, H]`` each.

@@ -13,13 +13,16 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest
 
+# Temperatures below this are greedy (as in vLLM): dividing logits by ~0 overflows to inf.
+SAMPLING_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to choose tokens.
 
     Attributes:
-        temperature: 0 means greedy; otherwise logits are divided by it (> 0).
+        temperature: below ``SAMPLING_EPS`` (e.g. 0) means greedy; otherwise logits are divided by it.
         top_k: keep the k most likely tokens (0 = no limit).
         top_p: keep the smallest set whose probability reaches top_p, in (0, 1].
         seed: seed of the request's own random generator (None = nondeterministic).
@@ -37,10 +40,13 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}", param="top_k")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed}", param="seed")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True when temperature < ``SAMPLING_EPS`` (0 included)."""
+        return self.temperature < SAMPLING_EPS
 
 
 class Sampler:

@@ -5,9 +5,9 @@ copied from the checkpoint, and four ONNX graphs: ``embed_tokens``, ``audio_enco
 ``vision_encoder`` and ``decoder_model_merged``.
 
 Memory: the checkpoint is loaded once in its storage dtype (bf16 for E4B, about 16 GB), never in
-fp32 as a whole; each graph's modules are cast to the export dtype just before their export and
-the graph is verified against PyTorch right after, so peak memory stays near one copy of the
-weights plus the largest graph.
+fp32 as a whole; each graph's modules are cast to the export dtype just before their export,
+verified against PyTorch right after, and cast back, so peak memory stays near one copy of the
+weights plus the largest graph in the export dtype (measured for E4B in the README).
 """
 
 from __future__ import annotations
@@ -202,8 +202,17 @@ def export_bundle(
     config = AutoConfig.from_pretrained(checkpoint)
     if config.model_type != "gemma4":
         raise ValueError(f"{checkpoint} is a {config.model_type!r} checkpoint, not gemma4")
+    if config.text_config.use_bidirectional_attention is not None:
+        raise ValueError(
+            "use_bidirectional_attention="
+            f"{config.text_config.use_bidirectional_attention!r} (bidirectional attention over image tokens) "
+            "is not supported by this exporter's causal masks; Gemma 4 E2B/E4B use None"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A bundle is valid only once its manifest is written last: drop any old one first, so that a
+    # failed re-export never leaves new graphs next to a stale manifest.
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     started = time.monotonic()
 
     # Load in the checkpoint's own storage dtype (bf16 for E4B, fp32 for make-tiny output), never
@@ -214,6 +223,9 @@ def export_bundle(
     processor = AutoProcessor.from_pretrained(checkpoint)
     text_cfg = config.text_config
     feature_size = int(processor.feature_extractor.feature_size)
+    load_dtype = next(model.parameters()).dtype
+    missing = {"audio_encoder": config.audio_config is None, "vision_encoder": config.vision_config is None}
+    graphs = tuple(name for name in graphs if not missing.get(name))  # text-only checkpoints: no towers
 
     def spec_for(name: str) -> Any:
         if name == "embed_tokens":
@@ -237,23 +249,35 @@ def export_bundle(
     with Progress(*columns, disable=not progress, transient=False) as bar:
         for name in graphs:
             task = bar.add_task(f"{name:>22}", total=4, stage="tracing")
+            for stale in (out_dir / f"{name}.onnx", out_dir / f"{name}.onnx.data"):
+                stale.unlink(missing_ok=True)
             spec = spec_for(name)
             bar.update(task, advance=1, stage="exporting")
             path = g.export_graph(spec, out_dir)
             bar.update(task, advance=1, stage="verifying")
             max_diff = _verify(spec, path, tolerance, relative=dtype != "float32")
+            entry: dict[str, Any] = {}
             if weights == "int4" and name == "decoder_model_merged":
                 bar.update(task, stage="int4")
                 from gemma_mesh.model.export.quantize import quantize_int4
 
                 quantize_int4(path)
+                # Recorded, not bounded: 4-bit weights are lossy by design.
+                entry["max_abs_diff_vs_torch_before_int4"] = max_diff
+                max_diff = _verify(spec, path, float("inf"))
+            spec.module.to(load_dtype)  # back to the storage dtype: one graph at a time in the export dtype
             bar.update(task, advance=1, stage="recording")
             import onnxruntime as ort
 
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
             manifest_graphs[name] = {
                 "file": path.name,
                 **_io_spec(session),
+                **entry,
                 "max_abs_diff_vs_torch": max_diff,
                 "external_data": path.with_suffix(".onnx.data").exists(),
             }

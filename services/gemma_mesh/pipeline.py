@@ -1,4 +1,4 @@
-"""One multimodal request end to end, in process: files -> preprocessing -> encoders -> prompt -> decode.
+"""One multimodal request end to end, in process: files -> preprocessing -> encoders -> prompt -> engine.
 
 ``gemma-mesh generate`` runs this; the services split the same steps over gRPC.
 """
@@ -14,8 +14,7 @@ import numpy as np
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.model.audio_io import decode_audio
 from gemma_mesh.model.bundle import ModelBundle
-from gemma_mesh.model.detokenize import IncrementalDetokenizer
-from gemma_mesh.model.generation import PromptInput, generate
+from gemma_mesh.model.generation import PromptInput
 from gemma_mesh.model.sampling import SamplingParams
 
 
@@ -93,25 +92,35 @@ def run_generate(
     waveforms = [decode_audio(Path(p), rate) for p in audios]
     request = build_user_turn(bundle, prompt, [Path(p).read_bytes() for p in images], waveforms, system)
     sampling = SamplingParams(temperature=temperature or 0.0, seed=seed)
-    detok = IncrementalDetokenizer(bundle.tokenizer)
+    # The decoder service's engine, in process: chunked prefill and a window-bounded sliding KV cache,
+    # so long prompts cost what they cost in the service.
+    from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
+    from gemma_mesh.decoder.output import Channel
+    from gemma_mesh.decoder.settings import DecoderSettings
+
+    settings = DecoderSettings(
+        max_batch_size=1, max_queue_size=0, prefix_cache_bytes=0, providers=bundle.providers
+    )
+    engine = Engine(bundle, settings)
+    engine.start()
     ids: list[int] = []
     text_parts: list[str] = []
-    for (token,) in generate(bundle, [request], max_new_tokens=max_tokens, sampling=sampling):
-        if token is None:
-            break
-        ids.append(token)
-        if token in bundle.manifest.stop_token_ids:
-            break
-        delta = detok.push(token)
-        if delta:
-            text_parts.append(delta)
-            if on_text:
-                on_text(delta)
-    tail = detok.flush()
-    if tail:
-        text_parts.append(tail)
-        if on_text:
-            on_text(tail)
+    try:
+        handle = engine.submit(
+            GenerationRequest(
+                "generate", request.input_ids, request.soft_tokens, sampling=sampling, max_tokens=max_tokens
+            )
+        )
+        for event in handle.iter_events():
+            if isinstance(event, Finished):
+                break
+            ids.extend(event.token_ids)
+            if event.channel == Channel.ANSWER and event.text:
+                text_parts.append(event.text)
+                if on_text:
+                    on_text(event.text)
+    finally:
+        engine.stop()
     return GenerateResult(
         text="".join(text_parts), token_ids=ids, prompt_tokens=int(request.input_ids.shape[0])
     )
