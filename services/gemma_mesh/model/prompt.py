@@ -156,6 +156,10 @@ class PromptBuilder:
             }
         self._special_tokens = dict(special_tokens)
         self._placeholder_re = re.compile("|".join(re.escape(self._strings[kind]) for kind in MEDIA_KINDS))
+        # Control tokens (turn markers, placeholders, ...) are the template's to write: user, system or
+        # tool text that contains one could forge a turn, so it is refused (transformers honours it).
+        control = sorted((t.content for t in added.values() if t.special), key=len, reverse=True)
+        self._control_re = re.compile("|".join(re.escape(t) for t in control)) if control else None
         self._kind_of = {self._strings[kind]: kind for kind in MEDIA_KINDS}
 
     @classmethod
@@ -223,6 +227,7 @@ class PromptBuilder:
                 placeholder tokens, or a conversation the template rejects.
         """
         chat, n_parts = self._normalize(messages)
+        self._refuse_control_tokens(chat)
         replacements = self._replacements(n_parts, image_soft_tokens, audio_soft_tokens, video_frames)
         try:
             rendered = render_chat_template(
@@ -298,6 +303,33 @@ class PromptBuilder:
                 out["tool_calls"] = self._tool_calls(message["tool_calls"], role, f"{param}.tool_calls")
             chat.append(out)
         return chat, n_parts
+
+    def _refuse_control_tokens(self, chat: list[dict[str, Any]]) -> None:
+        if self._control_re is None:
+            return
+        for i, message in enumerate(chat):
+            if message.get("role") in ("assistant", "model"):
+                continue  # model turns may carry thought channels; the template strips them
+            content = message.get("content")
+            texts = (
+                [content]
+                if isinstance(content, str)
+                else [
+                    p.get("text")
+                    for p in content or ()
+                    if isinstance(p, Mapping) and isinstance(p.get("text"), str)
+                ]
+                if isinstance(content, list)
+                else []
+            )
+            for text in texts:
+                found = self._control_re.search(text or "")
+                if found:
+                    raise InvalidRequest(
+                        f"messages[{i}] contains the control token {found.group()!r}; message text may not "
+                        "contain special tokens",
+                        param=f"messages[{i}].content",
+                    )
 
     @staticmethod
     def _part(part: Any, role: str, param: str, n_parts: dict[str, int]) -> dict[str, Any]:
