@@ -6,7 +6,7 @@
 
 The bundle is ``gemma-mesh make-tiny --seed 0`` exported with ``gemma-mesh export --dtype float32``;
 both are deterministic, so the files are byte-identical on any machine with the pinned torch.
-tests/model/test_embedded_bundle.py runs the same check in CI.
+tests/model/test_export.py (test_embedded_bundle_is_regenerated_by_make_tiny_and_export) runs the same check in CI.
 """
 
 from __future__ import annotations
