@@ -251,6 +251,11 @@ def _randomize(model: Any, seed: int) -> None:
                 fill(param, 0.0, 0.5, gaussian=True)
             elif name.endswith("per_dim_scale"):
                 fill(param, 0.0, 0.3, gaussian=True)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Gemma 4 attends with scaling 1.0 after q/k RMSNorm: norm weights near d^-1/4 keep
+                # q.k of unit scale (as trained weights do); weights near 1 give logits of std sqrt(d),
+                # a softmax so sharp that the random network turns fp32 rounding into visible drift.
+                fill(param, param.shape[-1] ** -0.25, 0.02, gaussian=True)
             elif param.ndim >= 2:
                 fill(param, 0.0, 1.0 / math.sqrt(math.prod(param.shape[1:])), gaussian=True)
             else:  # norm scales scatter around 1, biases around 0
