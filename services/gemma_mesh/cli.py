@@ -74,6 +74,46 @@ def serve_decoder(
     run_decoder_server(settings)
 
 
+@serve_app.command("audio")
+def serve_audio(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (default 50052; 0 = a free port)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+) -> None:
+    """The audio frontend: PCM or audio files -> Gemma 4 audio soft tokens (Encode, EncodeStream).
+
+    Every other setting comes from GEMMA_MESH_AUDIO_* environment variables (see docs/encoders.md).
+    """
+    from gemma_mesh.audio.server import run_audio_server
+    from gemma_mesh.audio.settings import AudioSettings
+
+    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
+    run_audio_server(AudioSettings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+@serve_app.command("vision")
+def serve_vision(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (default 50053; 0 = a free port)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics port")] = None,
+) -> None:
+    """The vision encoder: images, camera frames and video -> Gemma 4 image soft tokens.
+
+    Every other setting comes from GEMMA_MESH_VISION_* environment variables (see docs/encoders.md).
+    """
+    from gemma_mesh.vision.server import run_vision_server
+    from gemma_mesh.vision.settings import VisionSettings
+
+    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
+    run_vision_server(VisionSettings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
 @app.command("make-tiny")
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint")],

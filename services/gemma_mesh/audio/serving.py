@@ -1,0 +1,236 @@
+"""The audio frontend's logic, free of gRPC: bytes in, soft tokens (numpy) out.
+
+`AudioEngine` wraps a `ModelBundle`: it decodes PCM or files to mono 16 kHz float32 (`audio_io`),
+refuses clips over the manifest's limit (30 s) unless asked to split them at the quietest points
+(`splitting`), encodes clips whole (``ModelBundle.encode_audio``) and opens incremental streams
+(`streaming`). Errors are ``InvalidRequest`` / ``Overloaded`` values for the servicer to map.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_mesh.audio.settings import AudioSettings
+from gemma_mesh.audio.splitting import split_points
+from gemma_mesh.audio.streaming import (
+    IncrementalAudioEncoder,
+    ReceptiveField,
+    TokenBlock,
+    check_receptive_field,
+)
+from gemma_mesh.common.errors import InvalidRequest, Overloaded
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.model.audio_io import (
+    PcmStreamDecoder,
+    check_sample_rate,
+    decode_audio,
+    decode_pcm,
+    resample,
+)
+from gemma_mesh.model.bundle import ModelBundle
+
+log = get_logger("audio")
+
+# When a long clip is split, no piece is shorter than this (a cut never leaves a sliver at the end).
+MIN_SPLIT_PIECE_S = 1
+
+
+@dataclass(frozen=True)
+class EncodedSegment:
+    """Soft tokens ``[n, H]`` (the bundle's float dtype) of the audio in ``[start_ms, end_ms)``."""
+
+    tokens: np.ndarray
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class EncodedClip:
+    """One Encode result: one segment, or several when a long clip was split."""
+
+    segments: list[EncodedSegment]
+    audio_seconds: float
+
+
+def _ms(samples: int, rate_hz: int) -> int:
+    return round(samples * 1000 / rate_hz)
+
+
+class AudioEngine:
+    """Decoding, limits, whole-clip and incremental encoding on one bundle.
+
+    Args:
+        bundle: a bundle with an ``audio_encoder`` graph and the checkpoint's ``config.json``.
+        settings: the service's `AudioSettings`.
+
+    Raises:
+        ValueError: the bundle lacks the audio graph or its audio config, or (with
+            ``settings.verify_streaming``) the encoder's receptive field does not match the code.
+    """
+
+    def __init__(self, bundle: ModelBundle, settings: AudioSettings) -> None:
+        if "audio_encoder" not in bundle.manifest.graphs:
+            raise ValueError(f"bundle {bundle.path} has no audio_encoder graph")
+        config = json.loads((bundle.path / "config.json").read_text(encoding="utf-8"))
+        if "audio_config" not in config:
+            raise ValueError(f"bundle {bundle.path} config.json has no audio_config")
+        self.bundle = bundle
+        self.settings = settings
+        audio = bundle.manifest.audio
+        self.rate_hz = audio.sampling_rate
+        self.max_samples = audio.max_samples
+        self.ms_per_token = audio.ms_per_token
+        self.field = ReceptiveField.from_audio_config(config["audio_config"])
+        if settings.stream_window_tokens <= self.field.left_context_tokens + self.field.chunk_tokens:
+            raise ValueError(
+                f"stream_window_tokens={settings.stream_window_tokens} must exceed the encoder's left context "
+                f"{self.field.left_context_tokens} + chunk {self.field.chunk_tokens} tokens"
+            )
+        self._streams = 0
+        self._lock = threading.Lock()
+        # Session creation and the first run happen here, not in the first request.
+        err = (
+            check_receptive_field(
+                self.field,
+                self.encode_window,
+                audio.feature_size,
+                rel_tol=1e-3 if bundle.float_dtype == np.float32 else 3e-2,
+            )
+            if settings.verify_streaming
+            else None
+        )
+        log.info("audio engine ready", receptive_field=str(self.field), streaming_check_rel_err=err)
+
+    # --------------------------------------------------------------------------- decoding
+    def samples_from_pcm(self, data: bytes, encoding: str, rate_hz: int, channels: int) -> np.ndarray:
+        """Raw PCM -> mono float32 at 16 kHz. Raises InvalidRequest (see ``audio_io.decode_pcm``)."""
+        check_sample_rate(rate_hz)
+        return resample(decode_pcm(data, encoding, channels), rate_hz, self.rate_hz)
+
+    def samples_from_file(self, data: bytes, declared_rate_hz: int = 0) -> np.ndarray:
+        """An encoded file -> mono float32 at 16 kHz; a nonzero ``declared_rate_hz`` must match its header.
+
+        Raises:
+            InvalidRequest: see ``audio_io.decode_audio``.
+        """
+        return decode_audio(data, self.rate_hz, declared_rate_hz=declared_rate_hz or None)
+
+    # --------------------------------------------------------------------------- encoding
+    def encode_window(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Log-mel ``[T, F]`` + mask ``[T]`` -> soft tokens ``[ceil(T / 4), H]`` (no 750-token cap)."""
+        frames = features.shape[0]
+        frames += -frames % self.bundle.manifest.audio.frames_multiple
+        batch = np.zeros((1, frames, features.shape[1]), dtype=self.bundle.float_dtype)
+        batch_mask = np.zeros((1, frames), dtype=bool)
+        batch[0, : features.shape[0]] = features
+        batch_mask[0, : mask.shape[0]] = mask
+        (out,) = self.bundle.session("audio_encoder").run(
+            None, {"input_features": batch, "input_features_mask": batch_mask}
+        )
+        return out[0, : -(-features.shape[0] // 4)]
+
+    def encode_clip(self, samples: np.ndarray, *, split_long_audio: bool = False) -> EncodedClip:
+        """Mono 16 kHz float32 ``[n]`` -> soft tokens, split at the quietest points when asked.
+
+        Raises:
+            InvalidRequest: empty audio; over the manifest's limit (30 s) without ``split_long_audio``;
+                over ``max_split_audio_s`` with it.
+        """
+        n = int(samples.shape[0])
+        if n == 0:
+            raise InvalidRequest("audio is empty (0 samples)")
+        limit_s = self.max_samples / self.rate_hz
+        if n > self.max_samples and not split_long_audio:
+            raise InvalidRequest(
+                f"audio is {n / self.rate_hz:.2f} s long, more than the limit of {limit_s:g} s per clip "
+                f"({self.max_samples} samples at {self.rate_hz} Hz); set split_long_audio to split it at "
+                "the quietest points, or stream it with EncodeStream",
+                param="split_long_audio",
+            )
+        if n > self.settings.max_split_audio_s * self.rate_hz:
+            raise InvalidRequest(
+                f"audio is {n / self.rate_hz:.2f} s long, more than the limit of "
+                f"{self.settings.max_split_audio_s:g} s for a split clip; stream it with EncodeStream"
+            )
+        pieces = split_points(
+            samples,
+            self.rate_hz,
+            self.max_samples,
+            self.settings.split_search_s,
+            min_piece_samples=MIN_SPLIT_PIECE_S * self.rate_hz,
+        )
+        segments = [
+            EncodedSegment(self.bundle.encode_audio(samples[a:b]), _ms(a, self.rate_hz), _ms(b, self.rate_hz))
+            for a, b in pieces
+        ]
+        return EncodedClip(segments, n / self.rate_hz)
+
+    # --------------------------------------------------------------------------- streaming
+    def open_stream(self, encoding: str, rate_hz: int, channels: int) -> AudioStream:
+        """A new incremental stream. Raises Overloaded past ``max_streams``, InvalidRequest on a bad config."""
+        decoder = PcmStreamDecoder(encoding, rate_hz, channels, self.rate_hz)
+        with self._lock:
+            if self._streams >= self.settings.max_streams:
+                raise Overloaded(
+                    f"{self._streams} streams are open, the limit is {self.settings.max_streams}"
+                )
+            self._streams += 1
+        encoder = IncrementalAudioEncoder(
+            self.field,
+            self.bundle.log_mel,
+            self.encode_window,
+            ms_per_token=self.ms_per_token,
+            sample_rate_hz=self.rate_hz,
+            max_window_tokens=self.settings.stream_window_tokens,
+        )
+        return AudioStream(self, decoder, encoder)
+
+    def _close_stream(self) -> None:
+        with self._lock:
+            self._streams -= 1
+
+
+class AudioStream:
+    """One EncodeStream call: PCM bytes in (`push`), final soft-token blocks out; `close` when done."""
+
+    def __init__(self, engine: AudioEngine, decoder: PcmStreamDecoder, encoder: IncrementalAudioEncoder):
+        self._engine = engine
+        self.decoder = decoder
+        self.encoder = encoder
+        self._closed = False
+
+    @property
+    def audio_seconds(self) -> float:
+        """Seconds of audio received so far (at the model's rate)."""
+        return self.encoder.total_samples / self._engine.rate_hz
+
+    def push(self, data: bytes) -> list[TokenBlock]:
+        """Decode one PCM chunk and encode the tokens that became final.
+
+        Raises:
+            InvalidRequest: a chunk over ``max_stream_chunk_bytes``, non-finite samples, or more than
+                ``max_stream_s`` of audio in total.
+        """
+        limit = self._engine.settings.max_stream_chunk_bytes
+        if len(data) > limit:
+            raise InvalidRequest(f"PCM chunk is {len(data)} bytes, more than the limit of {limit}")
+        self.encoder.insert(self.decoder.push(data))
+        max_s = self._engine.settings.max_stream_s
+        if self.audio_seconds > max_s:
+            raise InvalidRequest(f"the stream carries more than the limit of {max_s:g} s of audio")
+        return self.encoder.step()
+
+    def finish(self) -> list[TokenBlock]:
+        """End of input: the remaining tokens, computed as for the whole clip."""
+        self.encoder.insert(self.decoder.flush())
+        return self.encoder.finish()
+
+    def close(self) -> None:
+        """Release the stream's slot (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._engine._close_stream()

@@ -1,0 +1,294 @@
+"""Incremental Gemma 4 audio encoding: a pure policy, with the log-mel extractor and encoder injected.
+
+Why it works. The Gemma 4 audio tower (``transformers`` ``Gemma4AudioModel``) is causal per soft token:
+
+- log-mel frame ``i`` (hop 160, window 320 samples, semicausal: 160 zeros on the left) reads samples
+  ``[160 i - 160, 160 i + 160]`` and is valid once the clip holds sample ``160 i + 160``; once valid it
+  never changes;
+- the two subsampling convs (kernel 3, stride 2, padding 1) make token ``u`` read frames
+  ``4u - 3 .. 4u + 3``: 3 frames of lookahead, 1 token of left context;
+- each of the conformer layers adds ``attention_context_left - 2`` tokens of left context (the mask is a
+  causal sliding window: itself plus 11 past tokens; ``attention_context_right`` must be 0) and
+  ``conv_kernel_size - 1`` tokens (causal depthwise conv), and nothing on the right.
+
+So token ``u`` is final once frame ``4u + 3`` is, and it depends on at most ``left_context_tokens``
+earlier tokens (31 for the tiny model, 181 for E4B's 12 layers = 7.24 s). Each step encodes a window
+that starts ``left_context_tokens`` before the first new token, rounded down to a multiple of the
+attention chunk (12 tokens, so the blocked attention sees the same block layout as the whole clip), and
+keeps only the new tokens: work per step is bounded by the window, never the whole utterance.
+``finish`` encodes the tail the way the whole clip does (frames past the end zeroed and masked).
+`check_receptive_field` verifies all this against the real encoder at startup.
+
+API (whisper_streaming's push/pull): ``insert(samples)``, ``step() -> [TokenBlock]``,
+``finish() -> [TokenBlock]``, ``reset()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+# Gemma4AudioSubSampleConvProjection: two stride-2 convs -> 4 frames per token; kernel 3 + padding 1
+# -> token u reads frames 4u-3 .. 4u+3.
+FRAMES_PER_TOKEN = 4
+LOOKAHEAD_FRAMES = 3
+SUBSAMPLING_LEFT_TOKENS = 1
+# Frames computed per log-mel call when catching up on a long chunk (bounds one call's memory).
+MAX_FRAMES_PER_EXTRACT = 1_000
+
+
+class LogMel(Protocol):
+    """What the policy needs of ``LogMelExtractor``: framing geometry and ``__call__``."""
+
+    hop_length: int
+    frame_length: int
+
+    def __call__(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# features float32 [T, F], mask bool [T] (T a multiple of 4) -> soft tokens float [T / 4, H]
+EncodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """How far one soft token reaches into the audio, in tokens and frames.
+
+    Attributes:
+        left_context_tokens: earlier tokens that can change a token's value.
+        chunk_tokens: the conformer's attention block; windows start on multiples of it.
+        frames_per_token: mel frames per token (4).
+        lookahead_frames: frames after ``frames_per_token * u`` that token ``u`` reads (3).
+    """
+
+    left_context_tokens: int
+    chunk_tokens: int
+    frames_per_token: int = FRAMES_PER_TOKEN
+    lookahead_frames: int = LOOKAHEAD_FRAMES
+
+    @classmethod
+    def from_audio_config(cls, config: dict[str, Any]) -> ReceptiveField:
+        """From a checkpoint's ``audio_config`` (config.json). Raises ValueError if it is not causal."""
+        if int(config.get("attention_context_right", 0)) != 0:
+            raise ValueError(
+                "the audio encoder attends to future tokens; incremental encoding is unsupported"
+            )
+        layers = int(config["num_hidden_layers"])
+        attention_past = int(config["attention_context_left"]) - 2
+        conv_past = int(config["conv_kernel_size"]) - 1
+        return cls(
+            left_context_tokens=SUBSAMPLING_LEFT_TOKENS + layers * (attention_past + conv_past),
+            chunk_tokens=int(config["attention_chunk_size"]),
+        )
+
+    def window_start(self, first_new_token: int) -> int:
+        """First token of the window that encodes ``first_new_token`` exactly."""
+        start = max(0, first_new_token - self.left_context_tokens)
+        return start - start % self.chunk_tokens
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """Soft tokens ``[first_token, first_token + n)`` that will not change.
+
+    Attributes:
+        tokens: float ``[n, H]``.
+        first_token: absolute index of the first token since the stream began.
+        start_ms / end_ms: media time the tokens cover (``ms_per_token`` each; the last block of a
+            stream ends at the end of the audio).
+    """
+
+    tokens: np.ndarray
+    first_token: int
+    start_ms: int
+    end_ms: int
+
+
+class IncrementalAudioEncoder:
+    """Mono 16 kHz samples in, final soft tokens out; equal to encoding the whole clip at once.
+
+    Args:
+        field: the encoder's `ReceptiveField`.
+        log_mel: a ``LogMelExtractor`` (deterministic: ``dither`` must be 0).
+        encode: features ``[T, F]`` + mask ``[T]`` -> tokens ``[T / 4, H]`` (one clip, no cap).
+        ms_per_token: media milliseconds per soft token (manifest ``audio.ms_per_token``).
+        sample_rate_hz: rate of the inserted samples (the extractor's, 16 kHz).
+        max_window_tokens: longest window passed to ``encode``; must exceed
+            ``left_context_tokens + chunk_tokens``.
+    """
+
+    def __init__(
+        self,
+        field: ReceptiveField,
+        log_mel: LogMel,
+        encode: EncodeFn,
+        *,
+        ms_per_token: int,
+        sample_rate_hz: int,
+        max_window_tokens: int,
+    ) -> None:
+        if max_window_tokens <= field.left_context_tokens + field.chunk_tokens:
+            raise ValueError(
+                f"max_window_tokens={max_window_tokens} must exceed the left context "
+                f"{field.left_context_tokens} + chunk {field.chunk_tokens}"
+            )
+        self.field = field
+        self.log_mel = log_mel
+        self.encode = encode
+        self.ms_per_token = ms_per_token
+        self.sample_rate_hz = sample_rate_hz
+        self.max_window_tokens = max_window_tokens
+        self.hop = log_mel.hop_length
+        self.frame_length = log_mel.frame_length
+        self.pad_left = log_mel.frame_length // 2
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next sample is the start of a new stream."""
+        self.total_samples = 0
+        self.emitted_tokens = 0
+        self.max_window_frames = 0  # most frames passed to encode in one call (work per step)
+        self._samples = np.zeros(0, np.float32)
+        self._sample0 = 0  # absolute index of _samples[0]
+        self._features: np.ndarray | None = None
+        self._frame0 = 0  # absolute index of _features[0]
+        self._frames = 0  # final frames computed so far
+
+    # ------------------------------------------------------------------------------ geometry
+    def final_frames(self, num_samples: int) -> int:
+        """Frames whose whole window lies in the first ``num_samples`` samples (``LogMelExtractor.frame_mask``)."""
+        need = self.frame_length - self.pad_left  # frame i valid iff hop * i + need < num_samples
+        return max(0, -(-(num_samples - need) // self.hop))
+
+    def final_tokens(self, frames: int) -> int:
+        """Tokens whose frames (lookahead included) are all among the first ``frames``."""
+        f = self.field
+        return max(0, (frames - f.lookahead_frames - 1) // f.frames_per_token + 1)
+
+    def end_tokens(self, frames: int) -> int:
+        """Tokens of a clip that ends after ``frames`` frames (whole-clip count, uncapped)."""
+        return -(-frames // self.field.frames_per_token)
+
+    @property
+    def buffered_samples(self) -> int:
+        """Samples held for the next log-mel frames (bounded by a chunk plus one window)."""
+        return int(self._samples.shape[0])
+
+    @property
+    def buffered_frames(self) -> int:
+        """Frames held for the next encoder window (bounded by the receptive field)."""
+        return 0 if self._features is None else int(self._features.shape[0])
+
+    # ------------------------------------------------------------------------------- policy
+    def insert(self, samples: np.ndarray) -> None:
+        """Append mono float32 samples at the extractor's rate (16 kHz)."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size:
+            self._samples = np.concatenate([self._samples, samples])
+            self.total_samples += samples.shape[0]
+
+    def step(self) -> list[TokenBlock]:
+        """Encode every token that became final since the last call; [] when none did."""
+        self._extend_features()
+        return self._emit(self.final_tokens(self._frames), at_end=False)
+
+    def finish(self) -> list[TokenBlock]:
+        """End of stream: encode the remaining tokens as the whole clip would (frames past the end masked)."""
+        self._extend_features()
+        return self._emit(self.end_tokens(self._frames), at_end=True)
+
+    # ------------------------------------------------------------------------------ helpers
+    def _extend_features(self) -> None:
+        """Compute log-mel frames that became final, in bounded pieces; drop samples no longer needed."""
+        target = self.final_frames(self.total_samples)
+        while self._frames < target:
+            a = self._frames
+            b = min(target, a + MAX_FRAMES_PER_EXTRACT)
+            first = max(0, a - 1)  # frame a-1's window starts where frame a's left half does
+            start = self.hop * first
+            end = min(self.total_samples, self.hop * (b - 1) - self.pad_left + self.frame_length + 1)
+            feats, mask = self.log_mel(self._samples[start - self._sample0 : end - self._sample0])
+            skip = a - first  # sub-call frame 0 sees zeros on its left unless it is absolute frame 0
+            new = feats[skip : skip + (b - a)]
+            if new.shape[0] != b - a or not mask[skip : skip + (b - a)].all():
+                raise RuntimeError(f"log-mel framing mismatch: wanted frames [{a}, {b}), got {new.shape[0]}")
+            self._features = new if self._features is None else np.concatenate([self._features, new])
+            self._frames = b
+            keep_from = self.hop * max(0, b - 1)
+            self._samples = self._samples[keep_from - self._sample0 :]
+            self._sample0 = keep_from
+
+    def _emit(self, upto: int, *, at_end: bool) -> list[TokenBlock]:
+        blocks: list[TokenBlock] = []
+        fpt = self.field.frames_per_token
+        while self.emitted_tokens < upto:
+            s = self.field.window_start(self.emitted_tokens)
+            e = min(upto, s + self.max_window_tokens)
+            assert self._features is not None  # upto > 0 implies at least one final frame
+            frames = np.zeros((fpt * (e - s), self._features.shape[1]), np.float32)
+            mask = np.zeros(fpt * (e - s), bool)
+            lo, hi = fpt * s, min(fpt * e, self._frames)
+            frames[: hi - lo] = self._features[lo - self._frame0 : hi - self._frame0]
+            mask[: hi - lo] = True
+            self.max_window_frames = max(self.max_window_frames, frames.shape[0])
+            out = self.encode(frames, mask)
+            new = out[self.emitted_tokens - s : e - s]
+            if new.shape[0] != e - self.emitted_tokens:
+                raise RuntimeError(f"encoder returned {out.shape[0]} tokens for a {e - s}-token window")
+            end_ms = e * self.ms_per_token
+            if at_end and e == upto:
+                end_ms = min(end_ms, round(self.total_samples * 1000 / self.sample_rate_hz))
+            blocks.append(
+                TokenBlock(new, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)
+            )
+            self.emitted_tokens = e
+        self._trim_features()
+        return blocks
+
+    def _trim_features(self) -> None:
+        if self._features is None:
+            return
+        keep_from = min(
+            self.field.frames_per_token * self.field.window_start(self.emitted_tokens), self._frames
+        )
+        if keep_from > self._frame0:
+            self._features = self._features[keep_from - self._frame0 :]
+            self._frame0 = keep_from
+
+
+def check_receptive_field(
+    field: ReceptiveField, encode: EncodeFn, feature_size: int, *, rel_tol: float, seed: int = 0
+) -> float:
+    """Verify ``field`` against the real encoder on random features; returns the largest relative error.
+
+    Encodes ``left_context + 3 chunks`` tokens whole, then from an aligned window start past the first
+    token, and compares the tokens the policy would keep; then perturbs the first frame past token
+    ``u``'s lookahead and checks token ``u`` is unchanged.
+
+    Raises:
+        ValueError: the encoder reaches further than ``field`` says (the bundle does not match this code).
+    """
+    rng = np.random.default_rng(seed)
+    fpt = field.frames_per_token
+    tokens = field.left_context_tokens + 3 * field.chunk_tokens + 2
+    feats = rng.standard_normal((fpt * tokens, feature_size)).astype(np.float32)
+    mask = np.ones(fpt * tokens, bool)
+    whole = np.asarray(encode(feats, mask), np.float32)
+    scale = float(np.abs(whole).max()) or 1.0
+    first_new = tokens - field.chunk_tokens - 1
+    s = field.window_start(first_new)
+    window = np.asarray(encode(feats[fpt * s :], mask[fpt * s :]), np.float32)
+    err = float(np.abs(window[first_new - s :] - whole[first_new:]).max()) / scale
+    u = first_new
+    bumped = feats.copy()
+    bumped[fpt * u + field.lookahead_frames + 1] += 1.0
+    err = max(err, float(np.abs(np.asarray(encode(bumped, mask), np.float32)[u] - whole[u]).max()) / scale)
+    if err > rel_tol:
+        raise ValueError(
+            f"the audio encoder's receptive field is wider than {field} (relative error {err:.2e} > "
+            f"{rel_tol:.0e}); incremental encoding would differ from whole-clip encoding"
+        )
+    return err

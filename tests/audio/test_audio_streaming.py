@@ -1,0 +1,157 @@
+"""``audio.streaming``: incremental tokens equal whole-clip tokens; work per step stays bounded."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from gemma_mesh.audio.streaming import (
+    IncrementalAudioEncoder,
+    ReceptiveField,
+    check_receptive_field,
+)
+from gemma_mesh.model.audio_features import LogMelExtractor
+from gemma_mesh.model.audio_io import decode_audio
+
+RATE = 16_000
+E4B_AUDIO_CONFIG = {  # transformers' Gemma4AudioConfig defaults (E4B)
+    "num_hidden_layers": 12,
+    "attention_chunk_size": 12,
+    "attention_context_left": 13,
+    "attention_context_right": 0,
+    "conv_kernel_size": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def field(tiny_bundle) -> ReceptiveField:
+    config = json.loads((tiny_bundle.path / "config.json").read_text())["audio_config"]
+    return ReceptiveField.from_audio_config(config)
+
+
+@pytest.fixture(scope="module")
+def encode(tiny_bundle):
+    return lambda features, mask: tiny_bundle.encode_audio_features([features], [mask])[0]
+
+
+@pytest.fixture(scope="module")
+def speech(librivox_clips) -> np.ndarray:
+    return decode_audio(librivox_clips[0], RATE)  # 7.1 s of real speech
+
+
+def _stream(field, log_mel, encode, wav, chunk, *, window=375):
+    inc = IncrementalAudioEncoder(
+        field, log_mel, encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=window
+    )
+    blocks = []
+    for i in range(0, len(wav), chunk):
+        inc.insert(wav[i : i + chunk])
+        blocks += inc.step()
+    blocks += inc.finish()
+    return inc, blocks
+
+
+def _tokens(blocks):
+    return np.concatenate([b.tokens for b in blocks]) if blocks else np.zeros((0, 0))
+
+
+def test_receptive_field_from_config(field):
+    assert field == ReceptiveField(left_context_tokens=31, chunk_tokens=12)  # tiny: 2 layers
+    e4b = ReceptiveField.from_audio_config(E4B_AUDIO_CONFIG)
+    assert e4b.left_context_tokens == 1 + 12 * (11 + 4)  # 181 tokens = 7.24 s
+    assert e4b.window_start(500) == 312 and e4b.window_start(100) == 0
+    with pytest.raises(ValueError, match="future"):
+        ReceptiveField.from_audio_config({**E4B_AUDIO_CONFIG, "attention_context_right": 1})
+
+
+def test_the_field_matches_the_exported_encoder(field, encode):
+    assert check_receptive_field(field, encode, 128, rel_tol=1e-4) < 1e-5
+    narrower = ReceptiveField(left_context_tokens=field.left_context_tokens - 6, chunk_tokens=1)
+    with pytest.raises(ValueError, match="receptive field"):
+        check_receptive_field(narrower, encode, 128, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("chunk_ms", [40, 100, 480, 1000])
+def test_incremental_equals_whole_clip(tiny_bundle, field, encode, speech, chunk_ms):
+    whole = tiny_bundle.encode_audio(speech)
+    inc, blocks = _stream(field, tiny_bundle.log_mel, encode, speech, 16 * chunk_ms)
+    tokens = _tokens(blocks)
+    assert tokens.shape == whole.shape
+    assert np.abs(tokens - whole).max() <= 1e-4
+    # blocks tile the token axis and media time; the last one ends with the audio
+    assert [b.first_token for b in blocks] == list(np.cumsum([0] + [len(b.tokens) for b in blocks[:-1]]))
+    assert blocks[0].start_ms == 0 and blocks[-1].end_ms == round(len(speech) / 16)
+    assert all(a.end_ms == b.start_ms for a, b in itertools.pairwise(blocks))
+    # work per step: one bounded window, never the utterance
+    new_tokens = -(-chunk_ms // 40) + 1
+    assert inc.max_window_frames <= 4 * (field.left_context_tokens + field.chunk_tokens + new_tokens)
+
+
+@pytest.mark.parametrize("num_samples", [100, 160, 161, 700, 1_283, 16_000 + 77, 30 * RATE])
+def test_edge_lengths_match_the_whole_clip(tiny_bundle, field, encode, speech, num_samples):
+    wav = np.resize(speech, num_samples).astype(np.float32)
+    chunk = 16 * (333 if num_samples < RATE * 10 else 1500)
+    tokens = _tokens(_stream(field, tiny_bundle.log_mel, encode, wav, chunk)[1])
+    expected = tiny_bundle.log_mel.num_soft_tokens(num_samples)
+    assert len(tokens) == expected
+    if expected:  # the whole-clip path refuses clips too short for one token; a stream just emits none
+        assert np.abs(tokens - tiny_bundle.encode_audio(wav)).max() <= 1e-4
+
+
+def test_long_stream_is_consistent_and_bounded(tiny_bundle, field, encode, speech):
+    """40 s (over the 30 s whole-clip limit): the first 30 s equal the whole-clip tokens of those 30 s,
+    and another chunking with a smaller window gives the same tokens everywhere."""
+    wav = np.resize(speech, 40 * RATE).astype(np.float32)
+    inc, blocks = _stream(field, tiny_bundle.log_mel, encode, wav, 16 * 1000)
+    tokens = _tokens(blocks)
+    assert len(tokens) == 40 * 25
+    first = tiny_bundle.encode_audio(wav[: 30 * RATE])
+    assert np.abs(tokens[:749] - first[:749]).max() <= 1e-4  # token 749 reads frames past 30 s
+    _, other = _stream(field, tiny_bundle.log_mel, encode, wav, 16 * 2000, window=64)
+    assert np.abs(_tokens(other) - tokens).max() <= 1e-4
+    assert inc.buffered_frames <= 4 * (field.left_context_tokens + field.chunk_tokens + 26)
+    assert inc.buffered_samples <= 16_000 + 320
+
+
+def test_work_per_step_does_not_grow_with_the_stream(tiny_bundle, field):
+    """Ten minutes in 100 ms chunks with a recording fake encoder: the window never grows."""
+    calls = []
+
+    def fake_encode(features, mask):
+        calls.append(features.shape[0])
+        return features.reshape(-1, 4, features.shape[1]).mean(axis=1)
+
+    log_mel = LogMelExtractor()
+    inc = IncrementalAudioEncoder(
+        field, log_mel, fake_encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=375
+    )
+    chunk = np.random.default_rng(0).standard_normal(1_600).astype(np.float32) * 0.1
+    peak_samples = peak_frames = 0
+    for _ in range(6_000):
+        inc.insert(chunk)
+        inc.step()
+        peak_samples = max(peak_samples, inc.buffered_samples)
+        peak_frames = max(peak_frames, inc.buffered_frames)
+    inc.finish()
+    assert inc.emitted_tokens == 600 * 25
+    bound = 4 * (field.left_context_tokens + field.chunk_tokens + 4)
+    assert max(calls) <= bound and peak_frames <= bound and peak_samples <= 1_600 + 320
+    assert max(calls[100:]) == max(calls[-100:])  # steady state from early on
+
+
+def test_reset_starts_a_new_stream(tiny_bundle, field, encode, speech):
+    inc, _ = _stream(field, tiny_bundle.log_mel, encode, speech[:8_000], 1_600)
+    inc.reset()
+    inc.insert(speech[:16_000])
+    tokens = _tokens(inc.step() + inc.finish())
+    assert np.abs(tokens - tiny_bundle.encode_audio(speech[:16_000])).max() <= 1e-4
+
+
+def test_window_must_exceed_the_left_context(tiny_bundle, field, encode):
+    with pytest.raises(ValueError, match="max_window_tokens"):
+        IncrementalAudioEncoder(
+            field, tiny_bundle.log_mel, encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=40
+        )
