@@ -347,7 +347,9 @@ def build_manifest(
             "ms_per_token": int(processor.audio_ms_per_token),
             "max_soft_tokens": int(processor.audio_seq_length),
             "max_samples": 30 * int(fe.sampling_rate),
-            "frames_multiple": 4,
+            "frames_multiple": 4 * int(config.audio_config.attention_chunk_size)
+            if config.audio_config
+            else 4,
         },
         "image_seq_length": int(processor.image_seq_length),
     }
