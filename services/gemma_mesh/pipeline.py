@@ -89,7 +89,10 @@ def run_generate(
         if not Path(path).is_file():
             raise InvalidRequest(f"no such file: {path}")
     rate = bundle.manifest.audio.sampling_rate
-    waveforms = [decode_audio(Path(p), rate) for p in audios]
+    # Longer clips are refused from their header, before hours of samples are decoded (0.4 s of
+    # slack for container padding; the exact sample limit is enforced by the log-mel extractor).
+    max_s = bundle.manifest.audio.max_samples / rate + 0.4
+    waveforms = [decode_audio(Path(p), rate, max_duration_s=max_s) for p in audios]
     request = build_user_turn(bundle, prompt, [Path(p).read_bytes() for p in images], waveforms, system)
     sampling = SamplingParams(temperature=temperature or 0.0, seed=seed)
     # The decoder service's engine, in process: chunked prefill and a window-bounded sliding KV cache,

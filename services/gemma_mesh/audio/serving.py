@@ -114,10 +114,19 @@ class AudioEngine:
     def samples_from_file(self, data: bytes, declared_rate_hz: int = 0) -> np.ndarray:
         """An encoded file -> mono float32 at 16 kHz; a nonzero ``declared_rate_hz`` must match its header.
 
+        Files longer than ``max_split_audio_s`` are refused from their header, before decoding.
+
         Raises:
             InvalidRequest: see ``audio_io.decode_audio``.
         """
-        return decode_audio(data, self.rate_hz, declared_rate_hz=declared_rate_hz or None)
+        return decode_audio(
+            data,
+            self.rate_hz,
+            declared_rate_hz=declared_rate_hz or None,
+            max_duration_s=max(
+                self.settings.max_split_audio_s, self.bundle.manifest.audio.max_samples / self.rate_hz
+            ),
+        )
 
     # --------------------------------------------------------------------------- encoding
     def encode_window(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -188,7 +188,16 @@ def _check_length(decoded_frames: int, header_frames: int | None, rate_hz: int) 
         )
 
 
-def _decode_with_soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
+def _check_duration(seconds: float | None, max_duration_s: float | None) -> None:
+    # Checked from the header (and while decoding) so a tiny file claiming hours is refused before
+    # gigabytes of samples exist.
+    if max_duration_s is not None and seconds is not None and seconds > max_duration_s:
+        raise InvalidRequest(
+            f"audio is {seconds:.1f} s long, over the limit of {max_duration_s:.0f} s; segment longer audio"
+        )
+
+
+def _decode_with_soundfile(data: bytes, max_duration_s: float | None = None) -> tuple[np.ndarray, int] | None:
     """Decode with libsndfile; None when libsndfile does not recognise the container."""
     try:
         handle = sf.SoundFile(io.BytesIO(data))
@@ -198,6 +207,7 @@ def _decode_with_soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
         if handle.channels <= 0:
             raise InvalidRequest("audio has zero channels")
         rate, header_frames = int(handle.samplerate), int(handle.frames)
+        _check_duration(header_frames / rate if rate > 0 else None, max_duration_s)
         try:
             samples = handle.read(dtype="float32", always_2d=True)
         except Exception as exc:  # libsndfile: "flac decoder lost sync", ...
@@ -206,7 +216,7 @@ def _decode_with_soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
     return _to_mono(samples), rate
 
 
-def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_with_av(data: bytes, max_duration_s: float | None = None) -> tuple[np.ndarray, int]:
     import av
 
     try:
@@ -218,11 +228,15 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
             if not rate or stream.codec_context.channels == 0:
                 raise InvalidRequest("the audio stream has no sample rate or zero channels")
             duration_s = container.duration / av.time_base if container.duration else None
+            _check_duration(duration_s, max_duration_s)
             chunks = []
+            decoded = 0
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    decoded += chunks[-1].shape[0]
+                _check_duration(decoded / rate, max_duration_s)  # headers can lie or be missing
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
     except InvalidRequest:
@@ -236,8 +250,11 @@ def _decode_with_av(data: bytes) -> tuple[np.ndarray, int]:
     return samples, int(rate)
 
 
-def decode_audio_file(data: bytes | Path) -> tuple[np.ndarray, int]:
+def decode_audio_file(data: bytes | Path, *, max_duration_s: float | None = None) -> tuple[np.ndarray, int]:
     """Decode an encoded audio file to mono float32 at its own rate.
+
+    Args:
+        max_duration_s: refuse longer audio, from the header when it tells, else while decoding.
 
     Returns:
         ``(samples [n] float32 in [-1, 1], sample_rate_hz)``.
@@ -253,8 +270,8 @@ def decode_audio_file(data: bytes | Path) -> tuple[np.ndarray, int]:
         raise InvalidRequest(f"audio file is {len(data)} bytes; the limit is {MAX_ENCODED_AUDIO_BYTES}")
     if _wav_truncated(data):
         raise InvalidRequest("audio file is truncated: the WAV data chunk is longer than the file")
-    decoded = _decode_with_soundfile(data)
-    samples, rate = decoded if decoded is not None else _decode_with_av(data)
+    decoded = _decode_with_soundfile(data, max_duration_s)
+    samples, rate = decoded if decoded is not None else _decode_with_av(data, max_duration_s)
     if samples.size == 0:
         raise InvalidRequest("audio has no samples")
     _check_finite(samples)
@@ -263,18 +280,23 @@ def decode_audio_file(data: bytes | Path) -> tuple[np.ndarray, int]:
 
 
 def decode_audio(
-    data: bytes | Path, target_rate_hz: int, *, declared_rate_hz: int | None = None
+    data: bytes | Path,
+    target_rate_hz: int,
+    *,
+    declared_rate_hz: int | None = None,
+    max_duration_s: float | None = None,
 ) -> np.ndarray:
     """Decode an encoded audio file to mono float32 ``[samples]`` at ``target_rate_hz``.
 
     Args:
         declared_rate_hz: when given (not None, not 0), the rate the caller says the file has; a
             file whose header says otherwise is refused.
+        max_duration_s: refuse longer audio before decoding all of it (see ``decode_audio_file``).
 
     Raises:
         InvalidRequest: see the module docstring.
     """
-    samples, rate = decode_audio_file(data)
+    samples, rate = decode_audio_file(data, max_duration_s=max_duration_s)
     if declared_rate_hz and declared_rate_hz != rate:
         raise InvalidRequest(
             f"declared sample rate {declared_rate_hz} Hz contradicts the file's header ({rate} Hz)",
