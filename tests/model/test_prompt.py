@@ -66,7 +66,8 @@ def builder(tiny: tuple[Path, dict[str, int]]) -> PromptBuilder:
 
 @pytest.fixture(scope="module")
 def processor(tiny: tuple[Path, dict[str, int]]):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     directory, _ = tiny
     return transformers.Gemma4Processor(
         feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
@@ -79,14 +80,15 @@ def processor(tiny: tuple[Path, dict[str, int]]):
 
 @pytest.fixture(scope="module")
 def media() -> dict[str, object]:
-    pytest.importorskip("transformers")
-    skimage_data = pytest.importorskip("skimage.data")
-    sf = pytest.importorskip("soundfile")
+
+    import soundfile as sf
     from PIL import Image
+    from skimage import data as skimage_data
     from transformers.video_utils import VideoMetadata
 
-    if not LIBRIVOX_WAV.is_file():
-        pytest.skip(f"{LIBRIVOX_WAV} not installed")
+    assert LIBRIVOX_WAV.is_file(), (
+        f"{LIBRIVOX_WAV} missing: install Debian's pocketsphinx-testdata (make setup)"
+    )
     wave, rate = sf.read(LIBRIVOX_WAV, dtype="float32")
     assert rate == 16_000
     frames = np.random.default_rng(0).integers(0, 256, size=(6, 64, 96, 3), dtype=np.uint8)
