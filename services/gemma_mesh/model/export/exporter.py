@@ -74,24 +74,43 @@ def _io_spec(session: Any) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _verify(spec: Any, path: Path, tolerance: float, *, relative: bool = False) -> float:
-    """Run the ONNX graph and the wrapper on ``spec.check`` (sizes unlike the export example); return max |diff|.
-
-    With ``relative``, each output's bound is ``tolerance * max(1, max|reference|)``.
-    """
-    import onnxruntime as ort
+def _torch_outputs(spec: Any) -> list[np.ndarray]:
+    """The PyTorch wrapper's outputs on ``spec.check`` (inputs sized unlike the export example), as fp32."""
     import torch
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         expected = spec.module(*spec.check)
     if isinstance(expected, torch.Tensor):
         expected = (expected,)
+    return [t.float().numpy() for t in expected]
+
+
+def _open_session(path: Path) -> Any:
+    """A lean CPU session for checking a graph: no weight prepacking, basic optimisations only, so a
+    9 GB E4B decoder needs about its own size in memory."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _verify(
+    spec: Any, session: Any, expected: list[np.ndarray], tolerance: float, *, relative: bool = False
+) -> float:
+    """Compare ``session`` on ``spec.check`` with ``expected``; return the max |diff|.
+
+    With ``relative``, each output's bound is ``tolerance * max(1, max|reference|)``.
+
+    Raises:
+        RuntimeError: a shape mismatch or a difference over the bound.
+    """
     feeds = {name: t.numpy() for name, t in zip(spec.input_names, spec.check, strict=True)}
     got = session.run(None, feeds)
     worst = 0.0
-    for name, ref, out in zip(spec.output_names, expected, got, strict=True):
-        ref_np = ref.float().numpy()
+    for name, ref_np, out in zip(spec.output_names, expected, got, strict=True):
         if ref_np.shape != out.shape:
             raise RuntimeError(
                 f"{spec.name}: output {name} has shape {out.shape}, PyTorch gives {ref_np.shape}"
@@ -104,6 +123,17 @@ def _verify(spec: Any, path: Path, tolerance: float, *, relative: bool = False) 
             )
         worst = max(worst, diff)
     return worst
+
+
+def _free_torch_model(model: Any) -> None:
+    """Drop every parameter's and buffer's storage (the last graph is exported; ORT needs the memory)."""
+    import gc
+
+    import torch
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()
 
 
 def _special_tokens(processor: Any) -> dict[str, dict[str, Any]]:
@@ -274,28 +304,31 @@ def export_bundle(
             for stale in (out_dir / f"{name}.onnx", out_dir / f"{name}.onnx.data"):
                 stale.unlink(missing_ok=True)
             spec = spec_for(name)
+            expected = _torch_outputs(spec)
             bar.update(task, advance=1, stage="exporting")
             path = g.export_graph(spec, out_dir)
+            last = name == graphs[-1]
+            if last:  # nothing else needs the PyTorch weights: free them before ONNX Runtime loads the graph
+                _free_torch_model(model)
+            else:
+                spec.module.to(
+                    load_dtype
+                )  # back to the storage dtype: one graph at a time in the export dtype
             bar.update(task, advance=1, stage="verifying")
-            max_diff = _verify(spec, path, tolerance, relative=dtype != "float32")
+            session = _open_session(path)
+            max_diff = _verify(spec, session, expected, tolerance, relative=dtype != "float32")
             entry: dict[str, Any] = {}
             if weights == "int4" and name == "decoder_model_merged":
                 bar.update(task, stage="int4")
                 from gemma_mesh.model.export.quantize import quantize_int4
 
+                del session
                 quantize_int4(path)
+                session = _open_session(path)
                 # Recorded, not bounded: 4-bit weights are lossy by design.
                 entry["max_abs_diff_vs_torch_before_int4"] = max_diff
-                max_diff = _verify(spec, path, float("inf"))
-            spec.module.to(load_dtype)  # back to the storage dtype: one graph at a time in the export dtype
+                max_diff = _verify(spec, session, expected, float("inf"))
             bar.update(task, advance=1, stage="recording")
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(
-                str(path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
             manifest_graphs[name] = {
                 "file": path.name,
                 **_io_spec(session),
@@ -303,7 +336,7 @@ def export_bundle(
                 "max_abs_diff_vs_torch": max_diff,
                 "external_data": path.with_suffix(".onnx.data").exists(),
             }
-            del session, spec
+            del session, spec, expected
             bar.update(task, advance=1, stage=f"done (max |diff| {max_diff:.2e})")
             log.info("graph exported", graph=name, file=path.name, max_abs_diff=max_diff)
 
