@@ -1,88 +1,46 @@
 """Build, start and run the audio frontend's gRPC server (``gemma-mesh serve audio``).
 
-``AudioServer(settings)`` binds the port with health (NOT_SERVING) and reflection; ``start(bundle)``
-starts serving, loads the bundle and the engine off the event loop (calls meanwhile get UNAVAILABLE),
-then reports SERVING; ``stop(grace_s)`` drains. Tests run it in-process on port 0.
+``AudioServer(settings)`` binds the port with health (not ready) and reflection; ``start(bundle)``
+loads the bundle and the engine off the event loop (calls meanwhile get UNAVAILABLE), then reports
+SERVING; ``stop(grace_s)`` drains. The lifecycle is ``common.service.BundleService``'s. Tests run it
+in-process on port 0.
 """
 
 from __future__ import annotations
-
-import asyncio
 
 import grpc
 
 from gemma_mesh.audio.servicer import SERVICE_NAME, AudioFrontendServicer
 from gemma_mesh.audio.serving import AudioEngine
 from gemma_mesh.audio.settings import AudioSettings
-from gemma_mesh.common.grpc_server import create_server, mark_serving, serve, start_metrics_server
-from gemma_mesh.common.logging import configure_logging, get_logger
+from gemma_mesh.common.service import BundleService, run_service, serve_until_signal
 from gemma_mesh.model.bundle import ModelBundle
 from gemma_mesh.proto.v1 import audio_pb2_grpc
 
-log = get_logger("audio")
 
+class AudioServer(BundleService):
+    """The audio frontend on ``settings.host:settings.port`` (0 = a free port, see ``port``)."""
 
-class AudioServer:
-    """The AudioFrontend service on ``settings.host:settings.port`` (0 = a free port, see ``port``)."""
+    service_name = SERVICE_NAME
 
     def __init__(self, settings: AudioSettings) -> None:
-        self.settings = settings
-        self.servicer = AudioFrontendServicer(settings)
+        super().__init__(settings, AudioFrontendServicer(settings))
 
-        def register(server: grpc.aio.Server) -> list[str]:
-            audio_pb2_grpc.add_AudioFrontendServicer_to_server(self.servicer, server)
-            return [SERVICE_NAME]
+    def register(self, server: grpc.aio.Server) -> None:
+        audio_pb2_grpc.add_AudioFrontendServicer_to_server(self.servicer, server)
 
-        self.server, self.port, self.health = create_server(settings, register)
-
-    def _load(self, bundle: ModelBundle | None) -> AudioEngine:
-        if bundle is None:
-            bundle = ModelBundle(
-                self.settings.bundle,
-                providers=self.settings.providers,
-                intra_op_threads=self.settings.intra_op_threads,
-                inter_op_threads=self.settings.inter_op_threads,
-            )
+    def build_engine(self, bundle: ModelBundle) -> AudioEngine:
         return AudioEngine(bundle, self.settings)
 
-    async def start(self, bundle: ModelBundle | None = None) -> None:
-        """Start serving, load ``bundle`` (default: ``settings.bundle``) in a thread, then report SERVING.
-
-        Raises:
-            NotFound / ValueError: the bundle is missing or does not fit this service (the server is
-                stopped first).
-        """
-        await self.server.start()
-        try:
-            self.servicer.engine = await asyncio.to_thread(self._load, bundle)
-        except BaseException:
-            await self.stop(0)
-            raise
-        await mark_serving(self.health, [SERVICE_NAME])
-        log.info("audio frontend serving", port=self.port, bundle=str(self.servicer.engine.bundle.path))
-
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting calls, give in-flight ones ``grace_s`` (default ``shutdown_grace_s``), free threads."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
-        self.servicer.close()
+    def attach(self, engine: AudioEngine) -> None:
+        self.servicer.engine = engine
 
 
 async def serve_audio(settings: AudioSettings, bundle: ModelBundle | None = None) -> None:
     """Run the audio frontend until SIGTERM/SIGINT (then drain for ``shutdown_grace_s``)."""
-    server = AudioServer(settings)
-    metrics_http, metrics_port = start_metrics_server(settings.metrics_port, settings.host)
-    await server.start(bundle)
-    log.info("listening", port=server.port, metrics_port=metrics_port)
-    try:
-        await serve(server.server, server.health, settings.shutdown_grace_s)
-    finally:
-        server.servicer.close()
-        if metrics_http is not None:
-            metrics_http.shutdown()
+    await serve_until_signal(AudioServer(settings), bundle)
 
 
 def run_audio_server(settings: AudioSettings) -> None:
     """Entry point of ``gemma-mesh serve audio``: configure logging and serve (blocks)."""
-    configure_logging(settings.log_level)
-    asyncio.run(serve_audio(settings))
+    run_service(lambda: AudioServer(settings), settings.log_level)

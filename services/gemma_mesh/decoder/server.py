@@ -41,12 +41,7 @@ class DecoderServer:
 
 async def start_decoder(settings: DecoderSettings, bundle: ModelBundle | None = None) -> DecoderServer:
     """Load the bundle, start the engine and the server; SERVING once the decoder session is loaded."""
-    bundle = bundle or ModelBundle(
-        settings.bundle,
-        providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-    )
+    bundle = bundle or ModelBundle.from_settings(settings)
     metrics = DecoderMetrics()
     holder: dict[str, Engine] = {}
 

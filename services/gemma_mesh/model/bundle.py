@@ -99,6 +99,16 @@ class ModelBundle:
         self._lock = threading.Lock()
         self.settings = _processor_settings(self.path)
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> ModelBundle:
+        """The bundle a service's settings name (``bundle``, ``providers``, ORT thread counts)."""
+        return cls(
+            settings.bundle,
+            providers=settings.providers,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+        )
+
     @staticmethod
     def _choose_providers(requested: list[str] | None) -> list[str]:
         import onnxruntime as ort
