@@ -30,6 +30,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from gemma_mesh.model.manifest import GEMMA4_SPECIAL_TOKENS
+
 __all__ = [
     "CONFIG_TOKEN_NAMES",
     "SPECIAL_TOKENS",
@@ -40,25 +42,14 @@ __all__ = [
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "gemma4_chat_template.jinja"
 
-# Role name -> token string, in vocabulary order (ids 0..len-1).
+# Role name -> token string, in vocabulary order (ids 0..len-1): Gemma's pad/eos/bos first (ids 0-2
+# as in the real checkpoint), then the control tokens of the Gemma 4 format (one definition, in
+# manifest.py), then the media tokens.
 SPECIAL_TOKENS: dict[str, str] = {
     "pad": "<pad>",
     "eos": "<eos>",
     "bos": "<bos>",
-    "unk": "<unk>",
-    "mask": "<mask>",
-    "turn_start": "<|turn>",
-    "turn_end": "<turn|>",
-    "think": "<|think|>",
-    "channel_start": "<|channel>",
-    "channel_end": "<channel|>",
-    "tool_start": "<|tool>",
-    "tool_end": "<tool|>",
-    "tool_call_start": "<|tool_call>",
-    "tool_call_end": "<tool_call|>",
-    "tool_response_start": "<|tool_response>",
-    "tool_response_end": "<tool_response|>",
-    "string_delimiter": '<|"|>',
+    **GEMMA4_SPECIAL_TOKENS,
     "boi": "<|image>",
     "image": "<|image|>",
     "eoi": "<image|>",
