@@ -12,7 +12,6 @@ tests/model/test_export.py (test_embedded_bundle_is_regenerated_by_make_tiny_and
 from __future__ import annotations
 
 import argparse
-import filecmp
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
 from gemma_mesh.model.bundle import embedded_bundle_path  # noqa: E402
+from gemma_mesh.model.bundle_diff import stale_files  # noqa: E402
 
 # The checkpoint directory's name is recorded in the manifest (source.checkpoint).
 CHECKPOINT_NAME = "gemma-mesh-tiny"
@@ -37,18 +37,6 @@ def build(out_dir: Path) -> None:
         checkpoint = Path(tmp) / CHECKPOINT_NAME
         make_tiny_checkpoint(checkpoint, seed=SEED, size="tiny")
         export_bundle(checkpoint, out_dir, dtype="float32", progress=False)
-
-
-def stale_files(fresh: Path, committed: Path) -> list[str]:
-    """Names of files that differ between two bundle directories (missing on either side included)."""
-    names = {p.name for p in fresh.iterdir()} | {p.name for p in committed.iterdir()}
-    return sorted(
-        n
-        for n in names
-        if not (fresh / n).exists()
-        or not (committed / n).exists()
-        or not filecmp.cmp(fresh / n, committed / n, shallow=False)
-    )
 
 
 def main() -> int:
