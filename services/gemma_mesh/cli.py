@@ -28,11 +28,25 @@ app = typer.Typer(
 )
 
 
+_LOG_LEVEL: dict[str, str | None] = {"explicit": None}
+
+
 @app.callback()
-def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "WARNING") -> None:
-    if log_level.upper() not in LOG_LEVELS:
+def _main(
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: WARNING; servers: INFO)")
+    ] = None,
+) -> None:
+    if log_level is not None and log_level.upper() not in LOG_LEVELS:
         raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
-    configure_logging(log_level)
+    _LOG_LEVEL["explicit"] = log_level
+    configure_logging(log_level or "WARNING")
+
+
+def _server_overrides(**values: object) -> dict[str, object]:
+    """Command-line values that override the service settings (None = keep the environment's)."""
+    values["log_level"] = _LOG_LEVEL["explicit"]
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @contextmanager
@@ -69,9 +83,9 @@ def serve_decoder(
     from gemma_mesh.decoder.server import run_decoder_server
     from gemma_mesh.decoder.settings import DecoderSettings
 
-    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
-    settings = DecoderSettings(**{k: v for k, v in overrides.items() if v is not None})
-    run_decoder_server(settings)
+    run_decoder_server(
+        DecoderSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
+    )
 
 
 @serve_app.command("audio")
@@ -90,8 +104,9 @@ def serve_audio(
     from gemma_mesh.audio.server import run_audio_server
     from gemma_mesh.audio.settings import AudioSettings
 
-    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
-    run_audio_server(AudioSettings(**{k: v for k, v in overrides.items() if v is not None}))
+    run_audio_server(
+        AudioSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
+    )
 
 
 @serve_app.command("vision")
@@ -110,8 +125,9 @@ def serve_vision(
     from gemma_mesh.vision.server import run_vision_server
     from gemma_mesh.vision.settings import VisionSettings
 
-    overrides = {"bundle": bundle, "host": host, "port": port, "metrics_port": metrics_port}
-    run_vision_server(VisionSettings(**{k: v for k, v in overrides.items() if v is not None}))
+    run_vision_server(
+        VisionSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
+    )
 
 
 @app.command("make-tiny")

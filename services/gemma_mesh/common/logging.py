@@ -37,7 +37,8 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: a server reconfigures the level after the CLI has configured its default.
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     _configured = True
@@ -47,4 +48,6 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """Return a structlog logger bound to ``component=name``; configures defaults on first use."""
     if not _configured:
         configure_logging()
-    return structlog.get_logger().bind(component=name)
+    # A lazy proxy (no .bind() here): it resolves the configuration when used, so a service that
+    # sets its level after import (the CLI configures WARNING first) still gets its INFO logs.
+    return structlog.get_logger(component=name)
