@@ -130,6 +130,35 @@ def serve_vision(
     )
 
 
+@serve_app.command("gateway")
+def serve_gateway(
+    host: Annotated[str | None, typer.Option(help="Interface to bind")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP/WebSocket port (default 8000)")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL for sessions (default: in-process store)")
+    ] = None,
+    decoder: Annotated[str | None, typer.Option(help="Decoder gRPC target (default 127.0.0.1:50051)")] = None,
+    audio: Annotated[str | None, typer.Option(help="Audio frontend target (default 127.0.0.1:50052)")] = None,
+    vision: Annotated[str | None, typer.Option(help="Vision encoder target (default 127.0.0.1:50053)")] = None,
+) -> None:
+    """The gateway: WebSocket /v1/stream, the OpenAI-compatible API, the browser page, /metrics.
+
+    Every other setting comes from GEMMA_MESH_GATEWAY_* environment variables (see docs/protocol.md).
+    """
+    from gemma_mesh.gateway.server import run_gateway_server
+    from gemma_mesh.gateway.settings import GatewaySettings
+
+    overrides = _server_overrides(
+        host=host,
+        port=port,
+        redis_url=redis_url,
+        decoder_target=decoder,
+        audio_target=audio,
+        vision_target=vision,
+    )
+    run_gateway_server(GatewaySettings(**overrides))
+
+
 @app.command("make-tiny")
 def make_tiny(
     out: Annotated[Path, typer.Option(help="Directory for the checkpoint")],

@@ -60,3 +60,52 @@ class EngineDead(MeshError):
     grpc_status = "UNAVAILABLE"
     http_status = 503
     ws_close_code = 1011
+
+
+class Unauthenticated(MeshError):
+    """No API key or session token, or one that is unknown or expired."""
+
+    code = "authentication_error"
+    grpc_status = "UNAUTHENTICATED"
+    http_status = 401
+    ws_close_code = 1008
+
+
+class PermissionDenied(MeshError):
+    """The caller is known but not allowed this (origin not allowed, a per-key limit reached)."""
+
+    code = "permission_error"
+    grpc_status = "PERMISSION_DENIED"
+    http_status = 403
+    ws_close_code = 1008
+
+
+class RateLimited(MeshError):
+    """A per-key limit (sessions per key, requests in flight) is reached; retry later."""
+
+    code = "rate_limit_error"
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 429
+    ws_close_code = 1013
+
+
+class BackendUnavailable(MeshError):
+    """A service the request needs (decoder, encoder, Redis) cannot be reached right now."""
+
+    code = "backend_unavailable"
+    grpc_status = "UNAVAILABLE"
+    http_status = 503
+    ws_close_code = 1011
+
+
+ERRORS_BY_GRPC_STATUS: dict[str, type[MeshError]] = {
+    "INVALID_ARGUMENT": InvalidRequest,
+    "OUT_OF_RANGE": InvalidRequest,
+    "NOT_FOUND": NotFound,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": BackendUnavailable,
+    "DEADLINE_EXCEEDED": BackendUnavailable,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+}
+"""How a client maps a backend's gRPC status back onto the error classes (anything else: MeshError)."""

@@ -1,0 +1,185 @@
+"""The gateway's ASGI app (FastAPI): wiring of the WebSocket stream, the OpenAI API, the page and health.
+
+``create_app(settings)`` builds everything a replica needs (gRPC clients, session store,
+authenticator, metrics) in the app's lifespan and keeps it on ``app.state.gw`` (``GatewayState``).
+Errors raised as ``MeshError`` anywhere under ``/v1`` become OpenAI-shaped JSON bodies with the
+error's HTTP status (``error_response``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gemma_mesh.common.errors import MeshError
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.auth import Authenticator
+from gemma_mesh.gateway.captioning import VadSettings
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.sessions import SessionStore, open_store
+from gemma_mesh.gateway.settings import GatewaySettings
+from gemma_mesh.gateway.stream import StreamConnection
+
+log = get_logger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class GatewayState:
+    """What every request handler of one replica shares."""
+
+    settings: GatewaySettings
+    clients: MeshClient
+    store: SessionStore
+    metrics: GatewayMetrics
+    auth: Authenticator
+    vad_settings: VadSettings
+
+
+def error_body(error: MeshError) -> dict:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": error.message, "type": error.code, "param": error.param, "code": error.code}}
+
+
+def error_response(error: MeshError) -> JSONResponse:
+    """The HTTP response of ``error`` (status from the error class)."""
+    return JSONResponse(error_body(error), status_code=error.http_status)
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The gateway app. Backends are reached lazily: the app starts even when they are down
+    (``/readyz`` says so)."""
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        metrics = GatewayMetrics()
+        store = open_store(
+            settings.redis_url,
+            max_events=settings.event_log_max_events,
+            ttl_s=settings.session_ttl_s,
+            observe=metrics.observe_store,
+        )
+        clients = MeshClient(
+            settings.decoder_target,
+            settings.audio_target,
+            settings.vision_target,
+            max_message_bytes=settings.max_grpc_message_bytes,
+            timeout_s=settings.backend_timeout_s,
+        )
+        vad_settings = VadSettings(model_path=settings.vad_model_path)
+        from gemma_mesh.gateway.captioning import find_silero_model
+
+        find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
+        app.state.gw = GatewayState(settings, clients, store, metrics, Authenticator(settings), vad_settings)
+        log.info(
+            "gateway ready",
+            decoder=settings.decoder_target,
+            audio=settings.audio_target,
+            vision=settings.vision_target,
+            store="redis" if settings.redis_url else "memory",
+            auth=bool(settings.api_keys),
+        )
+        try:
+            yield
+        finally:
+            await clients.close()
+            await store.close()
+
+    app = FastAPI(
+        title="gemma-mesh gateway",
+        version="0.1.0",
+        description="Live captioning, translation and frame analysis over WebSocket; OpenAI-compatible API.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(MeshError)
+    async def _mesh_error(request: Request, error: MeshError) -> JSONResponse:
+        request.app.state.gw.metrics.errors.labels(error.code).inc()
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query")]
+        param = ".".join(loc) or None
+        wrapped = MeshError(f"{param or 'request'}: {first.get('msg', 'invalid request')}", param=param)
+        wrapped.code = "invalid_request_error"
+        request.app.state.gw.metrics.errors.labels(wrapped.code).inc()
+        return JSONResponse(error_body(wrapped), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        wrapped = MeshError(str(error.detail))
+        wrapped.code = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(wrapped), status_code=error.status_code)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: every gRPC backend reports SERVING and the session store answers."""
+        gw: GatewayState = request.app.state.gw
+        backends = await gw.clients.health()
+        try:
+            store_s = await asyncio.wait_for(gw.store.ping(), timeout=1.0)
+            store_ok = True
+        except Exception:  # noqa: BLE001 - any failure means not ready
+            store_s, store_ok = None, False
+        ready = all(backends.values()) and store_ok
+        body = {"ready": ready, "backends": backends, "store": {"ok": store_ok, "latency_s": store_s}}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/stream/token")
+    async def stream_token(request: Request) -> dict:
+        """Mint a short-lived session token for a browser's ``session.start`` (Bearer key required
+        when authentication is on)."""
+        gw: GatewayState = request.app.state.gw
+        gw.auth.check_origin(request.headers.get("origin"), request.headers.get("host"))
+        kid = gw.auth.check_key(request.headers.get("authorization"))
+        token, expires = gw.auth.mint_token(kid)
+        return {"token": token, "expires_at": expires, "ttl_s": gw.auth.token_ttl_s}
+
+    @app.websocket("/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        await StreamConnection(websocket, websocket.app.state.gw).run()
+
+    from gemma_mesh.gateway.openai.router import router as openai_router
+
+    app.include_router(openai_router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.monotonic()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path.startswith("/v1/"):
+            request.app.state.gw.metrics.http_requests.labels(path, str(response.status_code)).inc()
+        log.debug("http", path=path, status=response.status_code, ms=round((time.monotonic() - started) * 1000))
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

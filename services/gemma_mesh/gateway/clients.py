@@ -1,0 +1,281 @@
+"""The gateway's view of the mesh: async clients of the audio frontend, vision encoder and decoder.
+
+One ``MeshClient`` per gateway process holds one grpc.aio channel per backend (client-side
+round_robin over a headless Service's addresses, see ``common.grpc_server.open_channel``). Backend
+errors come back as the project's error classes (``common.errors.ERRORS_BY_GRPC_STATUS``) with
+the backend's message, so the WebSocket and HTTP adapters report them like their own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gemma_mesh.common.errors import ERRORS_BY_GRPC_STATUS, BackendUnavailable, MeshError
+from gemma_mesh.common.grpc_server import error_detail, open_channel
+from gemma_mesh.proto.v1 import (
+    audio_pb2,
+    audio_pb2_grpc,
+    common_pb2,
+    decoder_pb2,
+    decoder_pb2_grpc,
+    vision_pb2,
+    vision_pb2_grpc,
+)
+
+SoftTokens = decoder_pb2.SoftTokens
+
+
+@dataclass
+class Part:
+    """One content part of a message: text, or soft tokens from an encoder (kept as protobuf)."""
+
+    text: str | None = None
+    soft_tokens: SoftTokens | None = None
+
+
+@dataclass
+class ChatMessage:
+    """A chat message for ``Decoder.Generate``: role and content parts in order."""
+
+    role: str
+    parts: list[Part]
+
+
+@dataclass
+class Sampling:
+    """Sampling settings of one generation (``decoder.proto`` ``SamplingParams`` + limits)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    enable_thinking: bool = False
+    prefix_cache_key: str = ""
+
+
+@dataclass
+class Delta:
+    """Streamed text: ``channel`` is ``answer`` or ``reasoning``."""
+
+    text: str
+    token_ids: list[int]
+    channel: str
+
+
+@dataclass
+class Done:
+    """The end of a generation: finish reason (``stop``/``length``), usage and timings (ms)."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    ttft_ms: float
+    total_ms: float
+
+
+@dataclass
+class AudioSegment:
+    """Audio soft tokens of one segment of a clip and where it lies in the clip (ms)."""
+
+    soft_tokens: SoftTokens
+    start_ms: int
+    end_ms: int
+
+
+@dataclass
+class ImageSoftTokens:
+    """Vision soft tokens of one image and its size in pixels."""
+
+    soft_tokens: SoftTokens
+    width: int
+    height: int
+    extras: dict = field(default_factory=dict)
+
+
+def _mesh_error(error: grpc.aio.AioRpcError, backend: str) -> MeshError:
+    detail = error_detail(error)
+    message = detail.message if detail is not None and detail.message else (error.details() or "")
+    param = detail.param if detail is not None and detail.param else None
+    cls = ERRORS_BY_GRPC_STATUS.get(error.code().name)
+    if cls is None:
+        return MeshError(f"{backend}: {message or error.code().name}")
+    if cls is BackendUnavailable:
+        message = f"{backend} unavailable: {message or error.code().name}"
+    return cls(message, param=param)
+
+
+_CHANNELS = {decoder_pb2.ANSWER: "answer", decoder_pb2.REASONING: "reasoning"}
+_FINISH = {decoder_pb2.STOP: "stop", decoder_pb2.LENGTH: "length"}
+
+
+class MeshClient:
+    """Async clients of the three gRPC services.
+
+    Args:
+        decoder_target, audio_target, vision_target: gRPC targets (``host:port`` or ``dns:///name:port``).
+        max_message_bytes: gRPC message limit, both directions.
+        timeout_s: deadline of each call.
+    """
+
+    def __init__(
+        self,
+        decoder_target: str,
+        audio_target: str,
+        vision_target: str,
+        *,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self._channels = {
+            "decoder": open_channel(decoder_target, max_message_bytes),
+            "audio": open_channel(audio_target, max_message_bytes),
+            "vision": open_channel(vision_target, max_message_bytes),
+        }
+        self._decoder = decoder_pb2_grpc.DecoderStub(self._channels["decoder"])
+        self._audio = audio_pb2_grpc.AudioFrontendStub(self._channels["audio"])
+        self._vision = vision_pb2_grpc.VisionEncoderStub(self._channels["vision"])
+        self.timeout_s = timeout_s
+
+    async def close(self) -> None:
+        """Close the channels (in-flight calls are cancelled)."""
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def health(self) -> dict[str, bool]:
+        """``{backend: serving}`` from each backend's ``grpc.health.v1`` (1 s deadline each)."""
+        result = {}
+        for name, channel in self._channels.items():
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                result[name] = reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                result[name] = False
+        return result
+
+    async def encode_audio(
+        self, *, pcm_f32: np.ndarray | None = None, sample_rate_hz: int = 16000, file: bytes | None = None
+    ) -> tuple[list[AudioSegment], float]:
+        """Audio soft tokens of one clip: mono float32 PCM, or an encoded file (WAV, FLAC, MP3, OGG, WebM).
+
+        Clips longer than the model's audio window are split by the audio frontend at quiet points.
+
+        Returns:
+            (segments, audio seconds).
+        Raises:
+            InvalidRequest: bad audio; BackendUnavailable: the audio frontend cannot be reached.
+        """
+        if file is not None:
+            request = audio_pb2.EncodeAudioRequest(
+                file=audio_pb2.EncodedAudio(data=file), split_long_audio=True
+            )
+        else:
+            assert pcm_f32 is not None
+            data = np.ascontiguousarray(pcm_f32, dtype="<f4").tobytes()
+            request = audio_pb2.EncodeAudioRequest(
+                pcm=audio_pb2.PcmAudio(
+                    data=data, encoding=audio_pb2.F32LE, sample_rate_hz=sample_rate_hz, channels=1
+                ),
+                split_long_audio=True,
+            )
+        try:
+            reply = await self._audio.Encode(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _mesh_error(error, "audio frontend") from None
+        segments = [
+            AudioSegment(
+                SoftTokens(modality=common_pb2.AUDIO, tokens=s.soft_tokens), s.range.start_ms, s.range.end_ms
+            )
+            for s in reply.segments
+        ]
+        return segments, float(reply.audio_seconds)
+
+    async def encode_image(self, data: bytes, *, max_soft_tokens: int = 0) -> ImageSoftTokens:
+        """Vision soft tokens of one encoded image (JPEG, PNG, WebP, GIF).
+
+        Raises:
+            InvalidRequest: not a decodable image, or over the encoder's pixel limit.
+            BackendUnavailable: the vision encoder cannot be reached.
+        """
+        request = vision_pb2.EncodeImageRequest(
+            image=vision_pb2.ImageInput(encoded=data, max_soft_tokens=max_soft_tokens)
+        )
+        try:
+            reply = await self._vision.Encode(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _mesh_error(error, "vision encoder") from None
+        return ImageSoftTokens(
+            SoftTokens(modality=common_pb2.IMAGE, tokens=reply.soft_tokens), reply.width, reply.height
+        )
+
+    async def generate(
+        self, messages: Sequence[ChatMessage], sampling: Sampling, *, request_id: str | None = None
+    ) -> AsyncIterator[Delta | Done]:
+        """Stream one generation: ``Delta`` events, then one ``Done``. Cancelling the iterator cancels the call.
+
+        Raises:
+            InvalidRequest: the decoder refused the request (prompt over the context, bad sampling).
+            Overloaded: the decoder's queue is full. BackendUnavailable: it cannot be reached.
+        """
+        pb_messages = []
+        for message in messages:
+            content = [
+                decoder_pb2.ContentPart(text=p.text)
+                if p.soft_tokens is None
+                else decoder_pb2.ContentPart(soft_tokens=p.soft_tokens)
+                for p in message.parts
+            ]
+            pb_messages.append(decoder_pb2.Message(role=message.role, content=content))
+        request = decoder_pb2.GenerateRequest(
+            request_id=request_id or uuid.uuid4().hex,
+            messages=pb_messages,
+            sampling=decoder_pb2.SamplingParams(
+                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed
+            ),
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop),
+            enable_thinking=sampling.enable_thinking,
+            prefix_cache_key=sampling.prefix_cache_key,
+        )
+        call = self._decoder.Generate(request, timeout=self.timeout_s)
+        try:
+            async for reply in call:
+                if reply.HasField("delta"):
+                    d = reply.delta
+                    yield Delta(d.text, list(d.token_ids), _CHANNELS.get(d.channel, "answer"))
+                else:
+                    f = reply.finished
+                    yield Done(
+                        _FINISH.get(f.reason, "stop"),
+                        f.usage.prompt_tokens,
+                        f.usage.completion_tokens,
+                        f.usage.cached_prompt_tokens,
+                        f.timings.ttft_ms,
+                        f.timings.total_ms,
+                    )
+        except grpc.aio.AioRpcError as error:
+            raise _mesh_error(error, "decoder") from None
+        finally:
+            call.cancel()
+
+    async def complete(self, messages: Sequence[ChatMessage], sampling: Sampling) -> tuple[str, Done]:
+        """The whole answer of one generation (answer channel only) and its ``Done``."""
+        parts: list[str] = []
+        done: Done | None = None
+        async for event in self.generate(messages, sampling):
+            if isinstance(event, Delta):
+                if event.channel == "answer":
+                    parts.append(event.text)
+            else:
+                done = event
+        assert done is not None, "decoder stream ended without a Finished message"
+        return "".join(parts), done

@@ -1,0 +1,307 @@
+"""Live captioning and speech translation of one session: VAD segments -> partial and final decodes.
+
+Data path (whisper_streaming's loop, with a VAD in front as in its ``VACOnlineASRProcessor``):
+PCM chunks are resampled to 16 kHz (``audio_input.PcmInput``) and queued; a worker feeds them to
+the ``VadSegmenter``; a decode loop runs, one call at a time per session:
+
+* the **final** decode of every closed segment, in order (never skipped: no audio is lost);
+* otherwise, every ``partial_interval_ms``, a **partial** decode of the open segment's audio so
+  far, stabilised with LocalAgreement-2 (the committed prefix never changes).
+
+Each decode is AudioFrontend.Encode (soft tokens) + Decoder.Generate (thinking off, greedy) with
+the task's instruction (``prompts``). Backpressure: audio waiting beyond ``max_pending_audio_s``
+pauses partials and sends a ``backlog`` warning; beyond three times that, new audio is refused
+with an ``error`` event naming the refused span (explicit, never silent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from gemma_mesh.common.errors import MeshError, Overloaded
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.captioning import (
+    LocalAgreement,
+    RepetitionGuard,
+    SegmentClosed,
+    SegmentStarted,
+    SileroVad,
+    VadSegmenter,
+    VadSettings,
+)
+from gemma_mesh.gateway.clients import ChatMessage, MeshClient, Part, Sampling
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
+from gemma_mesh.gateway.protocol import (
+    CaptionFinal,
+    CaptionPartial,
+    SessionConfig,
+    TranslationFinal,
+    TranslationPartial,
+)
+
+log = get_logger(__name__)
+
+RATE_HZ = 16000
+Emit = Callable[[object], Awaitable[None]]
+_REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
+
+
+async def transcribe(
+    clients: MeshClient, audio: np.ndarray, config: SessionConfig, max_tokens: int
+) -> tuple[str, int]:
+    """One decode of 16 kHz float32 mono ``audio`` for the session's task -> (text, completion tokens).
+
+    The same call serves live finals and ``/v1/audio/transcriptions``, so both give the same text
+    for the same audio.
+    """
+    if config.task == "translate":
+        instruction = translation_instruction(config.target_language or "en", config.source_language)
+    else:
+        instruction = transcription_instruction(config.source_language)
+    segments, _ = await clients.encode_audio(pcm_f32=audio, sample_rate_hz=RATE_HZ)
+    parts = [Part(soft_tokens=s.soft_tokens) for s in segments] + [Part(text=instruction)]
+    text, done = await clients.complete(
+        [ChatMessage("user", parts)], Sampling(max_tokens=max_tokens, enable_thinking=False)
+    )
+    return text.strip(), done.completion_tokens
+
+
+class CaptionPipeline:
+    """Captions (or translations) of one session's audio.
+
+    Args:
+        config: the session config (``task``, languages, ``partial_interval_ms``).
+        emit: coroutine that appends an event to the session log and sends it.
+        base_ms: the session's audio clock at the first sample fed here (non-zero on resume).
+        first_segment_id: segment ids continue across reconnects.
+        vad_settings, partial_interval_ms, max_tokens, max_pending_audio_s: from ``GatewaySettings``.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: MeshClient,
+        config: SessionConfig,
+        emit: Emit,
+        metrics: GatewayMetrics,
+        vad_settings: VadSettings,
+        partial_interval_ms: int,
+        max_tokens: int,
+        max_pending_audio_s: float,
+        base_ms: int = 0,
+        first_segment_id: int = 0,
+    ) -> None:
+        self.clients = clients
+        self.config = config
+        self.emit = emit
+        self.metrics = metrics
+        self.partial_interval_s = (config.partial_interval_ms or partial_interval_ms) / 1000
+        self.max_tokens = max_tokens
+        self.max_pending = int(max_pending_audio_s * RATE_HZ)
+        self.base_ms = base_ms
+        self.segment_offset = first_segment_id
+        self.segmenter = VadSegmenter(SileroVad(vad_settings.model_path), vad_settings)
+        self._audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
+        self._pending_samples = 0
+        self._finals: deque[SegmentClosed] = deque()
+        self._agreement: LocalAgreement | None = None
+        self._guard = RepetitionGuard()
+        self._partial_audio_end = 0  # samples of the open segment covered by the last partial
+        self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time) not yet covered
+        self._closed_at: dict[int, float] = {}
+        self._wake = asyncio.Event()
+        self._vad_done = asyncio.Event()
+        self._backlog_warned = False
+        self.durable_ms = base_ms  # audio before this is captioned in finals (or was silence)
+        self.next_segment_id = first_segment_id
+        self._tasks: list[asyncio.Task] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the VAD worker and the decode loop."""
+        self._tasks = [asyncio.create_task(self._vad_loop()), asyncio.create_task(self._decode_loop())]
+
+    async def finish(self) -> None:
+        """End of stream: close the open segment and wait until every final is sent."""
+        await self._audio.put(None)
+        await asyncio.gather(*self._tasks)
+
+    def cancel(self) -> None:
+        """Stop at once (connection lost without a flush is handled by ``finish``; this is for shutdown)."""
+        for task in self._tasks:
+            task.cancel()
+
+    @property
+    def pending_s(self) -> float:
+        """Audio received but not yet through the VAD, in seconds."""
+        return self._pending_samples / RATE_HZ
+
+    def update_config(self, config: SessionConfig) -> None:
+        """Apply a ``session.update`` (task or languages take effect from the next decode)."""
+        self.config = config
+        if config.partial_interval_ms:
+            self.partial_interval_s = config.partial_interval_ms / 1000
+
+    # --- input ----------------------------------------------------------------------------
+    def push(self, audio: np.ndarray) -> None:
+        """Queue 16 kHz float32 samples.
+
+        Raises:
+            Overloaded: more than three times ``max_pending_audio_s`` is waiting; the chunk is refused.
+        """
+        if self._pending_samples + audio.shape[0] > 3 * self.max_pending:
+            raise Overloaded(
+                f"audio refused: {self.pending_s:.1f} s are waiting for the recogniser "
+                f"(limit {3 * self.max_pending / RATE_HZ:.0f} s); slow down or resend later"
+            )
+        self._pending_samples += audio.shape[0]
+        self.metrics.audio_seconds.inc(audio.shape[0] / RATE_HZ)
+        self._audio.put_nowait(audio)
+
+    def _ms(self, sample: int) -> int:
+        return self.base_ms + sample * 1000 // RATE_HZ
+
+    # --- VAD worker -----------------------------------------------------------------------
+    async def _vad_loop(self) -> None:
+        while True:
+            chunk = await self._audio.get()
+            if chunk is None:
+                events = self.segmenter.flush()
+            else:
+                # Silero runs ~31 windows per second of audio: cheap, but off the event loop.
+                events = await asyncio.to_thread(self.segmenter.push, chunk)
+                self._pending_samples -= chunk.shape[0]
+                self._arrivals.append((self.segmenter.samples_pushed, time.monotonic()))
+            for event in events:
+                if isinstance(event, SegmentStarted):
+                    self._agreement = LocalAgreement()
+                    self._partial_audio_end = 0
+                elif isinstance(event, SegmentClosed):
+                    self._closed_at[event.segment_id] = time.monotonic()
+                    self._finals.append(event)
+            if self.segmenter.open_segment is None and not self._finals:
+                self.durable_ms = self._ms(self.segmenter.samples_pushed)
+                self._arrivals.clear()
+            self._wake.set()
+            if chunk is None:
+                self._vad_done.set()
+                return
+
+    # --- decode loop ----------------------------------------------------------------------
+    async def _decode_loop(self) -> None:
+        last_partial = 0.0
+        while True:
+            if self._finals:
+                await self._final(self._finals.popleft())
+                continue
+            if self._vad_done.is_set():
+                return
+            self._check_backlog()
+            wait = self.partial_interval_s - (time.monotonic() - last_partial)
+            open_segment = self.segmenter.open_segment
+            if (
+                wait <= 0
+                and open_segment is not None
+                and not self._backlog_warned
+                and open_segment.audio.shape[0] > self._partial_audio_end
+            ):
+                last_partial = time.monotonic()
+                await self._partial(open_segment)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.05))
+            except TimeoutError:
+                pass
+
+    def _check_backlog(self) -> None:
+        behind = self._pending_samples > self.max_pending or len(self._finals) > 1
+        if behind and not self._backlog_warned:
+            self._backlog_warned = True
+            asyncio.create_task(
+                self._warn(
+                    "backlog",
+                    f"the recogniser is {self.pending_s:.1f} s behind: partial captions paused, "
+                    "finals continue, no audio is dropped",
+                )
+            )
+        elif not behind:
+            self._backlog_warned = False
+
+    async def _warn(self, code: str, message: str) -> None:
+        from gemma_mesh.gateway.protocol import Warning as WarningEvent
+
+        self.metrics.warnings.labels(code).inc()
+        await self.emit(WarningEvent(code=code, message=message, details={"pending_audio_s": self.pending_s}))
+
+    async def _decode(self, audio: np.ndarray) -> str | None:
+        try:
+            text, tokens = await transcribe(self.clients, audio, self.config, self.max_tokens)
+        except MeshError as error:
+            from gemma_mesh.gateway.protocol import Error
+
+            self.metrics.errors.labels(error.code).inc()
+            log.warning("caption decode failed", code=error.code, error=error.message)
+            await self.emit(Error(code=error.code, message=error.message, param=error.param))
+            return None
+        self.metrics.tokens_generated.inc(tokens)
+        return self._guard.clean(text)
+
+    async def _partial(self, segment) -> None:
+        audio = segment.audio
+        text = await self._decode(audio)
+        if text is None or self._agreement is None or self.segmenter.open_segment is None:
+            return
+        if self.segmenter.open_segment.segment_id != segment.segment_id:
+            return  # the segment closed meanwhile: its final follows
+        self._partial_audio_end = audio.shape[0]
+        result = self._agreement.update(text)
+        if not result.committed and not result.tentative:
+            return
+        end_sample = segment.start_sample + audio.shape[0]
+        now = time.monotonic()
+        while self._arrivals and self._arrivals[0][0] <= end_sample:
+            self.metrics.partial_latency.observe(now - self._arrivals.popleft()[1])
+        common = dict(
+            segment_id=self.segment_offset + segment.segment_id,
+            start_ms=self._ms(segment.start_sample),
+            end_ms=self._ms(end_sample),
+            text=" ".join(p for p in (result.committed, result.tentative) if p),
+            committed=result.committed,
+            tentative=result.tentative,
+        )
+        if self.config.task == "translate":
+            await self.emit(TranslationPartial(language=self.config.target_language or "", **common))
+        else:
+            await self.emit(CaptionPartial(**common))
+
+    async def _final(self, segment: SegmentClosed) -> None:
+        text = await self._decode(segment.audio)
+        closed_at = self._closed_at.pop(segment.segment_id, time.monotonic())
+        self.next_segment_id = self.segment_offset + segment.segment_id + 1
+        if text:
+            common = dict(
+                segment_id=self.segment_offset + segment.segment_id,
+                start_ms=self._ms(segment.start_sample),
+                end_ms=self._ms(segment.end_sample),
+                text=text,
+                reason=_REASONS[segment.reason],
+            )
+            if self.config.task == "translate":
+                await self.emit(TranslationFinal(language=self.config.target_language or "", **common))
+            else:
+                await self.emit(CaptionFinal(**common))
+            self.metrics.final_latency.observe(time.monotonic() - closed_at)
+        open_segment = self.segmenter.open_segment
+        if self._finals:
+            self.durable_ms = self._ms(self._finals[0].start_sample)
+        elif open_segment is not None:
+            self.durable_ms = self._ms(open_segment.start_sample)
+        else:
+            self.durable_ms = self._ms(segment.end_sample)

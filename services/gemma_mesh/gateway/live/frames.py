@@ -1,0 +1,178 @@
+"""Live camera-frame analysis of one session: newest frame wins, analysed every ``analysis_interval_ms``.
+
+Frames are checked cheaply on arrival (size, format and pixel count from the header, with Pillow);
+accepted frames replace the one waiting, which is counted as dropped (the mesh is behind, or the
+client sends faster than the analysis interval). Every interval the waiting frame goes through
+VisionEncoder.Encode and Decoder.Generate with the session's prompt; the answer streams as
+``frame.analysis`` events (``done`` on the last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Awaitable, Callable
+
+from PIL import Image, UnidentifiedImageError
+
+from gemma_mesh.common.errors import InvalidRequest, MeshError
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.clients import ChatMessage, Delta, MeshClient, Part, Sampling
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
+
+log = get_logger(__name__)
+
+Emit = Callable[[object], Awaitable[None]]
+ACCEPTED_FORMATS = ("JPEG", "PNG")
+
+
+def check_frame(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int]:
+    """Validate one camera frame from its header -> (width, height) in pixels.
+
+    Raises:
+        InvalidRequest: empty, over ``max_bytes``, not a JPEG/PNG Pillow can identify, or over ``max_pixels``.
+    """
+    if not data:
+        raise InvalidRequest("empty frame")
+    if len(data) > max_bytes:
+        raise InvalidRequest(f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes (max_frame_bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InvalidRequest(f"frame is not a readable JPEG or PNG image: {error}") from None
+    if fmt not in ACCEPTED_FORMATS:
+        raise InvalidRequest(f"frame format {fmt} is not accepted (JPEG or PNG)")
+    if width * height > max_pixels:
+        raise InvalidRequest(
+            f"frame of {width}x{height} pixels exceeds the limit of {max_pixels} pixels (max_frame_pixels)"
+        )
+    return width, height
+
+
+class FramePipeline:
+    """Analysis of one session's camera frames.
+
+    Args:
+        video: the session's video config (prompt, ``max_fps``, interval, soft-token budget).
+        default_interval_ms: ``GatewaySettings.analysis_interval_ms``.
+        max_tokens: tokens per analysis.
+        first_analysis_id: analysis ids continue across reconnects.
+    """
+
+    def __init__(
+        self,
+        *,
+        clients: MeshClient,
+        video: VideoConfig,
+        emit: Emit,
+        metrics: GatewayMetrics,
+        default_interval_ms: int,
+        max_tokens: int,
+        first_analysis_id: int = 0,
+    ) -> None:
+        self.clients = clients
+        self.video = video
+        self.emit = emit
+        self.metrics = metrics
+        self.default_interval_ms = default_interval_ms
+        self.max_tokens = max_tokens
+        self.next_analysis_id = first_analysis_id
+        self.dropped = 0
+        self._waiting: tuple[bytes, int] | None = None
+        self._last_accepted_ms: int | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task | None = None
+
+    @property
+    def interval_s(self) -> float:
+        return (self.video.analysis_interval_ms or self.default_interval_ms) / 1000
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def finish(self) -> None:
+        """Analyse the frame still waiting, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def push(self, data: bytes, timestamp_ms: int) -> bool:
+        """Offer a (validated) frame; returns False when it was dropped for exceeding ``max_fps``."""
+        self.metrics.frames_received.inc()
+        min_gap_ms = 1000 / self.video.max_fps
+        if self._last_accepted_ms is not None and 0 <= timestamp_ms - self._last_accepted_ms < min_gap_ms * 0.9:
+            self._drop()
+            return False
+        self._last_accepted_ms = timestamp_ms
+        if self._waiting is not None:
+            self._drop()
+        self._waiting = (data, timestamp_ms)
+        self._wake.set()
+        return True
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self.metrics.frames_dropped.inc()
+
+    async def _loop(self) -> None:
+        last = 0.0
+        while True:
+            if self._waiting is None:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            wait = self.interval_s - (time.monotonic() - last)
+            if wait > 0 and not self._closing:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+                if not self._closing:
+                    continue
+            frame, timestamp_ms = self._waiting
+            self._waiting = None
+            last = time.monotonic()
+            await self._analyse(frame, timestamp_ms)
+
+    async def _analyse(self, frame: bytes, timestamp_ms: int) -> None:
+        analysis_id = self.next_analysis_id
+        self.next_analysis_id += 1
+        text = ""
+        try:
+            image = await self.clients.encode_image(frame, max_soft_tokens=self.video.max_soft_tokens or 0)
+            message = ChatMessage("user", [Part(soft_tokens=image.soft_tokens), Part(text=self.video.prompt)])
+            async for event in self.clients.generate(
+                [message], Sampling(max_tokens=self.max_tokens, enable_thinking=False)
+            ):
+                if isinstance(event, Delta):
+                    if event.channel != "answer" or not event.text:
+                        continue
+                    text += event.text
+                    await self.emit(
+                        FrameAnalysis(
+                            analysis_id=analysis_id, frame_ms=timestamp_ms, delta=event.text, text=text, done=False
+                        )
+                    )
+                else:
+                    self.metrics.tokens_generated.inc(event.completion_tokens)
+        except MeshError as error:
+            self.metrics.errors.labels(error.code).inc()
+            log.warning("frame analysis failed", code=error.code, error=error.message)
+            await self.emit(Error(code=error.code, message=f"frame at {timestamp_ms} ms: {error.message}"))
+            return
+        self.metrics.frames_analysed.inc()
+        await self.emit(
+            FrameAnalysis(analysis_id=analysis_id, frame_ms=timestamp_ms, delta="", text=text, done=True)
+        )

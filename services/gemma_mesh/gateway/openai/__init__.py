@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: protocol (request/response models), serving (logic), router (routes)."""

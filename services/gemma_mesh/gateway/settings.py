@@ -1,0 +1,82 @@
+"""Gateway settings (environment prefix ``GEMMA_MESH_GATEWAY_``; Helm ``gateway.*`` values).
+
+Every limit the gateway enforces is a field here, with its unit in the name or the description;
+``docs/protocol.md`` lists them for clients.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gemma_mesh.common.settings import MiB
+
+
+class GatewaySettings(BaseSettings):
+    """Addresses, security, session defaults and limits of the WebSocket/HTTP gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="GEMMA_MESH_GATEWAY_", extra="ignore")
+
+    # --- where things are -------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP/WebSocket port; 0 picks a free one")
+    decoder_target: str = Field("127.0.0.1:50051", description="gRPC target of the decoder")
+    audio_target: str = Field("127.0.0.1:50052", description="gRPC target of the audio frontend")
+    vision_target: str = Field("127.0.0.1:50053", description="gRPC target of the vision encoder")
+    redis_url: str | None = Field(
+        None, description="Session store; None = in-process store (one replica, no resume across replicas)"
+    )
+    served_model_name: str = Field("gemma-4-e4b-it", description="The model id of /v1/models")
+    max_grpc_message_bytes: int = Field(64 * MiB, ge=MiB, description="Largest gRPC message to a backend")
+    backend_timeout_s: float = Field(120.0, gt=0, description="Deadline of one backend call")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    # --- security ---------------------------------------------------------------------------
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Accepted API keys (Bearer); empty = no authentication"
+    )
+    token_secret: SecretStr | None = Field(
+        None, description="HMAC key of browser session tokens; None = a random one per process"
+    )
+    token_ttl_s: int = Field(300, ge=10, description="Lifetime of a browser session token, in seconds")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to open /v1/stream and call the API from a page; empty = same origin only",
+    )
+    max_sessions_per_key: int = Field(8, ge=1, description="Live WebSocket sessions per API key")
+    max_requests_per_key: int = Field(16, ge=1, description="HTTP API requests in flight per API key")
+
+    # --- WebSocket limits -------------------------------------------------------------------
+    max_message_bytes: int = Field(
+        2 * MiB, ge=1024, description="Largest WebSocket message (binary or text), in bytes"
+    )
+    max_control_bytes: int = Field(64 * 1024, ge=256, description="Largest JSON control message, in bytes")
+    max_audio_chunk_ms: int = Field(2000, ge=10, description="Longest audio chunk in one binary message")
+    max_frame_bytes: int = Field(1 * MiB, ge=1024, description="Largest camera frame (JPEG/PNG), in bytes")
+    max_frame_pixels: int = Field(1920 * 1080, ge=64 * 64, description="Largest decoded frame, in pixels")
+    max_fps: float = Field(5.0, gt=0, le=60, description="Highest camera frame rate a session may declare")
+    max_session_s: int = Field(4 * 3600, ge=10, description="Longest session, in seconds of wall time")
+    max_pending_audio_s: float = Field(
+        20.0, gt=0, description="Audio queued for the VAD/recogniser before the session is told it is behind"
+    )
+    max_outbound_events: int = Field(
+        256, ge=8, description="Events buffered for a slow client before partials are coalesced"
+    )
+    event_log_max_events: int = Field(10000, ge=100, description="Events kept per session for resume")
+    session_ttl_s: int = Field(3600, ge=10, description="How long an idle or ended session can be resumed")
+
+    # --- captioning and frame analysis defaults (a session may override within the limits) ---
+    partial_interval_ms: int = Field(700, ge=100, description="Default interval between partial decodes")
+    analysis_interval_ms: int = Field(2000, ge=200, description="Default interval between frame analyses")
+    max_caption_tokens: int = Field(96, ge=1, description="Tokens generated per caption decode")
+    max_analysis_tokens: int = Field(64, ge=1, description="Tokens generated per frame analysis")
+    vad_model_path: str | None = Field(
+        None, description="silero_vad.onnx; None = the file of the installed silero-vad wheel"
+    )
+
+    # --- HTTP API limits --------------------------------------------------------------------
+    max_upload_bytes: int = Field(25 * MiB, ge=1024, description="Largest audio upload (OpenAI's limit)")
+    max_request_bytes: int = Field(32 * MiB, ge=1024, description="Largest JSON request body")
+    max_audio_s: float = Field(1800.0, gt=0, description="Longest audio of one transcription request")
+    max_images_per_request: int = Field(8, ge=1, description="Images in one chat completion")
+    max_completion_tokens: int = Field(4096, ge=1, description="Largest max_tokens of a chat completion")

@@ -1,0 +1,412 @@
+"""``WS /v1/stream``: the WebSocket adapter between a browser (or ``gemma-mesh stream``) and a live session.
+
+One connection = one attachment to a session. The adapter authenticates, parses control and
+media messages (``protocol``), feeds the caption and frame pipelines (``live``), appends every
+event to the session store (which assigns the event id) and sends it through a bounded outbound
+buffer. Bad input gets an ``error`` event and the session goes on; only authentication and
+protocol-level failures close the socket. A reconnect with ``session_id`` and ``last_event_id``
+replays exactly the missed events from the store, on any replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+
+from fastapi import WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound, PermissionDenied, RateLimited
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.audio_input import PcmInput
+from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
+from gemma_mesh.gateway.live.frames import FramePipeline, check_frame
+from gemma_mesh.gateway.prompts import normalize_language
+from gemma_mesh.gateway.protocol import (
+    CLIENT_MESSAGE,
+    Error,
+    MediaKind,
+    SessionConfig,
+    SessionEnd,
+    SessionEnded,
+    SessionStart,
+    SessionStarted,
+    SessionUpdate,
+    unpack_media,
+)
+from gemma_mesh.gateway.protocol import Warning as WarningEvent
+
+log = get_logger(__name__)
+
+START_TIMEOUT_S = 10.0
+REPLAY_PAGE = 500
+_COALESCIBLE = ("caption.partial", "translation.partial", "frame.analysis")
+
+
+def validate_config(config: SessionConfig, settings) -> SessionConfig:
+    """Check a session config against the gateway's limits; normalise language tags.
+
+    Raises:
+        InvalidRequest: translate without a target language, an unknown language, fps over ``max_fps``.
+    """
+    updates: dict = {}
+    if config.task == "translate" and not config.target_language:
+        raise InvalidRequest("task 'translate' needs config.target_language (BCP-47)", param="target_language")
+    if config.target_language:
+        updates["target_language"] = normalize_language(config.target_language, param="target_language")
+    if config.source_language:
+        updates["source_language"] = normalize_language(config.source_language, param="source_language")
+    if config.video is not None and config.video.max_fps > settings.max_fps:
+        raise InvalidRequest(
+            f"video.max_fps {config.video.max_fps} exceeds the limit of {settings.max_fps} (max_fps)",
+            param="video.max_fps",
+        )
+    return config.model_copy(update=updates)
+
+
+class Outbound:
+    """Bounded buffer of events for one client; a slow client gets partials coalesced, not a stall.
+
+    When ``max_events`` are waiting, superseded partial captions and streaming frame-analysis
+    deltas are removed (their successors carry the full text); if nothing can be removed the
+    client is too slow and ``overflowed`` turns True (the adapter closes with 1013; the client
+    resumes from its last event id).
+    """
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self.queue: deque[dict] = deque()
+        self.ready = asyncio.Event()
+        self.coalesced = 0
+        self.overflowed = False
+
+    def put(self, event: dict) -> bool:
+        """Queue ``event``; returns True when older events had to be coalesced."""
+        coalesced = False
+        if len(self.queue) >= self.max_events:
+            keep: deque[dict] = deque()
+            for old in self.queue:
+                if old["type"] in _COALESCIBLE and not old.get("done", False):
+                    self.coalesced += 1
+                    coalesced = True
+                    continue
+                keep.append(old)
+            self.queue = keep
+            if len(self.queue) >= self.max_events:
+                self.overflowed = True
+        self.queue.append(event)
+        self.ready.set()
+        return coalesced
+
+
+class StreamConnection:
+    """One WebSocket attached to one session. Created per connection by ``app.py``."""
+
+    def __init__(self, websocket: WebSocket, app_state) -> None:
+        self.ws = websocket
+        self.state = app_state
+        self.settings = app_state.settings
+        self.store = app_state.store
+        self.metrics = app_state.metrics
+        self.session_id: str | None = None
+        self.config: SessionConfig | None = None
+        self.outbound = Outbound(self.settings.max_outbound_events)
+        self.captions: CaptionPipeline | None = None
+        self.frames: FramePipeline | None = None
+        self.pcm: PcmInput | None = None
+        self.connected = True
+        self._emit_lock = asyncio.Lock()
+        self._coalesce_warned = False
+        self._started_at = time.monotonic()
+
+    # --- events out -------------------------------------------------------------------------
+    async def emit(self, event) -> None:
+        """Append ``event`` (a protocol model) to the session log and queue it for the client."""
+        payload = event.model_dump(mode="json")
+        async with self._emit_lock:
+            if self.session_id is not None:
+                await self.store.append(self.session_id, payload)
+            if self.connected and self.outbound.put(payload) and not self._coalesce_warned:
+                self._coalesce_warned = True
+                self.metrics.warnings.labels("events_coalesced").inc()
+                log.info("slow client: coalescing partial events", session_id=self.session_id)
+
+    async def send_error(self, error: MeshError, *, fatal: bool = False) -> None:
+        """An ``error`` event (logged to the session when there is one)."""
+        self.metrics.errors.labels(error.code).inc()
+        await self.emit(Error(code=error.code, message=error.message, param=error.param, fatal=fatal))
+
+    async def _sender(self) -> None:
+        while True:
+            await self.outbound.ready.wait()
+            while self.outbound.queue:
+                if self.outbound.overflowed:
+                    await self.ws.close(code=1013, reason="client too slow: resume from your last event id")
+                    self.connected = False
+                    return
+                await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
+            self.outbound.ready.clear()
+
+    # --- the connection -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until the client leaves or the session ends."""
+        sender: asyncio.Task | None = None
+        try:
+            owner, start = await self._handshake()
+            if start is None:
+                return
+            sender = asyncio.create_task(self._sender())
+            await self._open(owner, start)
+            await self._receive_loop()
+        except WebSocketDisconnect:
+            pass
+        except MeshError as error:
+            with contextlib.suppress(Exception):
+                await self.ws.send_text(
+                    Error(code=error.code, message=error.message, param=error.param, fatal=True).model_dump_json()
+                )
+                await self.ws.close(code=error.ws_close_code, reason=error.message[:120])
+        finally:
+            self.connected = False
+            await self._detach()
+            if sender is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._drain(), timeout=2.0)
+                sender.cancel()
+
+    async def _drain(self) -> None:
+        while self.outbound.queue and not self.outbound.overflowed:
+            await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
+
+    async def _handshake(self) -> tuple[str, SessionStart | None]:
+        auth = self.state.auth
+        auth.check_origin(self.ws.headers.get("origin"), self.ws.headers.get("host"))
+        await self.ws.accept()
+        try:
+            raw = await asyncio.wait_for(self.ws.receive(), timeout=START_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidRequest(f"no session.start within {START_TIMEOUT_S:.0f} s") from None
+        if raw.get("type") == "websocket.disconnect":
+            return "", None
+        text = raw.get("text")
+        if text is None:
+            raise InvalidRequest("the first message must be a session.start JSON text message")
+        message = self._parse(text)
+        if not isinstance(message, SessionStart):
+            raise InvalidRequest(f"the first message must be session.start, got {message.type}")
+        header = self.ws.headers.get("authorization")
+        owner = auth.check_key(header) if header and not message.token else auth.check_token(message.token)
+        return owner, message
+
+    def _parse(self, text: str):
+        if len(text.encode()) > self.settings.max_control_bytes:
+            raise InvalidRequest(
+                f"control message of {len(text.encode())} bytes exceeds the limit of "
+                f"{self.settings.max_control_bytes} bytes (max_control_bytes)"
+            )
+        try:
+            return CLIENT_MESSAGE.validate_json(text)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise InvalidRequest(f"bad control message: {where}: {first.get('msg')}", param=where or None) from None
+
+    async def _open(self, owner: str, start: SessionStart) -> None:
+        settings = self.settings
+        state: dict = {}
+        if start.session_id:
+            record = await self.store.get(start.session_id)
+            if record is None:
+                raise NotFound(f"session {start.session_id} does not exist or expired", param="session_id")
+            if record.owner != owner:
+                raise PermissionDenied("this session belongs to another API key", param="session_id")
+            config = SessionConfig.model_validate(record.config)
+            state = dict(record.state)
+            self.session_id = record.session_id
+            await self.store.reopen(self.session_id)
+            # Replay exactly what the client missed, oldest first, before anything new.
+            last = start.last_event_id
+            while True:
+                page = await self.store.events_after(self.session_id, last, REPLAY_PAGE)
+                if not page:
+                    break
+                for event in page:
+                    self.outbound.queue.append(event)
+                last = page[-1]["event_id"]
+                self.outbound.ready.set()
+                await asyncio.sleep(0)
+        else:
+            config = validate_config(start.config, settings)
+            if await self.store.count_active(owner) >= settings.max_sessions_per_key:
+                raise RateLimited(
+                    f"{settings.max_sessions_per_key} sessions already open for this key (max_sessions_per_key)"
+                )
+            record = await self.store.create(owner, config.model_dump(mode="json"), settings.session_ttl_s)
+            self.session_id = record.session_id
+        self.config = config
+        self.metrics.active_sessions.inc()
+        self._counted = True
+        base_ms = int(state.get("audio_clock_ms", 0))
+        if config.audio is not None:
+            self.pcm = PcmInput(config.audio, RATE_HZ, settings.max_audio_chunk_ms)
+            self.captions = CaptionPipeline(
+                clients=self.state.clients,
+                config=config,
+                emit=self.emit,
+                metrics=self.metrics,
+                vad_settings=self.state.vad_settings,
+                partial_interval_ms=settings.partial_interval_ms,
+                max_tokens=settings.max_caption_tokens,
+                max_pending_audio_s=settings.max_pending_audio_s,
+                base_ms=base_ms,
+                first_segment_id=int(state.get("next_segment_id", 0)),
+            )
+            self.captions.start()
+        if config.video is not None:
+            self._start_frames(config, int(state.get("next_analysis_id", 0)))
+        await self.emit(
+            SessionStarted(
+                session_id=self.session_id,
+                resumed=bool(start.session_id),
+                config=config,
+                audio_clock_ms=base_ms,
+                limits={
+                    "max_message_bytes": settings.max_message_bytes,
+                    "max_control_bytes": settings.max_control_bytes,
+                    "max_audio_chunk_ms": settings.max_audio_chunk_ms,
+                    "max_frame_bytes": settings.max_frame_bytes,
+                    "max_frame_pixels": settings.max_frame_pixels,
+                    "max_fps": settings.max_fps,
+                    "max_session_s": settings.max_session_s,
+                },
+            )
+        )
+        log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
+
+    def _start_frames(self, config: SessionConfig, first_id: int) -> None:
+        assert config.video is not None
+        self.frames = FramePipeline(
+            clients=self.state.clients,
+            video=config.video,
+            emit=self.emit,
+            metrics=self.metrics,
+            default_interval_ms=self.settings.analysis_interval_ms,
+            max_tokens=self.settings.max_analysis_tokens,
+            first_analysis_id=first_id,
+        )
+        self.frames.start()
+
+    async def _receive_loop(self) -> None:
+        deadline = self._started_at + self.settings.max_session_s
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                await self._end("max_session_length")
+                return
+            try:
+                raw = await asyncio.wait_for(self.ws.receive(), timeout=timeout)
+            except TimeoutError:
+                continue
+            if raw.get("type") == "websocket.disconnect":
+                return
+            try:
+                if raw.get("bytes") is not None:
+                    await self._on_binary(raw["bytes"])
+                elif raw.get("text") is not None:
+                    message = self._parse(raw["text"])
+                    if isinstance(message, SessionEnd):
+                        await self._end("client")
+                        return
+                    if isinstance(message, SessionUpdate):
+                        await self._update(message)
+                    else:
+                        raise InvalidRequest("session.start was already received on this connection")
+            except MeshError as error:
+                await self.send_error(error)
+            if self.outbound.overflowed:
+                return
+
+    async def _on_binary(self, data: bytes) -> None:
+        if len(data) > self.settings.max_message_bytes:
+            raise InvalidRequest(
+                f"binary message of {len(data)} bytes exceeds the limit of "
+                f"{self.settings.max_message_bytes} bytes (max_message_bytes)"
+            )
+        kind, timestamp_ms, payload = unpack_media(data)
+        if kind == MediaKind.AUDIO:
+            if self.captions is None or self.pcm is None:
+                raise InvalidRequest("audio received but the session has no audio config")
+            self.captions.push(self.pcm.decode(payload))
+        else:
+            if self.frames is None:
+                raise InvalidRequest("frame received but the session has no video config")
+            check_frame(payload, max_bytes=self.settings.max_frame_bytes, max_pixels=self.settings.max_frame_pixels)
+            if not self.frames.push(payload, timestamp_ms) and self.frames.dropped == 1:
+                await self.emit(
+                    WarningEvent(
+                        code="frames_dropped",
+                        message=f"frames above max_fps {self.frames.video.max_fps} are dropped (counted)",
+                    )
+                )
+
+    async def _update(self, message: SessionUpdate) -> None:
+        assert self.config is not None and self.session_id is not None
+        changes = message.config.model_dump(exclude_unset=True)
+        config = validate_config(self.config.model_copy(update=changes), self.settings)
+        if "video" in changes:
+            config = config.model_copy(update={"video": message.config.video})
+        self.config = config
+        await self.store.update_config(self.session_id, config.model_dump(mode="json"))
+        if self.captions is not None:
+            self.captions.update_config(config)
+        if self.frames is not None and config.video is not None:
+            self.frames.video = config.video
+        elif self.frames is None and config.video is not None:
+            self._start_frames(config, 0)
+
+    async def _flush(self) -> None:
+        """Finish the pipelines: the open segment gets its final, the waiting frame its analysis."""
+        if self.captions is not None and self.pcm is not None:
+            tail = self.pcm.flush()
+            if tail.size:
+                self.captions.push(tail)
+            await self.captions.finish()
+        if self.frames is not None:
+            await self.frames.finish()
+        if self.session_id is not None:
+            await self.store.save_state(self.session_id, self._state())
+
+    def _state(self) -> dict:
+        state: dict = {}
+        if self.captions is not None:
+            state["audio_clock_ms"] = self.captions.durable_ms
+            state["next_segment_id"] = self.captions.next_segment_id
+        if self.frames is not None:
+            state["next_analysis_id"] = self.frames.next_analysis_id
+        return state
+
+    async def _end(self, reason: str) -> None:
+        await self._flush()
+        clock = self.captions.durable_ms if self.captions is not None else 0
+        await self.emit(SessionEnded(reason=reason, audio_clock_ms=clock))
+        await self.store.end(self.session_id)
+        self.captions = None
+        self.frames = None
+
+    async def _detach(self) -> None:
+        """The connection is gone: finish what was received (finals are logged for resume), then release."""
+        if self.session_id is None:
+            return
+        try:
+            if self.captions is not None or self.frames is not None:
+                await self._flush()
+                await self.store.end(self.session_id)
+        except MeshError as error:
+            log.warning("session detach failed", session_id=self.session_id, error=error.message)
+        finally:
+            if getattr(self, "_counted", False):
+                self.metrics.active_sessions.dec()
+            log.info("session detached", session_id=self.session_id)
