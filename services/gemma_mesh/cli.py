@@ -139,7 +139,9 @@ def serve_gateway(
     ] = None,
     decoder: Annotated[str | None, typer.Option(help="Decoder gRPC target (default 127.0.0.1:50051)")] = None,
     audio: Annotated[str | None, typer.Option(help="Audio frontend target (default 127.0.0.1:50052)")] = None,
-    vision: Annotated[str | None, typer.Option(help="Vision encoder target (default 127.0.0.1:50053)")] = None,
+    vision: Annotated[
+        str | None, typer.Option(help="Vision encoder target (default 127.0.0.1:50053)")
+    ] = None,
 ) -> None:
     """The gateway: WebSocket /v1/stream, the OpenAI-compatible API, the browser page, /metrics.
 
@@ -240,7 +242,103 @@ def generate(
         sys.stdout.write("\n")
 
 
-@app.command("demo")
+@app.command()
+def up(
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL for sessions (default: in-process)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Gateway interface")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway HTTP/WebSocket port")] = 8000,
+) -> None:
+    """Run the whole mesh locally: decoder, audio, vision and gateway as supervised child processes.
+
+    Waits until every service is healthy, prints the URLs, restarts a crashed service with backoff,
+    and stops everything on Ctrl-C or SIGTERM.
+    """
+    import asyncio
+
+    from rich.console import Console
+
+    from gemma_mesh.up import Mesh, MeshConfig
+
+    console = Console(stderr=True)
+
+    async def main() -> None:
+        config = MeshConfig(
+            bundle=bundle, redis_url=redis_url, host=host, port=port, log_level=_child_level()
+        )
+        async with Mesh(config) as mesh:
+            for name, url in mesh.urls().items():
+                console.print(f"[bold]{name:16}[/bold] {url}")
+            console.print("mesh is up; Ctrl-C stops it")
+            await mesh.wait_for_signal()
+
+    with user_errors():
+        asyncio.run(main())
+
+
+def _child_level() -> str:
+    return _LOG_LEVEL["explicit"] or "WARNING"
+
+
+@app.command()
+def stream(
+    file: Annotated[
+        Path, typer.Argument(help="Audio file to stream as a microphone (WAV, FLAC, MP3, OGG...)")
+    ],
+    image: Annotated[Path | None, typer.Option(help="Photo to stream as a camera")] = None,
+    video: Annotated[Path | None, typer.Option(help="Video file to stream as a camera")] = None,
+    task: Annotated[str, typer.Option(help="transcribe or translate")] = "transcribe",
+    target_language: Annotated[str | None, typer.Option(help="BCP-47 target of translate")] = None,
+    realtime: Annotated[bool, typer.Option(help="Send audio at real time (default: 8x)")] = False,
+    url: Annotated[str, typer.Option(help="Gateway base URL")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="GEMMA_MESH_API_KEY", help="API key")] = None,
+    fps: Annotated[float, typer.Option(help="Camera frames per second")] = 1.0,
+    prompt: Annotated[
+        str, typer.Option(help="Frame-analysis prompt")
+    ] = "Describe what you see in one sentence.",
+    partials: Annotated[bool, typer.Option(help="Also print partial hypotheses when piped")] = False,
+) -> None:
+    """Stream a file through a live session and print captions (and frame analysis) as they come."""
+    import asyncio
+
+    from gemma_mesh.stream_client import StreamOptions
+    from gemma_mesh.stream_client import stream as run_stream
+    from gemma_mesh.stream_view import StreamView
+
+    if task not in ("transcribe", "translate"):
+        raise typer.BadParameter("must be transcribe or translate", param_hint="--task")
+    options = StreamOptions(
+        audio=file,
+        url=url.rstrip("/"),
+        image=image,
+        video=video,
+        task=task,
+        target_language=target_language,
+        realtime=realtime,
+        api_key=api_key,
+        fps=fps,
+        prompt=prompt,
+    )
+    for path in (file, image, video):
+        if path is not None and not path.is_file():
+            _fail(f"no such file: {path}")
+    with user_errors(), StreamView(partials=partials) as view:
+        result = asyncio.run(run_stream(options, view.on_event))
+    finals = result.of_type("caption.final", "translation.final")
+    if not finals:
+        typer.echo("no speech detected", err=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
 def demo(
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle directory (default: the embedded tiny bundle)")
@@ -248,32 +346,51 @@ def demo(
     samples_dir: Annotated[Path, typer.Option(help="Where to write the sample photo and speech clip")] = Path(
         "runs/samples"
     ),
-    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens")] = 32,
+    port: Annotated[int, typer.Option(help="Gateway port")] = 8000,
+    keep_running: Annotated[
+        bool | None,
+        typer.Option(help="Leave the mesh (and the browser page) up until Ctrl-C; default: when interactive"),
+    ] = None,
 ) -> None:
-    """The main job on real input: a real photo and a real speech recording through the model."""
+    """The main job on real input: start the mesh, stream a real speech recording and a real photo
+    through a live session, print the captions and the frame analysis, leave the page up."""
+    import asyncio
+
     from rich.console import Console
 
-    from gemma_mesh.pipeline import run_generate
     from gemma_mesh.samples import librivox_transcripts, write_samples
+    from gemma_mesh.stream_client import StreamOptions
+    from gemma_mesh.stream_client import stream as run_stream
+    from gemma_mesh.stream_view import StreamView
+    from gemma_mesh.up import Mesh, MeshConfig
 
     console = Console(stderr=True)
-    photo, speech = write_samples(samples_dir)
-    transcript = librivox_transcripts().get(speech.stem, "?")
-    console.print(f"[bold]photo[/bold]  {photo}")
-    console.print(f"[bold]speech[/bold] {speech}  ([italic]{transcript}[/italic])")
-    console.print(f"[bold]bundle[/bold] {bundle or 'embedded tiny (random weights: the answer is noise)'}")
-    console.print("[bold]answer[/bold] ", end="")
-    with user_errors():
-        result = run_generate(
-            bundle_path=bundle,
-            prompt="Describe the photo, then transcribe the speech.",
-            images=[photo],
-            audios=[speech],
-            max_tokens=max_tokens,
-            on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    keep = sys.stdin.isatty() and sys.stdout.isatty() if keep_running is None else keep_running
+
+    async def main() -> None:
+        photo, speech = write_samples(samples_dir)
+        console.print(f"[bold]photo[/bold]  {photo}")
+        console.print(
+            f"[bold]speech[/bold] {speech}  ([italic]{librivox_transcripts().get(speech.stem, '?')}[/italic])"
         )
-    sys.stdout.write("\n")
-    console.print(f"prompt tokens {result.prompt_tokens}, generated tokens {len(result.token_ids)}")
+        console.print(f"[bold]bundle[/bold] {bundle or 'embedded tiny (random weights: the text is noise)'}")
+        console.print("starting the mesh (decoder, audio, vision, gateway) ...")
+        async with Mesh(MeshConfig(bundle=bundle, port=port, log_level=_child_level())) as mesh:
+            console.print(f"[bold]page[/bold]   {mesh.urls()['page']}")
+            options = StreamOptions(audio=speech, image=photo, url=mesh.gateway_url, fps=1.0)
+            with StreamView() as view:
+                result = await run_stream(options, view.on_event)
+            finals = result.of_type("caption.final")
+            analyses = [e for e in result.of_type("frame.analysis") if e["done"]]
+            console.print(f"{len(finals)} final caption(s), {len(analyses)} frame analysis(es)")
+            if not finals or not analyses:
+                raise MeshError("the demo produced no caption or no frame analysis")
+            if keep:
+                console.print(f"the page is at {mesh.urls()['page']}; Ctrl-C stops the mesh")
+                await mesh.wait_for_signal()
+
+    with user_errors():
+        asyncio.run(main())
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             store_s = await asyncio.wait_for(gw.store.ping(), timeout=1.0)
             store_ok = True
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:
             store_s, store_ok = None, False
         ready = all(backends.values()) and store_ok
         body = {"ready": ready, "backends": backends, "store": {"ok": store_ok, "latency_s": store_s}}
@@ -146,7 +146,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(request.app.state.gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(
+            generate_latest(request.app.state.gw.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
 
     @app.post("/v1/stream/token")
     async def stream_token(request: Request) -> dict:
@@ -174,7 +176,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         path = getattr(route, "path", "unmatched")
         if path.startswith("/v1/"):
             request.app.state.gw.metrics.http_requests.labels(path, str(response.status_code)).inc()
-        log.debug("http", path=path, status=response.status_code, ms=round((time.monotonic() - started) * 1000))
+        log.debug(
+            "http", path=path, status=response.status_code, ms=round((time.monotonic() - started) * 1000)
+        )
         return response
 
     @app.get("/", include_in_schema=False)

@@ -18,8 +18,8 @@ import hmac
 import secrets
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 from gemma_mesh.common.errors import PermissionDenied, RateLimited, Unauthenticated
@@ -125,7 +125,9 @@ class Authenticator:
             RateLimited: the key already has that many requests in flight.
         """
         if self._in_flight[kid] >= self.max_requests:
-            raise RateLimited(f"{self.max_requests} requests already in flight for this key (max_requests_per_key)")
+            raise RateLimited(
+                f"{self.max_requests} requests already in flight for this key (max_requests_per_key)"
+            )
         self._in_flight[kid] += 1
         try:
             yield

@@ -239,7 +239,10 @@ class MeshClient:
             request_id=request_id or uuid.uuid4().hex,
             messages=pb_messages,
             sampling=decoder_pb2.SamplingParams(
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
             ),
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop),

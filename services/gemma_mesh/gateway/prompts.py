@@ -21,7 +21,9 @@ def language_name(tag: str, *, param: str) -> str:
     try:
         language = langcodes.Language.get(tag)
     except (langcodes.tag_parser.LanguageTagError, ValueError) as error:
-        raise InvalidRequest(f"{param}: {tag!r} is not a BCP-47 language tag ({error})", param=param) from None
+        raise InvalidRequest(
+            f"{param}: {tag!r} is not a BCP-47 language tag ({error})", param=param
+        ) from None
     name = language.display_name("en")
     # Well-formed but unassigned subtags ("zz", "qaa") have no name in CLDR: not a language to speak.
     if not language.is_valid() or not language.language or name.startswith("Unknown language"):

@@ -52,7 +52,9 @@ def unpack_media(message: bytes) -> tuple[MediaKind, int, bytes]:
         InvalidRequest: shorter than the header or an unknown kind.
     """
     if len(message) < MEDIA_HEADER.size:
-        raise InvalidRequest(f"binary message of {len(message)} bytes is shorter than the 5-byte media header")
+        raise InvalidRequest(
+            f"binary message of {len(message)} bytes is shorter than the 5-byte media header"
+        )
     kind, timestamp_ms = MEDIA_HEADER.unpack_from(message)
     try:
         media_kind = MediaKind(kind)
@@ -82,7 +84,9 @@ class VideoConfig(_Strict):
     max_fps: float = Field(1.0, gt=0)
     analysis_interval_ms: int | None = Field(None, ge=200, description="None = the gateway's default")
     prompt: str = Field("Describe what you see in one sentence.", max_length=4000)
-    max_soft_tokens: int | None = Field(None, ge=1, description="Vision soft tokens per frame; None = model's")
+    max_soft_tokens: int | None = Field(
+        None, ge=1, description="Vision soft tokens per frame; None = model's"
+    )
 
 
 class SessionConfig(_Strict):
@@ -193,7 +197,7 @@ class FrameAnalysis(_Event):
     done: bool
 
 
-class Warning(_Event):  # noqa: A001 - the protocol's event name
+class Warning(_Event):
     type: Literal["warning"] = "warning"
     code: str = Field(description="e.g. backlog, frames_dropped, events_coalesced, store_degraded")
     message: str

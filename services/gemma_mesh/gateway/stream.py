@@ -54,7 +54,9 @@ def validate_config(config: SessionConfig, settings) -> SessionConfig:
     """
     updates: dict = {}
     if config.task == "translate" and not config.target_language:
-        raise InvalidRequest("task 'translate' needs config.target_language (BCP-47)", param="target_language")
+        raise InvalidRequest(
+            "task 'translate' needs config.target_language (BCP-47)", param="target_language"
+        )
     if config.target_language:
         updates["target_language"] = normalize_language(config.target_language, param="target_language")
     if config.source_language:
@@ -166,7 +168,9 @@ class StreamConnection:
         except MeshError as error:
             with contextlib.suppress(Exception):
                 await self.ws.send_text(
-                    Error(code=error.code, message=error.message, param=error.param, fatal=True).model_dump_json()
+                    Error(
+                        code=error.code, message=error.message, param=error.param, fatal=True
+                    ).model_dump_json()
                 )
                 await self.ws.close(code=error.ws_close_code, reason=error.message[:120])
         finally:
@@ -212,7 +216,9 @@ class StreamConnection:
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
-            raise InvalidRequest(f"bad control message: {where}: {first.get('msg')}", param=where or None) from None
+            raise InvalidRequest(
+                f"bad control message: {where}: {first.get('msg')}", param=where or None
+            ) from None
 
     async def _open(self, owner: str, start: SessionStart) -> None:
         settings = self.settings
@@ -343,7 +349,9 @@ class StreamConnection:
         else:
             if self.frames is None:
                 raise InvalidRequest("frame received but the session has no video config")
-            check_frame(payload, max_bytes=self.settings.max_frame_bytes, max_pixels=self.settings.max_frame_pixels)
+            check_frame(
+                payload, max_bytes=self.settings.max_frame_bytes, max_pixels=self.settings.max_frame_pixels
+            )
             if not self.frames.push(payload, timestamp_ms) and self.frames.dropped == 1:
                 await self.emit(
                     WarningEvent(

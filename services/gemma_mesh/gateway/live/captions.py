@@ -202,7 +202,7 @@ class CaptionPipeline:
                 continue
             if self._vad_done.is_set():
                 return
-            self._check_backlog()
+            await self._check_backlog()
             wait = self.partial_interval_s - (time.monotonic() - last_partial)
             open_segment = self.segmenter.open_segment
             if (
@@ -220,16 +220,14 @@ class CaptionPipeline:
             except TimeoutError:
                 pass
 
-    def _check_backlog(self) -> None:
+    async def _check_backlog(self) -> None:
         behind = self._pending_samples > self.max_pending or len(self._finals) > 1
         if behind and not self._backlog_warned:
             self._backlog_warned = True
-            asyncio.create_task(
-                self._warn(
-                    "backlog",
-                    f"the recogniser is {self.pending_s:.1f} s behind: partial captions paused, "
-                    "finals continue, no audio is dropped",
-                )
+            await self._warn(
+                "backlog",
+                f"the recogniser is {self.pending_s:.1f} s behind: partial captions paused, "
+                "finals continue, no audio is dropped",
             )
         elif not behind:
             self._backlog_warned = False

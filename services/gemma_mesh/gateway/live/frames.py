@@ -37,7 +37,9 @@ def check_frame(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, i
     if not data:
         raise InvalidRequest("empty frame")
     if len(data) > max_bytes:
-        raise InvalidRequest(f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes (max_frame_bytes)")
+        raise InvalidRequest(
+            f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes (max_frame_bytes)"
+        )
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
@@ -109,7 +111,10 @@ class FramePipeline:
         """Offer a (validated) frame; returns False when it was dropped for exceeding ``max_fps``."""
         self.metrics.frames_received.inc()
         min_gap_ms = 1000 / self.video.max_fps
-        if self._last_accepted_ms is not None and 0 <= timestamp_ms - self._last_accepted_ms < min_gap_ms * 0.9:
+        if (
+            self._last_accepted_ms is not None
+            and 0 <= timestamp_ms - self._last_accepted_ms < min_gap_ms * 0.9
+        ):
             self._drop()
             return False
         self._last_accepted_ms = timestamp_ms
@@ -162,7 +167,11 @@ class FramePipeline:
                     text += event.text
                     await self.emit(
                         FrameAnalysis(
-                            analysis_id=analysis_id, frame_ms=timestamp_ms, delta=event.text, text=text, done=False
+                            analysis_id=analysis_id,
+                            frame_ms=timestamp_ms,
+                            delta=event.text,
+                            text=text,
+                            done=False,
                         )
                     )
                 else:

@@ -1,0 +1,487 @@
+"""Wire models of the OpenAI-compatible API: requests, responses and errors (pydantic, types only).
+
+Mirrors vLLM's ``vllm/entrypoints/openai/protocol.py``: one ``OpenAIBaseModel`` that accepts and
+logs unknown fields (OpenAI adds fields often; a client newer than this gateway must keep working),
+while known fields are type-checked, so a clearly wrong value is a 400. Fields follow the order of
+the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat/create,
+https://platform.openai.com/docs/api-reference/audio/createTranscription). Extensions that are not
+OpenAI's (vLLM's) sit between ``--8<--`` markers, each with a description.
+
+Thinking: Gemma 4 thinks when its chat template gets ``enable_thinking=True``. The switch is vLLM's
+``chat_template_kwargs: {"enable_thinking": true}``; OpenAI's ``reasoning_effort`` is accepted
+too (``none``/``minimal`` = off, ``low``/``medium``/``high`` = on; Gemma has no effort levels).
+Default: off. Thoughts come back as ``reasoning_content`` (message and stream deltas) only when on.
+
+Field limits and cross-field rules raise ``ValueError`` here (a 400 naming the parameter, through
+the app's validation handler); checks needing server state (model name, token and media limits)
+are in ``serving.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.clients import Sampling
+
+log = get_logger(__name__)
+
+MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; the decoder checks every stop string each step
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm")
+"""Containers ``input_audio.format`` may name (the file's header decides how it is decoded)."""
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
+class OpenAIBaseModel(BaseModel):
+    """Base of every wire model: unknown fields are accepted and logged, never an error (as OpenAI)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> OpenAIBaseModel:
+        if self.model_extra:
+            log.info("ignored request fields", model=type(self).__name__, fields=sorted(self.model_extra))
+        return self
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """OpenAI's error body (also sent as one SSE ``data:`` event when a stream fails midway)."""
+
+    error: ErrorInfo
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "gemma-mesh"
+    root: str | None = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+# --- chat completions: request ----------------------------------------------------------------
+
+
+class ChatCompletionContentPartText(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(OpenAIBaseModel):
+    url: str = Field(description="A base64 data URL (data:image/jpeg;base64,...); remote URLs are refused")
+    detail: Literal["auto", "low", "high"] = Field(
+        "auto", description="Accepted and ignored: the vision encoder's default soft-token budget is used"
+    )
+
+
+class ChatCompletionContentPartImage(OpenAIBaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(OpenAIBaseModel):
+    data: str = Field(description="The encoded audio file, base64")
+    format: Literal["wav", "mp3", "flac", "ogg", "webm"]
+
+
+class ChatCompletionContentPartInputAudio(OpenAIBaseModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[
+    ChatCompletionContentPartText | ChatCompletionContentPartImage | ChatCompletionContentPartInputAudio,
+    Field(discriminator="type"),
+]
+
+
+class ChatCompletionSystemMessage(OpenAIBaseModel):
+    """``system`` or ``developer`` (OpenAI's newer name; both become Gemma's system turn)."""
+
+    role: Literal["system", "developer"]
+    content: str | list[ChatCompletionContentPartText]
+    name: str | None = None
+
+
+class ChatCompletionUserMessage(OpenAIBaseModel):
+    role: Literal["user"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class ChatCompletionAssistantMessage(OpenAIBaseModel):
+    """A previous answer. ``reasoning_content`` is dropped (Gemma's template keeps no old thoughts)."""
+
+    role: Literal["assistant"]
+    content: str | list[ChatCompletionContentPartText] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatCompletionToolMessage(OpenAIBaseModel):
+    role: Literal["tool"]
+    content: str | list[ChatCompletionContentPartText]
+    tool_call_id: str
+
+
+ChatCompletionMessageParam = Annotated[
+    ChatCompletionSystemMessage
+    | ChatCompletionUserMessage
+    | ChatCompletionAssistantMessage
+    | ChatCompletionToolMessage,
+    Field(discriminator="role"),
+]
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+def _unsupported(name: str, why: str) -> ValueError:
+    return ValueError(f"{name} is not supported by this server ({why})")
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    """``POST /v1/chat/completions``. Unsupported features with a non-default value are a 400."""
+
+    messages: list[ChatCompletionMessageParam] = Field(min_length=1)
+    model: str | None = Field(None, description="The served model's id; None = the served model (vLLM)")
+    audio: dict[str, Any] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens")
+    metadata: dict[str, str] | None = None
+    modalities: list[str] | None = None
+    n: int | None = 1
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    response_format: ResponseFormat | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    service_tier: str | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = False
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+    # --8<-- [start:chat-completion-extra-params]
+    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; 0 or -1 = all")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description='Chat template variables; only {"enable_thinking": bool} (Gemma 4 thinking) is supported',
+    )
+    # --8<-- [end:chat-completion-extra-params]
+
+    # Sampling defaults when the request leaves a field out (OpenAI's, not the checkpoint's).
+    _DEFAULT_SAMPLING_PARAMS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # noqa: RUF012
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stop
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
+            raise _unsupported("a non-zero penalty", "the decoder has no repetition penalties")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise _unsupported("logprobs", "the decoder does not return log-probabilities")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise _unsupported("logit_bias", "the decoder has no logit processors")
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio_output(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            raise _unsupported("audio output", "Gemma 4 answers in text")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        if value and set(value) != {"text"}:
+            raise _unsupported(f"modalities {value}", 'only ["text"] can be generated')
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise _unsupported(f"response_format {value.type}", "no constrained decoding")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list | None) -> list | None:
+        if value:
+            raise _unsupported("tools", "no tool calling")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict | None) -> str | dict | None:
+        if value not in (None, "none", "auto"):
+            raise _unsupported(f"tool_choice {value!r}", "no tool calling")
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _only_thinking(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            unknown = sorted(set(value) - {"enable_thinking"})
+            if unknown:
+                raise ValueError(f"only enable_thinking is supported, got {unknown}")
+            if not isinstance(value["enable_thinking"], bool):
+                raise ValueError("enable_thinking must be true or false")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.top_logprobs:
+            raise ValueError("top_logprobs needs logprobs, which is not supported")
+        explicit = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if explicit is not None and self.reasoning_effort is not None:
+            if explicit != (self.reasoning_effort not in ("none", "minimal")):
+                raise ValueError(
+                    "reasoning_effort and chat_template_kwargs.enable_thinking disagree; send one of them"
+                )
+        return self
+
+    @property
+    def enable_thinking(self) -> bool:
+        """Thinking on: ``chat_template_kwargs.enable_thinking``, else ``reasoning_effort`` low and up."""
+        explicit = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if explicit is not None:
+            return explicit
+        return self.reasoning_effort not in (None, "none", "minimal")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens``, else the deprecated ``max_tokens``, else None."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling(self, max_tokens: int, default_sampling_params: dict[str, Any] | None = None) -> Sampling:
+        """The decoder's sampling settings (as vLLM's ``to_sampling_params``); ``max_tokens`` already
+        checked against the server's limit by serving."""
+        defaults = {**self._DEFAULT_SAMPLING_PARAMS, **(default_sampling_params or {})}
+        top_k = self.top_k if self.top_k is not None else defaults["top_k"]
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return Sampling(
+            max_tokens=max_tokens,
+            temperature=self.temperature if self.temperature is not None else defaults["temperature"],
+            top_p=self.top_p if self.top_p is not None else defaults["top_p"],
+            top_k=max(top_k, 0),
+            seed=self.seed,
+            stop=stop,
+            enable_thinking=self.enable_thinking,
+        )
+
+
+# --- chat completions: responses --------------------------------------------------------------
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(OpenAIBaseModel):
+    reasoning_tokens: int = 0
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = Field(None, exclude_if=_is_none)
+
+
+class ChatCompletionMessage(OpenAIBaseModel):
+    """The answer; ``reasoning_content`` is present only when thinking was on."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int = 0
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """One stream increment: only the fields that changed are sent (as OpenAI does)."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
+    content: str | None = Field(None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(None, exclude_if=_is_none)
+
+
+class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    """One SSE chunk. With ``stream_options.include_usage`` every chunk carries ``usage: null`` and a
+    last chunk with no choices carries the usage (OpenAI's convention)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = Field(None, exclude_if=_is_none)
+
+
+# --- audio: transcriptions and translations ---------------------------------------------------
+
+
+class TranscriptionRequest(OpenAIBaseModel):
+    """The multipart fields of ``/v1/audio/transcriptions`` and ``/v1/audio/translations`` (not ``file``).
+
+    ``prompt`` is accepted and ignored: the recognition prompt is fixed so that an uploaded file is
+    decoded exactly as live captions decode the same audio. ``temperature`` is validated; decoding
+    is greedy (temperature 0), for the same reason. ``language`` is the spoken language's hint
+    (ISO-639-1 or BCP-47); OpenAI's translations have no ``language``, here it is an optional hint.
+    """
+
+    model: str | None = None
+    language: str | None = Field(None, max_length=64)
+    prompt: str | None = Field(None, max_length=4096)
+    response_format: Literal["json", "text", "srt", "vtt", "verbose_json"] = "json"
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=lambda: ["segment"])
+    stream: bool = False
+
+    @field_validator("timestamp_granularities")
+    @classmethod
+    def _segments_only(cls, value: list[str]) -> list[str]:
+        if "word" in value:
+            raise _unsupported("word timestamps", "segments come from the VAD; words are not aligned")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
+            raise _unsupported("stream", "use the /v1/stream WebSocket for live captions")
+        return value
+
+
+class TranscriptionUsage(OpenAIBaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: int = Field(description="Audio seconds, rounded up")
+
+
+class TranscriptionResponse(OpenAIBaseModel):
+    text: str
+    usage: TranscriptionUsage | None = None
+
+
+class TranscriptionSegment(OpenAIBaseModel):
+    """One VAD segment. ``start``/``end`` in seconds of the file; ``seek`` in 10 ms frames (Whisper's
+    unit); ``avg_logprob`` and ``no_speech_prob`` are null (the decoder returns no log-probabilities);
+    ``compression_ratio`` is Whisper's (UTF-8 bytes / zlib-compressed bytes of the text)."""
+
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int] = Field(default_factory=list)
+    temperature: float = 0.0
+    avg_logprob: float | None = None
+    compression_ratio: float = 0.0
+    no_speech_prob: float | None = None
+
+
+class TranscriptionResponseVerbose(OpenAIBaseModel):
+    """``verbose_json``. ``language``: Whisper-style lowercase English name of the hint (or of
+    English for translations), ``"unknown"`` without a hint (no language identification)."""
+
+    task: Literal["transcribe", "translate"]
+    language: str
+    duration: float = Field(description="Seconds of audio in the file")
+    text: str
+    segments: list[TranscriptionSegment]
+    usage: TranscriptionUsage | None = None
