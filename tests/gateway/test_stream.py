@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 
 import numpy as np
@@ -87,7 +88,7 @@ async def test_librivox_captions_are_ordered_and_cover_the_speech(gateway_url, c
         assert all(p["event_id"] < final["event_id"] for p in seg)
         assert [p["end_ms"] for p in seg] == sorted(p["end_ms"] for p in seg)
         committed = [p["committed"] for p in seg]
-        assert all(b.startswith(a) for a, b in zip(committed, committed[1:], strict=False))
+        assert all(b.startswith(a) for a, b in itertools.pairwise(committed))
         assert final["start_ms"] < final["end_ms"] and final["text"]
     start_ms, end_ms = speech_bounds_ms(decode_audio(clip, RATE))
     assert finals[0]["start_ms"] <= start_ms + 100
@@ -127,7 +128,9 @@ async def test_frames_are_analysed_and_streamed(gateway_url):
     from skimage import data
 
     async with websockets.connect(ws_url(gateway_url)) as ws:
-        await start_session(ws, audio=None, video={"max_fps": 5, "analysis_interval_ms": 200, "prompt": "What is it?"})
+        await start_session(
+            ws, audio=None, video={"max_fps": 5, "analysis_interval_ms": 200, "prompt": "What is it?"}
+        )
         frame = jpeg(data.astronaut())
         for i in range(3):
             await ws.send(pack_media(MediaKind.FRAME, i * 250, frame))
@@ -135,7 +138,9 @@ async def test_frames_are_analysed_and_streamed(gateway_url):
         events = await recv_until(ws, lambda e: e["type"] == "frame.analysis" and e["done"])
         analyses = [e for e in events if e["type"] == "frame.analysis"]
         done = analyses[-1]
-        assert done["text"] == "".join(a["delta"] for a in analyses if a["analysis_id"] == done["analysis_id"])
+        assert done["text"] == "".join(
+            a["delta"] for a in analyses if a["analysis_id"] == done["analysis_id"]
+        )
         assert done["text"]
         await ws.send(json.dumps({"type": "session.end"}))
         tail = await recv_until(ws, lambda e: e["type"] == "session.ended")

@@ -187,7 +187,14 @@ class StreamConnection:
 
     async def _handshake(self) -> tuple[str, SessionStart | None]:
         auth = self.state.auth
-        auth.check_origin(self.ws.headers.get("origin"), self.ws.headers.get("host"))
+        try:
+            auth.check_origin(self.ws.headers.get("origin"), self.ws.headers.get("host"))
+        except MeshError as error:
+            # Refused before the handshake completes: the browser sees HTTP 403.
+            self.metrics.errors.labels(error.code).inc()
+            log.info("websocket refused", reason=error.message)
+            await self.ws.close(code=error.ws_close_code)
+            return "", None
         await self.ws.accept()
         try:
             raw = await asyncio.wait_for(self.ws.receive(), timeout=START_TIMEOUT_S)
@@ -269,6 +276,7 @@ class StreamConnection:
                 max_pending_audio_s=settings.max_pending_audio_s,
                 base_ms=base_ms,
                 first_segment_id=int(state.get("next_segment_id", 0)),
+                on_final=self._save_state,
             )
             self.captions.start()
         if config.video is not None:
@@ -384,6 +392,10 @@ class StreamConnection:
             await self.captions.finish()
         if self.frames is not None:
             await self.frames.finish()
+        if self.session_id is not None:
+            await self.store.save_state(self.session_id, self._state())
+
+    async def _save_state(self) -> None:
         if self.session_id is not None:
             await self.store.save_state(self.session_id, self._state())
 

@@ -80,6 +80,7 @@ class CaptionPipeline:
         emit: coroutine that appends an event to the session log and sends it.
         base_ms: the session's audio clock at the first sample fed here (non-zero on resume).
         first_segment_id: segment ids continue across reconnects.
+        on_final: called after each final (the session saves its durable audio clock then).
         vad_settings, partial_interval_ms, max_tokens, max_pending_audio_s: from ``GatewaySettings``.
     """
 
@@ -96,6 +97,7 @@ class CaptionPipeline:
         max_pending_audio_s: float,
         base_ms: int = 0,
         first_segment_id: int = 0,
+        on_final: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.clients = clients
         self.config = config
@@ -108,7 +110,9 @@ class CaptionPipeline:
         self.segment_offset = first_segment_id
         self.segmenter = VadSegmenter(SileroVad(vad_settings.model_path), vad_settings)
         self._audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
-        self._pending_samples = 0
+        self._pending_samples = 0  # received, not yet through the VAD
+        self._received = 0  # samples received (relative to base_ms)
+        self._covered = 0  # samples covered by a decode (or known to be non-speech)
         self._finals: deque[SegmentClosed] = deque()
         self._agreement: LocalAgreement | None = None
         self._guard = RepetitionGuard()
@@ -120,6 +124,7 @@ class CaptionPipeline:
         self._backlog_warned = False
         self.durable_ms = base_ms  # audio before this is captioned in finals (or was silence)
         self.next_segment_id = first_segment_id
+        self.on_final = on_final
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -139,8 +144,8 @@ class CaptionPipeline:
 
     @property
     def pending_s(self) -> float:
-        """Audio received but not yet through the VAD, in seconds."""
-        return self._pending_samples / RATE_HZ
+        """The recogniser's lag: audio received but not yet covered by a decode, in seconds."""
+        return (self._received - self._covered) / RATE_HZ
 
     def update_config(self, config: SessionConfig) -> None:
         """Apply a ``session.update`` (task or languages take effect from the next decode)."""
@@ -155,12 +160,13 @@ class CaptionPipeline:
         Raises:
             Overloaded: more than three times ``max_pending_audio_s`` is waiting; the chunk is refused.
         """
-        if self._pending_samples + audio.shape[0] > 3 * self.max_pending:
+        if self._received - self._covered + audio.shape[0] > 3 * self.max_pending:
             raise Overloaded(
                 f"audio refused: {self.pending_s:.1f} s are waiting for the recogniser "
                 f"(limit {3 * self.max_pending / RATE_HZ:.0f} s); slow down or resend later"
             )
         self._pending_samples += audio.shape[0]
+        self._received += audio.shape[0]
         self.metrics.audio_seconds.inc(audio.shape[0] / RATE_HZ)
         self._audio.put_nowait(audio)
 
@@ -187,6 +193,7 @@ class CaptionPipeline:
                     self._finals.append(event)
             if self.segmenter.open_segment is None and not self._finals:
                 self.durable_ms = self._ms(self.segmenter.samples_pushed)
+                self._covered = max(self._covered, self.segmenter.samples_pushed)
                 self._arrivals.clear()
             self._wake.set()
             if chunk is None:
@@ -221,7 +228,7 @@ class CaptionPipeline:
                 pass
 
     async def _check_backlog(self) -> None:
-        behind = self._pending_samples > self.max_pending or len(self._finals) > 1
+        behind = self._received - self._covered > self.max_pending
         if behind and not self._backlog_warned:
             self._backlog_warned = True
             await self._warn(
@@ -263,6 +270,7 @@ class CaptionPipeline:
         if not result.committed and not result.tentative:
             return
         end_sample = segment.start_sample + audio.shape[0]
+        self._covered = max(self._covered, end_sample)
         now = time.monotonic()
         while self._arrivals and self._arrivals[0][0] <= end_sample:
             self.metrics.partial_latency.observe(now - self._arrivals.popleft()[1])
@@ -303,3 +311,7 @@ class CaptionPipeline:
             self.durable_ms = self._ms(open_segment.start_sample)
         else:
             self.durable_ms = self._ms(segment.end_sample)
+            self._covered = max(self._covered, self.segmenter.samples_pushed)
+        self._covered = max(self._covered, segment.end_sample)
+        if self.on_final is not None:
+            await self.on_final()

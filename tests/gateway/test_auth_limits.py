@@ -1,0 +1,154 @@
+"""API keys, session tokens, origins, per-key session limits, backpressure and slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+import websockets
+
+from gemma_mesh.common.errors import Unauthenticated
+from gemma_mesh.gateway.auth import Authenticator, key_id
+from gemma_mesh.gateway.protocol import MediaKind, pack_media
+from gemma_mesh.gateway.settings import GatewaySettings
+from gemma_mesh.gateway.stream import Outbound
+from tests.gateway.mesh import GatewayThread
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http", "ws", 1) + "/v1/stream"
+
+
+def token_for(url: str, key: str) -> str:
+    reply = httpx.post(f"{url}/v1/stream/token", headers={"Authorization": f"Bearer {key}"})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["token"]
+
+
+async def first_event(url: str, start: dict, **connect) -> dict:
+    async with websockets.connect(ws_url(url), **connect) as ws:
+        await ws.send(json.dumps({"type": "session.start", **start}))
+        return json.loads(await ws.recv())
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_token_is_required_and_checked(secured_gateway_url):
+    missing = await first_event(secured_gateway_url, {})
+    assert missing["type"] == "error" and missing["code"] == "authentication_error" and missing["fatal"]
+    forged = await first_event(secured_gateway_url, {"token": "v1.abc.99999999999.bad"})
+    assert forged["code"] == "authentication_error" and "invalid" in forged["message"]
+    good = await first_event(secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1")})
+    assert good["type"] == "session.started"
+    header = await first_event(
+        secured_gateway_url, {}, additional_headers={"Authorization": "Bearer test-key-2"}
+    )
+    assert header["type"] == "session.started"
+
+
+def test_token_endpoint_refuses_bad_keys_with_openai_errors(secured_gateway_url):
+    reply = httpx.post(f"{secured_gateway_url}/v1/stream/token", headers={"Authorization": "Bearer nope"})
+    assert reply.status_code == 401
+    assert reply.json()["error"]["type"] == "authentication_error"
+    assert "nope" not in reply.text
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_disallowed_origin_is_refused_and_allowed_one_accepted(secured_gateway_url):
+    token = token_for(secured_gateway_url, "test-key-1")
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await first_event(secured_gateway_url, {"token": token}, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    ok = await first_event(secured_gateway_url, {"token": token}, origin="http://allowed.example")
+    assert ok["type"] == "session.started"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_sessions_per_key_limit(secured_gateway_url):
+    token = token_for(secured_gateway_url, "test-key-2")
+    sockets = []
+    try:
+        for _ in range(2):
+            ws = await websockets.connect(ws_url(secured_gateway_url))
+            await ws.send(json.dumps({"type": "session.start", "token": token}))
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            sockets.append(ws)
+        third = await first_event(secured_gateway_url, {"token": token})
+        assert third["code"] == "rate_limit_error" and "max_sessions_per_key" in third["message"]
+        other_key = await first_event(
+            secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1")}
+        )
+        assert other_key["type"] == "session.started"
+    finally:
+        for ws in sockets:
+            await ws.close()
+    await asyncio.sleep(0.5)  # detach ends the sessions
+    again = await first_event(secured_gateway_url, {"token": token})
+    assert again["type"] == "session.started"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_resume_of_another_keys_session_is_refused(secured_gateway_url):
+    started = await first_event(secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1")})
+    stolen = await first_event(
+        secured_gateway_url,
+        {"token": token_for(secured_gateway_url, "test-key-2"), "session_id": started["session_id"]},
+    )
+    assert stolen["code"] == "permission_error"
+    unknown = await first_event(
+        secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1"), "session_id": "nope"}
+    )
+    assert unknown["code"] == "not_found_error"
+
+
+def test_tokens_expire_and_keys_are_never_in_tokens():
+    auth = Authenticator(GatewaySettings(api_keys=["secret-key"], token_secret="s", token_ttl_s=60))
+    token, expires = auth.mint_token(key_id("secret-key"), now=1000.0)
+    assert "secret-key" not in token and expires == 1060
+    assert auth.check_token(token, now=1059.0) == key_id("secret-key")
+    with pytest.raises(Unauthenticated, match="expired"):
+        auth.check_token(token, now=1061.0)
+    other = Authenticator(GatewaySettings(api_keys=["secret-key"], token_secret="other", token_ttl_s=60))
+    with pytest.raises(Unauthenticated, match="invalid"):
+        other.check_token(token, now=1000.0)
+
+
+def test_outbound_coalesces_partials_for_a_slow_client():
+    out = Outbound(max_events=4)
+    for i in range(4):
+        out.put({"type": "caption.partial", "event_id": i + 1, "segment_id": 0, "text": "x" * i})
+    assert out.put({"type": "caption.final", "event_id": 5, "segment_id": 0, "text": "final"})
+    assert [e["event_id"] for e in out.queue] == [5] and out.coalesced == 4 and not out.overflowed
+    for i in range(4):
+        out.put({"type": "caption.final", "event_id": 6 + i, "segment_id": i + 1, "text": "f"})
+    assert out.overflowed  # finals are never dropped: the client must resume instead
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_backlog_warns_then_refuses_audio_explicitly(backends, librivox_clips):
+    from gemma_mesh.model.audio_io import decode_audio
+
+    settings = backends.gateway_settings(max_pending_audio_s=1.0, max_audio_chunk_ms=2000)
+    audio = np.concatenate([decode_audio(p, 16000) for p in librivox_clips[:3]])
+    pcm = (audio * 32767).astype("<i2").tobytes()
+    with GatewayThread(settings) as url:
+        async with websockets.connect(ws_url(url), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "session.start"}))
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            chunk = 2 * 16000 * 2  # 2 s per message, as fast as the socket takes them
+            sent = 0
+            for offset in range(0, len(pcm), chunk):
+                await ws.send(pack_media(MediaKind.AUDIO, offset // 32, pcm[offset : offset + chunk]))
+                sent += 1
+            await ws.send(json.dumps({"type": "session.end"}))
+            events = []
+            async with asyncio.timeout(120):
+                while not events or events[-1]["type"] != "session.ended":
+                    events.append(json.loads(await ws.recv()))
+    warnings = [e for e in events if e["type"] == "warning" and e["code"] == "backlog"]
+    refused = [e for e in events if e["type"] == "error" and e["code"] == "overloaded_error"]
+    assert warnings, "falling behind must be announced"
+    assert refused and all("audio refused" in e["message"] for e in refused)
+    assert [e for e in events if e["type"] == "caption.final"], "accepted audio is still captioned"

@@ -1,0 +1,162 @@
+"""Resume: a client that reconnects (to any replica) with its session id and last event id gets
+exactly what it missed; a gateway killed mid-session and a Redis restart lose no committed caption."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import websockets
+
+from gemma_mesh.gateway.protocol import MediaKind, pack_media
+from gemma_mesh.model.audio_io import decode_audio
+from tests.gateway.mesh import GatewayProcess, GatewayThread
+from tests.gateway.redis_server import RedisServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+RATE = 16000
+CHUNK = 1600  # 100 ms
+
+
+def ws_url(base: str) -> str:
+    return base.replace("http", "ws", 1) + "/v1/stream"
+
+
+@pytest.fixture(scope="module")
+def speech(librivox_clips) -> np.ndarray:
+    """Three LibriVox clips with 1.5 s of silence after each: three segments, finals between them."""
+    gap = np.zeros(int(1.5 * RATE), np.float32)
+    parts = []
+    for clip in librivox_clips[:3]:
+        parts += [decode_audio(clip, RATE), gap]
+    return np.concatenate(parts)
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+class Client:
+    """A raw /v1/stream client that records every event and can send audio from any position."""
+
+    def __init__(self, url: str) -> None:
+        self.url = ws_url(url)
+        self.events: list[dict] = []
+        self.ws = None
+
+    async def connect(self, **start) -> dict:
+        self.ws = await websockets.connect(self.url, max_size=None)
+        await self.ws.send(json.dumps({"type": "session.start", **start}))
+        return await self.next_event()
+
+    async def next_event(self, timeout_s: float = 60.0) -> dict:
+        event = json.loads(await asyncio.wait_for(self.ws.recv(), timeout_s))
+        self.events.append(event)
+        return event
+
+    async def until(self, predicate, timeout_s: float = 90.0) -> list[dict]:
+        got = []
+        async with asyncio.timeout(timeout_s):
+            while True:
+                got.append(await self.next_event())
+                if predicate(got[-1]):
+                    return got
+
+    async def send_audio(self, audio: np.ndarray, from_ms: int, to_ms: int, speed: float = 4.0) -> None:
+        data = pcm16(audio)
+        for start in range(from_ms * RATE // 1000, min(to_ms * RATE // 1000, len(audio)), CHUNK):
+            await self.ws.send(
+                pack_media(MediaKind.AUDIO, start * 1000 // RATE, data[2 * start : 2 * (start + CHUNK)])
+            )
+            await asyncio.sleep(0.1 / speed)
+
+
+def finals(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["type"] == "caption.final"]
+
+
+async def test_gateway_killed_mid_session_resumes_on_another_replica(backends, speech):
+    redis_url = "redis://127.0.0.1:6379/0"
+    first = GatewayProcess(backends, GEMMA_MESH_GATEWAY_REDIS_URL=redis_url)
+    second = GatewayProcess(backends, GEMMA_MESH_GATEWAY_REDIS_URL=redis_url)
+    first.start()
+    second.start()
+    try:
+        client = Client(first.url)
+        started = await client.connect()
+        session_id = started["session_id"]
+        # Stream until the first segment's final arrives, then a little more, then kill the replica.
+        sender = asyncio.create_task(client.send_audio(speech, 0, len(speech) * 1000 // RATE, speed=2.0))
+        await client.until(lambda e: e["type"] == "caption.final")
+        await asyncio.sleep(0.5)
+        first.kill()
+        sender.cancel()
+        seen = [e for e in client.events]
+        committed = finals(seen)
+        assert committed
+
+        # Reconnect to the other replica, claiming to have only event 1: everything after it is replayed.
+        resumed = Client(second.url)
+        first_replayed = await resumed.connect(session_id=session_id, last_event_id=1)
+        replay = [first_replayed, *await resumed.until(lambda e: e["type"] == "session.started")]
+        replayed, restarted = replay[:-1], replay[-1]
+        assert [e["event_id"] for e in replayed] == list(range(2, replayed[-1]["event_id"] + 1))
+        by_id = {e["event_id"]: e for e in replayed}
+        for event in seen[1:]:
+            assert by_id[event["event_id"]] == event  # identical content, nothing committed lost
+        assert restarted["resumed"] and restarted["session_id"] == session_id
+        assert restarted["event_id"] > max(e["event_id"] for e in seen)
+
+        # Continue from the gateway's durable audio clock: the rest of the speech is captioned.
+        clock = restarted["audio_clock_ms"]
+        assert clock >= committed[-1]["end_ms"]
+        await resumed.send_audio(speech, clock, len(speech) * 1000 // RATE, speed=8.0)
+        await resumed.ws.send(json.dumps({"type": "session.end"}))
+        tail = await resumed.until(lambda e: e["type"] == "session.ended")
+        all_finals = finals(replayed) + finals(tail)
+        segment_ids = [f["segment_id"] for f in all_finals]
+        assert segment_ids == sorted(set(segment_ids))
+        assert len(all_finals) >= 3
+        ids = [e["event_id"] for e in replay + tail]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        await resumed.ws.close()
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def test_redis_restart_mid_session_loses_no_caption(backends, speech, tmp_path):
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    server.start()
+    try:
+        with GatewayThread(backends.gateway_settings(redis_url=server.url)) as url:
+            client = Client(url)
+            started = await client.connect()
+            total_ms = len(speech) * 1000 // RATE
+            await client.send_audio(speech, 0, total_ms // 3)
+            server.kill()  # Redis down while captions keep coming
+            await client.send_audio(speech, total_ms // 3, 2 * total_ms // 3)
+            server.start()
+            await client.send_audio(speech, 2 * total_ms // 3, total_ms)
+            await client.ws.send(json.dumps({"type": "session.end"}))
+            await client.until(lambda e: e["type"] == "session.ended")
+            await client.ws.close()
+            live_finals = finals(client.events)
+            assert len(live_finals) >= 3
+        # A fresh replica on the restarted Redis replays every event, finals included.
+        with GatewayThread(backends.gateway_settings(redis_url=server.url)) as url:
+            replay_client = Client(url)
+            first = await replay_client.connect(session_id=started["session_id"], last_event_id=0)
+            replay = [
+                first,
+                *await replay_client.until(lambda e: e["type"] == "session.started" and e["resumed"]),
+            ]
+            await replay_client.ws.close()
+        stored = [e for e in replay[:-1]]
+        assert [e["event_id"] for e in stored] == [e["event_id"] for e in client.events]
+        assert finals(stored) == live_finals
+    finally:
+        server.kill()
