@@ -1,0 +1,63 @@
+"""Paths, tool checks and manifest helpers shared by the deployment tests (tests/deploy)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+CHART = REPO / "helm" / "gemma-mesh"
+CRDS = Path(__file__).resolve().parent / "crds"
+
+RELEASE = "gemma-mesh"
+NAMESPACE = "gemma-mesh"
+BACKENDS = ("decoder", "audio", "vision")
+COMPONENTS = (*BACKENDS, "gateway")
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of executable ``name``; fails (never skips) when it is not installed."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: {install}", pytrace=False)
+    return path
+
+
+def import_helm() -> Any:
+    try:
+        import helm_python
+    except ImportError as exc:  # pragma: no cover - the test extra installs it
+        pytest.fail(f"helm-python-sdk is not installed ({exc}): pip install -e '.[test]'", pytrace=False)
+    return helm_python
+
+
+def production_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values-production.yaml").read_text())
+
+
+def parse_manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Every Kubernetes object of a ``Chart.render`` result (NOTES.txt and empty documents dropped)."""
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def by_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
+
+
+def pod_specs(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``"Kind/name"`` -> pod spec of every workload (Deployment, StatefulSet, Job)."""
+    return {
+        f"{m['kind']}/{m['metadata']['name']}": m["spec"]["template"]["spec"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet")
+    }
