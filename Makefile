@@ -3,9 +3,10 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := pocketsphinx-testdata ffmpeg espeak-ng
+# chromium: the browser test; prometheus: promtool (rule tests, /metrics checks); redis-server: tests of their own.
+APT_PACKAGES := pocketsphinx-testdata ffmpeg espeak-ng chromium prometheus redis-server
 
-.PHONY: setup apt venv demo test lint bundle protos
+.PHONY: setup apt venv demo test lint bundle protos schemas redis
 
 setup: apt venv
 
@@ -40,6 +41,18 @@ bundle: venv
 protos: venv
 	$(PY) scripts/gen_protos.py
 
-test: setup lint
+schemas: venv
+	$(PY) scripts/gen_schemas.py
+
+# The tests use the Redis on 127.0.0.1:6379 (and start their own redis-server for restarts).
+redis:
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || { \
+	  echo "starting redis-server on 127.0.0.1:6379"; \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+	    --dir /tmp --logfile /tmp/gemma-mesh-redis.log; \
+	  for i in $$(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done; }
+
+test: setup lint redis
 	$(PY) scripts/gen_protos.py --check
+	$(PY) scripts/gen_schemas.py --check
 	$(VENV)/bin/pytest -q

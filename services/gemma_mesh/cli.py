@@ -377,7 +377,7 @@ def demo(
         console.print("starting the mesh (decoder, audio, vision, gateway) ...")
         async with Mesh(MeshConfig(bundle=bundle, port=port, log_level=_child_level())) as mesh:
             console.print(f"[bold]page[/bold]   {mesh.urls()['page']}")
-            options = StreamOptions(audio=speech, image=photo, url=mesh.gateway_url, fps=1.0)
+            options = StreamOptions(audio=speech, image=photo, url=mesh.gateway_url, fps=1.0, realtime=True)
             with StreamView() as view:
                 result = await run_stream(options, view.on_event)
             finals = result.of_type("caption.final")

@@ -154,8 +154,9 @@ async def stream(options: StreamOptions, on_event: Callable[[dict], None] | None
                     if event["type"] == "error" and event.get("fatal"):
                         raise InvalidRequest(f"session closed by the gateway: {event['message']}")
                 sender.cancel()
-        except (websockets.ConnectionClosed, OSError):
-            pass
+        except (websockets.ConnectionClosed, OSError) as error:
+            if result.session_id is None:
+                raise InvalidRequest(f"cannot connect to {ws_url}: {error}") from None
         result.reconnects = attempt + 1
         await asyncio.sleep(min(0.5 * 2**attempt, 5.0))
     raise InvalidRequest(f"connection to {ws_url} lost {MAX_RECONNECTS + 1} times; giving up")

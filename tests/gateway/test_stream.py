@@ -10,7 +10,9 @@ import asyncio
 import io
 import itertools
 import json
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import websockets
@@ -34,6 +36,15 @@ def speech_bounds_ms(audio: np.ndarray, window_ms: int = 30) -> tuple[int, int]:
     return int(loud[0] * window_ms), int((loud[-1] + 1) * window_ms)
 
 
+SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
+
+
+def check_schema(event: dict) -> None:
+    """``event`` validates against its committed JSON Schema (docs/schemas/<type>.json)."""
+    schema = json.loads((SCHEMAS / f"{event['type']}.json").read_text())
+    jsonschema.validate(event, schema)
+
+
 def ws_url(base: str) -> str:
     return base.replace("http", "ws", 1) + "/v1/stream"
 
@@ -52,7 +63,8 @@ async def recv_until(ws, predicate, timeout_s: float = 60.0) -> list[dict]:
     async with asyncio.timeout(timeout_s):
         while True:
             event = json.loads(await ws.recv())
-            SERVER_EVENT.validate_python(event)  # every event matches its schema
+            SERVER_EVENT.validate_python(event)  # every event matches its model and its schema
+            check_schema(event)
             events.append(event)
             if predicate(event):
                 return events
@@ -73,6 +85,8 @@ def clip(librivox_clips):
 @pytest.mark.parametrize("realtime", [True, False], ids=["realtime", "4x"])
 async def test_librivox_captions_are_ordered_and_cover_the_speech(gateway_url, clip, realtime):
     result = await stream(StreamOptions(audio=clip, url=gateway_url, realtime=realtime, speed=4.0))
+    for event in result.events:
+        check_schema(event)
     ids = [e["event_id"] for e in result.events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] == 1
     kinds = [e["type"] for e in result.events]
