@@ -50,6 +50,21 @@ def parse_manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
     return docs
 
 
+def settings_class(component: str) -> type:
+    """The pydantic-settings class that reads ``GEMMA_MESH_<COMPONENT>_*``."""
+    from gemma_mesh.audio.settings import AudioSettings
+    from gemma_mesh.decoder.settings import DecoderSettings
+    from gemma_mesh.gateway.settings import GatewaySettings
+    from gemma_mesh.vision.settings import VisionSettings
+
+    return {
+        "decoder": DecoderSettings,
+        "audio": AudioSettings,
+        "vision": VisionSettings,
+        "gateway": GatewaySettings,
+    }[component]
+
+
 def by_kind(manifests: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
 

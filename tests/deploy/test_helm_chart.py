@@ -26,6 +26,7 @@ from tests.deploy.deploy_helpers import (
     import_helm,
     pod_specs,
     production_values,
+    settings_class,
 )
 
 # The chart's minimum (Chart.yaml kubeVersion: native gRPC probes) and the newest release whose
@@ -339,26 +340,12 @@ def test_hpa_minimum_above_maximum_fails(chart: Any) -> None:
 # --- settings, wiring, isolation -----------------------------------------------------------------
 
 
-def _settings_class(component: str) -> type:
-    from gemma_mesh.audio.settings import AudioSettings
-    from gemma_mesh.decoder.settings import DecoderSettings
-    from gemma_mesh.gateway.settings import GatewaySettings
-    from gemma_mesh.vision.settings import VisionSettings
-
-    return {
-        "decoder": DecoderSettings,
-        "audio": AudioSettings,
-        "vision": VisionSettings,
-        "gateway": GatewaySettings,
-    }[component]
-
-
 def test_environment_is_what_the_settings_classes_read(
     manifests: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every GEMMA_MESH_* variable names a settings field, and the settings class accepts its value."""
     for component in COMPONENTS:
-        cls = _settings_class(component)
+        cls = settings_class(component)
         prefix = f"GEMMA_MESH_{component.upper()}_"
         env = _env(manifests, component)
         assert set(env) == {k for k in env if k.startswith(prefix)}, f"{component}: foreign variables"
