@@ -245,3 +245,19 @@ def test_http_health_check() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_wheel_carries_the_files_the_services_read_at_run_time() -> None:
+    """The images install the project's wheel: its package data must hold the embedded bundle, the
+    prompt templates and the gateway's browser page (setuptools packs only what package-data names)."""
+    import tomllib
+
+    package = REPO / "services" / "gemma_mesh"
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    packed = {p for pattern in patterns["gemma_mesh"] for p in package.glob(pattern) if p.is_file()}
+    needed = [
+        package / "model" / "embedded" / "tiny" / "manifest.json",
+        *(p for p in (package / "gateway" / "static").rglob("*") if p.is_file()),
+    ]
+    missing = sorted(str(p.relative_to(package)) for p in needed if p not in packed)
+    assert missing == [], f"not in [tool.setuptools.package-data] of pyproject.toml: {missing}"
