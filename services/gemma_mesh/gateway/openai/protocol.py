@@ -20,7 +20,7 @@ are in ``serving.py``.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -203,7 +203,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     # --8<-- [end:chat-completion-extra-params]
 
     # Sampling defaults when the request leaves a field out (OpenAI's, not the checkpoint's).
-    _DEFAULT_SAMPLING_PARAMS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # noqa: RUF012
+    _DEFAULT_SAMPLING_PARAMS: ClassVar[dict[str, Any]] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
     @field_validator("n")
     @classmethod

@@ -1,0 +1,389 @@
+"""The OpenAI-compatible API's logic: chat completions and models (audio files: ``serving_transcription``).
+
+Mirrors vLLM's ``OpenAIServingChat`` and ``OpenAIServingModels`` (``vllm/entrypoints/openai/``):
+each handler takes a parsed request and returns a response model or an async generator of SSE
+lines; it never builds HTTP responses (``router.py`` does). Errors are the mesh's classes (``common.errors``), which the
+app turns into OpenAI error bodies with their HTTP status: ``InvalidRequest`` (400) names the
+parameter and the limit, ``NotFound`` (404) an unknown model, ``PayloadTooLarge`` (413) a body over
+``max_request_bytes`` or an upload over ``max_upload_bytes``; backend errors pass through.
+
+Media: ``image_url`` must be a base64 ``data:image/...`` URL (the gateway fetches nothing); the
+encoded bytes go to ``VisionEncoder.Encode``. ``input_audio`` is decoded here (``model.audio_io``,
+16 kHz mono float32; over ``max_audio_s`` refused from the header) and sent as PCM to
+``AudioFrontend.Encode``, which splits clips longer than the model's audio window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.clients import ChatMessage, Delta, Done, MeshClient, Part
+from gemma_mesh.gateway.live.captions import RATE_HZ
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.openai.protocol import (
+    ChatCompletionAssistantMessage,
+    ChatCompletionContentPartImage,
+    ChatCompletionContentPartInputAudio,
+    ChatCompletionMessage,
+    ChatCompletionMessageParam,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatCompletionSystemMessage,
+    ChatCompletionToolMessage,
+    CompletionTokensDetails,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    UsageInfo,
+)
+from gemma_mesh.gateway.settings import GatewaySettings
+from gemma_mesh.model.audio_io import decode_audio
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+class PayloadTooLarge(InvalidRequest):
+    """A request body or upload over its byte limit (HTTP 413, OpenAI's ``invalid_request_error``)."""
+
+    http_status = 413
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """vLLM's ``_check_model``: None or the served name pass. Raises NotFound (404)."""
+    if requested is not None and requested != served:
+        raise NotFound(f"The model `{requested}` does not exist.", param="model")
+
+
+def sse(payload: str) -> str:
+    """One server-sent event: ``data: <payload>`` and a blank line."""
+    return f"data: {payload}\n\n"
+
+
+def error_event(error: MeshError) -> str:
+    """The SSE ``data:`` event of an error that happens after the stream started (then ``[DONE]``)."""
+    info = ErrorInfo(message=error.message, type=error.code, param=error.param, code=error.code)
+    return sse(ErrorResponse(error=info).model_dump_json())
+
+
+def decode_base64(data: str, *, param: str) -> bytes:
+    """Strict base64 (whitespace ignored). Raises InvalidRequest naming ``param``."""
+    try:
+        return base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{param} is not valid base64", param=param) from None
+
+
+def image_bytes(url: str, *, param: str) -> bytes:
+    """The bytes of an ``image_url``: only ``data:image/<type>;base64,<data>`` URLs.
+
+    Raises:
+        InvalidRequest: a remote (http/https) or other URL, a non-image media type, no ``;base64``,
+            bad base64 or empty data.
+    """
+    if url.startswith(("http://", "https://")):
+        raise InvalidRequest(
+            f"{param}: remote image URLs are not fetched (this server has no network access); "
+            "send the image inline as a data URL: data:image/jpeg;base64,...",
+            param=param,
+        )
+    header, comma, payload = url.partition(",")
+    if not url.startswith("data:") or not comma:
+        raise InvalidRequest(f"{param} must be a data URL (data:image/jpeg;base64,...)", param=param)
+    media_type, *params = header[len("data:") :].split(";")
+    if media_type and not media_type.startswith("image/"):
+        raise InvalidRequest(f"{param}: the data URL holds {media_type}, not an image", param=param)
+    if "base64" not in params:
+        raise InvalidRequest(f"{param}: only base64 data URLs are accepted (;base64,)", param=param)
+    data = decode_base64(payload, param=param)
+    if not data:
+        raise InvalidRequest(f"{param}: the image data is empty", param=param)
+    return data
+
+
+async def gather_or_cancel(*awaitables: Awaitable) -> list:
+    """``asyncio.gather`` that cancels the other calls when one fails (no orphaned backend work)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+async def _naming(param: str, work: Awaitable[T]) -> T:
+    """``work``, with an encoder's InvalidRequest re-raised naming the request field at fault."""
+    try:
+        return await work
+    except InvalidRequest as error:
+        raise InvalidRequest(f"{param}: {error.message}", param=param) from None
+
+
+def _text_of(content: str | list | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "\n".join(part.text for part in content)
+
+
+class OpenAIServingModels:
+    """``/v1/models``: the one served model."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.name = settings.served_model_name
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.name, root=self.name)])
+
+    def show_model(self, model_id: str) -> ModelCard:
+        """Raises NotFound (404) for any other id."""
+        check_model(model_id, self.name)
+        return ModelCard(id=self.name, root=self.name)
+
+
+class OpenAIServingChat:
+    """``/v1/chat/completions`` (vLLM's ``OpenAIServingChat``).
+
+    Limits (``GatewaySettings``): ``max_completion_tokens`` (largest ``max_tokens``; also the default),
+    ``max_images_per_request``, ``max_audio_s`` (all ``input_audio`` of a request together), and the
+    decoder's context length (its InvalidRequest passes through).
+    """
+
+    def __init__(self, clients: MeshClient, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.clients = clients
+        self.settings = settings
+        self.metrics = metrics
+
+    async def create_chat_completion(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """The answer, or (``stream``) an async generator of SSE lines ending with ``data: [DONE]``.
+
+        Everything that can fail because of the request (model, limits, media, the decoder's prompt
+        checks) fails before this returns, so a stream only starts once the first token is ready.
+
+        Raises:
+            NotFound: unknown model. InvalidRequest: limits, bad media, prompt over the context.
+            Overloaded, BackendUnavailable: from the backends.
+        """
+        check_model(request.model, self.settings.served_model_name)
+        limit = self.settings.max_completion_tokens
+        max_tokens = request.requested_max_tokens or limit
+        if max_tokens > limit:
+            param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            raise InvalidRequest(
+                f"{param}={max_tokens} is over this server's limit of {limit} (max_completion_tokens)",
+                param=param,
+            )
+        messages = await self._mesh_messages(request.messages)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        events = self.clients.generate(messages, request.to_sampling(max_tokens), request_id=request_id)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        if request.stream:
+            return self._stream(request, request_id, first, events)
+        return await self._full(request, request_id, first, events)
+
+    # --- request -> mesh messages -------------------------------------------------------
+    async def _mesh_messages(self, messages: list[ChatCompletionMessageParam]) -> list[ChatMessage]:
+        """OpenAI messages -> ``ChatMessage`` parts, media encoded concurrently, in order."""
+        images: list[tuple[str, bytes]] = []
+        audios: list[tuple[str, bytes]] = []
+        for i, message in enumerate(messages):
+            if isinstance(message.content, list):
+                for j, part in enumerate(message.content):
+                    if isinstance(part, ChatCompletionContentPartImage):
+                        param = f"messages.{i}.content.{j}.image_url.url"
+                        images.append((param, image_bytes(part.image_url.url, param=param)))
+                    elif isinstance(part, ChatCompletionContentPartInputAudio):
+                        param = f"messages.{i}.content.{j}.input_audio.data"
+                        audios.append((param, decode_base64(part.input_audio.data, param=param)))
+        if len(images) > self.settings.max_images_per_request:
+            raise InvalidRequest(
+                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request} "
+                "(max_images_per_request)",
+                param="messages",
+            )
+        pcm = await gather_or_cancel(*(self._decode_audio(param, data) for param, data in audios))
+        total_s = sum(a.shape[0] for a in pcm) / RATE_HZ
+        if total_s > self.settings.max_audio_s:
+            raise InvalidRequest(
+                f"{total_s:.1f} s of input_audio in one request; the limit is "
+                f"{self.settings.max_audio_s:.0f} s (max_audio_s)",
+                param="messages",
+            )
+        encoded = await gather_or_cancel(
+            *(_naming(param, self.clients.encode_image(data)) for param, data in images),
+            *(
+                _naming(param, self.clients.encode_audio(pcm_f32=a, sample_rate_hz=RATE_HZ))
+                for (param, _), a in zip(audios, pcm, strict=True)
+            ),
+        )
+        image_parts = [[Part(soft_tokens=e.soft_tokens)] for e in encoded[: len(images)]]
+        audio_parts = [[Part(soft_tokens=s.soft_tokens) for s in e[0]] for e in encoded[len(images) :]]
+        out = []
+        for i, message in enumerate(messages):
+            out.append(self._mesh_message(i, message, image_parts, audio_parts))
+        return out
+
+    async def _decode_audio(self, param: str, data: bytes) -> np.ndarray:
+        try:
+            return await asyncio.to_thread(
+                decode_audio, data, RATE_HZ, max_duration_s=self.settings.max_audio_s
+            )
+        except InvalidRequest as error:
+            raise InvalidRequest(f"{param}: {error.message}", param=param) from None
+
+    @staticmethod
+    def _mesh_message(
+        i: int, message: ChatCompletionMessageParam, images: list[list[Part]], audios: list[list[Part]]
+    ) -> ChatMessage:
+        if isinstance(message, ChatCompletionToolMessage):
+            raise InvalidRequest(
+                f"messages.{i}: role 'tool' is not supported (no tool calling)", param=f"messages.{i}"
+            )
+        if isinstance(message, ChatCompletionSystemMessage):
+            return ChatMessage("system", [Part(text=_text_of(message.content))])
+        if isinstance(message, ChatCompletionAssistantMessage):
+            if message.tool_calls:
+                raise InvalidRequest(
+                    f"messages.{i}.tool_calls is not supported (no tool calling)",
+                    param=f"messages.{i}.tool_calls",
+                )
+            return ChatMessage("assistant", [Part(text=_text_of(message.content))])
+        if isinstance(message.content, str):
+            return ChatMessage("user", [Part(text=message.content)])
+        parts: list[Part] = []
+        for part in message.content:
+            if isinstance(part, ChatCompletionContentPartImage):
+                parts.extend(images.pop(0))
+            elif isinstance(part, ChatCompletionContentPartInputAudio):
+                parts.extend(audios.pop(0))
+            else:
+                parts.append(Part(text=part.text))
+        return ChatMessage("user", parts)
+
+    # --- responses ----------------------------------------------------------------------
+    @staticmethod
+    async def _events(
+        first: Delta | Done, events: AsyncIterator[Delta | Done]
+    ) -> AsyncIterator[Delta | Done]:
+        yield first
+        async for event in events:
+            yield event
+
+    def _usage(self, done: Done, reasoning_tokens: int, thinking: bool) -> UsageInfo:
+        self.metrics.tokens_generated.inc(done.completion_tokens)
+        return UsageInfo(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_prompt_tokens),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
+            if thinking
+            else None,
+        )
+
+    async def _full(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        first: Delta | Done,
+        events: AsyncIterator[Delta | Done],
+    ) -> ChatCompletionResponse:
+        thinking = request.enable_thinking
+        answer: list[str] = []
+        reasoning: list[str] = []
+        reasoning_tokens = 0
+        done: Done | None = None
+        async for event in self._events(first, events):
+            if isinstance(event, Done):
+                done = event
+            elif event.channel == "reasoning":
+                reasoning.append(event.text)
+                reasoning_tokens += len(event.token_ids)
+            else:
+                answer.append(event.text)
+        assert done is not None, "decoder stream ended without a Finished message"
+        message = ChatCompletionMessage(
+            content="".join(answer), reasoning_content="".join(reasoning) if thinking else None
+        )
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.settings.served_model_name,
+            choices=[ChatCompletionResponseChoice(message=message, finish_reason=done.finish_reason)],
+            usage=self._usage(done, reasoning_tokens, thinking),
+        )
+
+    async def _stream(
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        first: Delta | Done,
+        events: AsyncIterator[Delta | Done],
+    ) -> AsyncIterator[str]:
+        """SSE lines as OpenAI sends them: a role chunk, content/reasoning deltas, a chunk with the
+        finish reason, the usage chunk (``include_usage``), ``[DONE]``. A failure midway is sent as
+        an error event, then ``[DONE]``. Closing this generator cancels the decoder call."""
+        created = int(time.time())
+        thinking = request.enable_thinking
+
+        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
+            choice = ChatCompletionResponseStreamChoice(delta=delta, finish_reason=finish_reason)
+            return sse(
+                ChatCompletionStreamResponse(
+                    id=request_id, created=created, model=self.settings.served_model_name, choices=[choice]
+                ).model_dump_json()
+            )
+
+        try:
+            try:
+                yield chunk(DeltaMessage(role="assistant", content=""))
+                reasoning_tokens = 0
+                async for event in self._events(first, events):
+                    if isinstance(event, Done):
+                        yield chunk(DeltaMessage(), event.finish_reason)
+                        usage = self._usage(event, reasoning_tokens, thinking)
+                        if request.include_usage:
+                            final = ChatCompletionStreamResponse(
+                                id=request_id,
+                                created=created,
+                                model=self.settings.served_model_name,
+                                choices=[],
+                                usage=usage,
+                            )
+                            yield sse(final.model_dump_json())
+                    elif event.channel == "reasoning":
+                        reasoning_tokens += len(event.token_ids)
+                        if thinking and event.text:
+                            yield chunk(DeltaMessage(reasoning_content=event.text))
+                    elif event.text:
+                        yield chunk(DeltaMessage(content=event.text))
+            except MeshError as error:
+                self.metrics.errors.labels(error.code).inc()
+                yield error_event(error)
+            except Exception as error:  # reported to the client, logged here
+                log.exception("chat stream failed", request_id=request_id)
+                yield error_event(MeshError(f"internal error: {type(error).__name__}"))
+            yield sse("[DONE]")
+        finally:
+            await events.aclose()

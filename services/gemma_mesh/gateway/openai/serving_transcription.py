@@ -1,0 +1,199 @@
+"""Transcriptions and translations of uploaded audio files (vLLM's ``OpenAIServingTranscription``).
+
+Split from ``serving.py`` (chat and models), as vLLM splits ``serving_chat.py`` and
+``serving_transcription.py``; the same rules hold: parsed request in, response model or text out,
+errors raised as the mesh's classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import zlib
+
+import numpy as np
+
+from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.gateway.captioning import (
+    RepetitionGuard,
+    SegmentClosed,
+    SileroVad,
+    VadSegmenter,
+    VadSettings,
+)
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.live.captions import RATE_HZ, transcribe
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.openai.protocol import (
+    TranscriptionRequest,
+    TranscriptionResponse,
+    TranscriptionResponseVerbose,
+    TranscriptionSegment,
+    TranscriptionUsage,
+)
+from gemma_mesh.gateway.openai.serving import PayloadTooLarge, check_model, gather_or_cancel
+from gemma_mesh.gateway.prompts import language_name, normalize_language
+from gemma_mesh.gateway.protocol import SessionConfig
+from gemma_mesh.gateway.settings import GatewaySettings
+from gemma_mesh.model.audio_io import decode_audio
+
+MAX_CONCURRENT_SEGMENT_DECODES = 4  # VAD segments of one upload decoded at once (the decoder batches)
+VAD_PUSH_SAMPLES = 10 * RATE_HZ  # upload audio goes through the VAD in 10 s pieces
+
+
+def _timestamp(seconds: float, decimal: str) -> str:
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
+
+
+def to_srt(segments: list[TranscriptionSegment]) -> str:
+    """SubRip: numbered cues from 1, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, a blank line after each."""
+    return "".join(
+        f"{n}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{s.text}\n\n"
+        for n, s in enumerate(segments, start=1)
+    )
+
+
+def to_vtt(segments: list[TranscriptionSegment]) -> str:
+    """WebVTT: the ``WEBVTT`` header, then ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` cues."""
+    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{s.text}\n\n" for s in segments)
+    return f"WEBVTT\n\n{cues}"
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's: UTF-8 bytes over zlib-compressed bytes (high = repetitive)."""
+    raw = text.encode()
+    return round(len(raw) / len(zlib.compress(raw)), 4) if raw else 0.0
+
+
+class OpenAIServingTranscription:
+    """``/v1/audio/transcriptions`` and ``/v1/audio/translations`` (vLLM's ``OpenAIServingTranscription``).
+
+    The file is decoded to 16 kHz mono (WAV, FLAC, MP3, OGG, WebM, anything FFmpeg reads). Audio up
+    to the VAD's ``max_segment_ms`` (30 s) is one segment, decoded whole; longer audio is cut by the
+    same Silero VAD segmenter as live captions (segments close on silence or are split at the
+    quietest point at 30 s; non-speech between segments is skipped, nothing is truncated). Every
+    segment is decoded with ``live.captions.transcribe``, the live final-caption decode, and cleaned
+    by the same ``RepetitionGuard`` (decoder loops cut; a segment left without words is dropped, as
+    live finals are), so a file gives exactly the text of live captions of the same audio.
+    Translations translate into English.
+
+    Limits: ``max_upload_bytes`` (413), ``max_audio_s`` (400, from the file's header when it has the
+    length); per segment the live captions' token budget (``max_caption_tokens``,
+    ``caption_tokens_per_audio_s``), so the texts agree.
+    """
+
+    def __init__(
+        self,
+        clients: MeshClient,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics,
+        vad_settings: VadSettings,
+    ) -> None:
+        self.clients = clients
+        self.settings = settings
+        self.metrics = metrics
+        self.vad_settings = vad_settings
+
+    async def create_transcription(
+        self, data: bytes, request: TranscriptionRequest, task: str = "transcribe"
+    ) -> TranscriptionResponse | TranscriptionResponseVerbose | str:
+        """``task`` ``transcribe`` or ``translate`` -> the response model (json, verbose_json) or the
+        text of a plain format (text, srt, vtt).
+
+        Raises:
+            NotFound: unknown model. PayloadTooLarge: over ``max_upload_bytes``.
+            InvalidRequest: bad language tag, undecodable or over-long audio.
+        """
+        check_model(request.model, self.settings.served_model_name)
+        if len(data) > self.settings.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"file is {len(data)} bytes; the limit is {self.settings.max_upload_bytes} bytes (max_upload_bytes)",
+                param="file",
+            )
+        source = normalize_language(request.language, param="language") if request.language else None
+        if task == "translate":
+            config = SessionConfig(task="translate", source_language=source, target_language="en")
+            language = "english"
+        else:
+            config = SessionConfig(task="transcribe", source_language=source)
+            language = language_name(source, param="language").lower() if source else "unknown"
+        try:
+            audio = await asyncio.to_thread(
+                decode_audio, data, RATE_HZ, max_duration_s=self.settings.max_audio_s
+            )
+        except InvalidRequest as error:
+            raise InvalidRequest(f"file: {error.message}", param="file") from None
+        duration_s = audio.shape[0] / RATE_HZ
+        spans = await self._segments(audio)
+        texts = await self._decode_all(spans, config)
+        segments = [
+            TranscriptionSegment(
+                id=n,
+                seek=start * 100 // RATE_HZ,
+                start=round(start / RATE_HZ, 3),
+                end=round(end / RATE_HZ, 3),
+                text=text,
+                compression_ratio=compression_ratio(text),
+            )
+            for n, ((start, end, _), text) in enumerate(
+                (s, t) for s, t in zip(spans, texts, strict=True) if t
+            )
+        ]
+        text = " ".join(s.text for s in segments)
+        usage = TranscriptionUsage(seconds=math.ceil(duration_s))
+        fmt = request.response_format
+        if fmt == "json":
+            return TranscriptionResponse(text=text, usage=usage)
+        if fmt == "verbose_json":
+            return TranscriptionResponseVerbose(
+                task=task,
+                language=language,
+                duration=round(duration_s, 3),
+                text=text,
+                segments=segments,
+                usage=usage,
+            )
+        if fmt == "srt":
+            return to_srt(segments)
+        if fmt == "vtt":
+            return to_vtt(segments)
+        return text + "\n"
+
+    async def _segments(self, audio: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """``(start_sample, end_sample, audio)`` of each speech segment: the whole clip when it fits
+        in one segment, else the VAD's segments."""
+        max_samples = self.vad_settings.max_segment_ms * RATE_HZ // 1000
+        if audio.shape[0] <= max_samples:
+            return [(0, audio.shape[0], audio)]
+        closed = await asyncio.to_thread(self._run_vad, audio)
+        return [(c.start_sample, c.end_sample, c.audio) for c in closed if c.end_sample > c.start_sample]
+
+    def _run_vad(self, audio: np.ndarray) -> list[SegmentClosed]:
+        segmenter = VadSegmenter(SileroVad(self.vad_settings.model_path), self.vad_settings)
+        events = []
+        for begin in range(0, audio.shape[0], VAD_PUSH_SAMPLES):
+            events += segmenter.push(audio[begin : begin + VAD_PUSH_SAMPLES])
+        events += segmenter.flush()
+        return [e for e in events if isinstance(e, SegmentClosed)]
+
+    async def _decode_all(self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig) -> list[str]:
+        limit = asyncio.Semaphore(MAX_CONCURRENT_SEGMENT_DECODES)
+        guard = RepetitionGuard()  # the live pipeline's guard (stateless), so finals and files agree
+
+        async def one(audio: np.ndarray) -> str:
+            async with limit:
+                text, tokens = await transcribe(
+                    self.clients,
+                    audio,
+                    config,
+                    self.settings.max_caption_tokens,
+                    tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
+                )
+            self.metrics.tokens_generated.inc(tokens)
+            return guard.clean(text)
+
+        return await gather_or_cancel(*(one(audio) for _, _, audio in spans))
