@@ -31,8 +31,8 @@ demo: setup
 	$(VENV)/bin/gemma-mesh demo
 
 lint: venv
-	$(VENV)/bin/ruff check services tests scripts bench
-	$(VENV)/bin/ruff format --check services tests scripts bench
+	$(VENV)/bin/ruff check services tests scripts bench deploy
+	$(VENV)/bin/ruff format --check services tests scripts bench deploy
 
 # Regenerate the embedded bundle after changing make-tiny or the exporter.
 bundle: venv

@@ -118,9 +118,14 @@ def create_server(
         ``(server, bound_port, health_servicer)``; a service is unknown to health checks (NOT_FOUND,
         i.e. not ready) until the caller marks it ready with ``await mark_serving(...)``.
     """
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()], options=message_options(settings.max_message_bytes)
-    )
+    options = [
+        *message_options(settings.max_message_bytes),
+        # Clients re-resolve DNS only when a connection closes: ageing connections out lets the
+        # gateway's round_robin see pods added by a scale-up (headless Services in Kubernetes).
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000) + 60_000),
+    ]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -34,5 +34,10 @@ class GrpcServiceSettings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0 = default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators (0 = default)")
+    max_connection_age_s: float = Field(
+        300.0,
+        gt=0,
+        description="Connections are closed (gracefully) after this age, so clients re-resolve DNS",
+    )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight calls get on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

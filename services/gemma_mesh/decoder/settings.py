@@ -13,7 +13,8 @@ class DecoderSettings(GrpcServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="GEMMA_MESH_DECODER_", extra="ignore")
 
-    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together in one step")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    max_batch_size: int = Field(32, ge=1, description="Sequences decoded together in one step")
     max_queue_size: int = Field(
         64, ge=0, description="Requests waiting for a slot; more get RESOURCE_EXHAUSTED"
     )

@@ -78,6 +78,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             max_message_bytes=settings.max_grpc_message_bytes,
             timeout_s=settings.backend_timeout_s,
         )
+        if settings.redis_url:
+            metrics.redis_up.set(1)
+        else:  # no Redis to be up or down: the alert must not see a 0
+            metrics.registry.unregister(metrics.redis_up)
         vad_settings = VadSettings(model_path=settings.vad_model_path)
         from gemma_mesh.gateway.captioning import find_silero_model
 

@@ -61,7 +61,6 @@ class GatewayMetrics:
         self.redis_up = Gauge(
             "gemma_mesh_gateway_redis_up", "1 when the session store is reachable", registry=r
         )
-        self.redis_up.set(1)
         self.http_requests = Counter(
             "gemma_mesh_gateway_http_requests", "HTTP API requests", ["route", "status"], registry=r
         )

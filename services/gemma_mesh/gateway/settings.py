@@ -43,7 +43,11 @@ class GatewaySettings(BaseSettings):
         default_factory=list,
         description="Origins allowed to open /v1/stream and call the API from a page; empty = same origin only",
     )
-    max_sessions_per_key: int = Field(8, ge=1, description="Live WebSocket sessions per API key")
+    max_sessions_per_key: int = Field(
+        64,
+        ge=1,
+        description="Live WebSocket sessions per API key (all callers share one key when auth is off)",
+    )
     max_requests_per_key: int = Field(16, ge=1, description="HTTP API requests in flight per API key")
 
     # --- WebSocket limits -------------------------------------------------------------------
@@ -68,7 +72,12 @@ class GatewaySettings(BaseSettings):
     # --- captioning and frame analysis defaults (a session may override within the limits) ---
     partial_interval_ms: int = Field(700, ge=100, description="Default interval between partial decodes")
     analysis_interval_ms: int = Field(2000, ge=200, description="Default interval between frame analyses")
-    max_caption_tokens: int = Field(96, ge=1, description="Tokens generated per caption decode")
+    max_caption_tokens: int = Field(96, ge=1, description="Most tokens generated per caption decode")
+    caption_tokens_per_audio_s: float = Field(
+        8.0,
+        gt=0,
+        description="Caption token budget: 8 + this many per second of audio, up to max_caption_tokens",
+    )
     max_analysis_tokens: int = Field(64, ge=1, description="Tokens generated per frame analysis")
     vad_model_path: str | None = Field(
         None, description="silero_vad.onnx; None = the file of the installed silero-vad wheel"

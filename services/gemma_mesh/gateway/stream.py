@@ -274,6 +274,7 @@ class StreamConnection:
                 partial_interval_ms=settings.partial_interval_ms,
                 max_tokens=settings.max_caption_tokens,
                 max_pending_audio_s=settings.max_pending_audio_s,
+                tokens_per_audio_s=settings.caption_tokens_per_audio_s,
                 base_ms=base_ms,
                 first_segment_id=int(state.get("next_segment_id", 0)),
                 on_final=self._save_state,

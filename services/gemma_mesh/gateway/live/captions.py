@@ -17,6 +17,7 @@ with an ``error`` event naming the refused span (explicit, never silent).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,18 +49,27 @@ from gemma_mesh.gateway.protocol import (
 log = get_logger(__name__)
 
 RATE_HZ = 16000
+DEFAULT_TOKENS_PER_AUDIO_S = 8.0
 Emit = Callable[[object], Awaitable[None]]
 _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
 
 
 async def transcribe(
-    clients: MeshClient, audio: np.ndarray, config: SessionConfig, max_tokens: int
+    clients: MeshClient,
+    audio: np.ndarray,
+    config: SessionConfig,
+    max_tokens: int,
+    *,
+    tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
 ) -> tuple[str, int]:
     """One decode of 16 kHz float32 mono ``audio`` for the session's task -> (text, completion tokens).
 
     The same call serves live finals and ``/v1/audio/transcriptions``, so both give the same text
-    for the same audio.
+    for the same audio. The token budget grows with the audio: ``8 + tokens_per_audio_s`` per
+    second, capped at ``max_tokens`` (speech runs at ~3-4 text tokens/s; the budget stops a
+    looping decode early instead of running to the cap on every partial).
     """
+    budget = min(max_tokens, 8 + math.ceil(audio.shape[0] / RATE_HZ * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
     else:
@@ -67,7 +77,7 @@ async def transcribe(
     segments, _ = await clients.encode_audio(pcm_f32=audio, sample_rate_hz=RATE_HZ)
     parts = [Part(soft_tokens=s.soft_tokens) for s in segments] + [Part(text=instruction)]
     text, done = await clients.complete(
-        [ChatMessage("user", parts)], Sampling(max_tokens=max_tokens, enable_thinking=False)
+        [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False)
     )
     return text.strip(), done.completion_tokens
 
@@ -95,6 +105,7 @@ class CaptionPipeline:
         partial_interval_ms: int,
         max_tokens: int,
         max_pending_audio_s: float,
+        tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
         base_ms: int = 0,
         first_segment_id: int = 0,
         on_final: Callable[[], Awaitable[None]] | None = None,
@@ -105,6 +116,7 @@ class CaptionPipeline:
         self.metrics = metrics
         self.partial_interval_s = (config.partial_interval_ms or partial_interval_ms) / 1000
         self.max_tokens = max_tokens
+        self.tokens_per_audio_s = tokens_per_audio_s
         self.max_pending = int(max_pending_audio_s * RATE_HZ)
         self.base_ms = base_ms
         self.segment_offset = first_segment_id
@@ -247,7 +259,9 @@ class CaptionPipeline:
 
     async def _decode(self, audio: np.ndarray) -> str | None:
         try:
-            text, tokens = await transcribe(self.clients, audio, self.config, self.max_tokens)
+            text, tokens = await transcribe(
+                self.clients, audio, self.config, self.max_tokens, tokens_per_audio_s=self.tokens_per_audio_s
+            )
         except MeshError as error:
             from gemma_mesh.gateway.protocol import Error
 

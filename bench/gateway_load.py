@@ -1,0 +1,294 @@
+"""Gateway load benchmark: N concurrent live sessions (real-time audio + 1 fps camera) against a local mesh.
+
+The mesh is ``gemma-mesh up`` (four processes: decoder, audio frontend, vision encoder, gateway)
+on the tiny bundle by default. Each session streams LibriVox speech (pocketsphinx-testdata clips
+with 1.5 s pauses, cycled, each session starting at a different clip) in 100 ms PCM16 chunks at
+real time, plus one JPEG (a scikit-image photo) per second, for ``--seconds``.
+
+Figures, measured by the client:
+- partial latency: send time of an audio chunk -> arrival of the first caption event (partial
+  or final) whose range covers it (chunks outside speech segments are never covered: excluded);
+- final latency: the gateway's own histogram (VAD close -> final caption), and the client's view
+  (last speech chunk sent -> final; includes the VAD's 500 ms of silence);
+- audio lost: seconds sent minus seconds the gateway accepted (must be 0), audio refused events;
+- frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session.
+The same figures for one session, measured first in the same run, are the baseline (ratios).
+
+    python bench/gateway_load.py                      # 32 sessions, 30 s, tiny bundle
+    python bench/gateway_load.py --sessions 8 --seconds 20 --bundle BUNDLE
+
+The last line of stdout is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import websockets
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))
+
+from gemma_mesh.common.logging import configure_logging  # noqa: E402
+from gemma_mesh.gateway.protocol import MediaKind, pack_media  # noqa: E402
+from gemma_mesh.model.audio_io import decode_audio  # noqa: E402
+from gemma_mesh.samples import LIBRIVOX_DIR  # noqa: E402
+from gemma_mesh.up import Mesh, MeshConfig, free_port  # noqa: E402
+
+RATE = 16_000
+CHUNK_MS = 100
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@dataclass
+class SessionStats:
+    sent_chunks: list[tuple[int, float]] = field(default_factory=list)  # (end ms, send time)
+    covered: int = 0  # chunks covered so far (prefix of sent_chunks in time order per range)
+    partial_latencies: list[float] = field(default_factory=list)
+    final_latencies: list[float] = field(default_factory=list)
+    audio_sent_s: float = 0.0
+    refused: int = 0
+    errors: list[str] = field(default_factory=list)
+    finals: int = 0
+    analyses: int = 0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def speech_stream() -> list[np.ndarray]:
+    gap = np.zeros(int(1.5 * RATE), np.float32)
+    clips = sorted(LIBRIVOX_DIR.glob("*.wav"))
+    if not clips:
+        sys.exit(f"no LibriVox clips in {LIBRIVOX_DIR}: install Debian's pocketsphinx-testdata")
+    return [np.concatenate([decode_audio(c, RATE), gap]) for c in clips]
+
+
+def photos() -> list[bytes]:
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for name in PHOTOS:
+        image = Image.fromarray(getattr(data, name)())
+        image.thumbnail((320, 320))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=80)
+        out.append(buffer.getvalue())
+    return out
+
+
+async def run_session(url: str, index: int, seconds: float, clips, frames, stats: SessionStats) -> None:
+    order = clips[index % len(clips) :] + clips[: index % len(clips)]
+    audio = np.concatenate(order * (int(seconds * RATE) // sum(len(c) for c in order) + 1))[
+        : int(seconds * RATE)
+    ]
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    chunk_bytes = RATE * CHUNK_MS // 1000 * 2
+    config = {"audio": {"encoding": "pcm_s16le", "sample_rate_hz": RATE}, "video": {"max_fps": 1}}
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "session.start", "config": config}))
+        started = json.loads(await ws.recv())
+        assert started["type"] == "session.started", started
+        receiver = asyncio.create_task(receive(ws, stats))
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        for offset in range(0, len(pcm), chunk_bytes):
+            media_ms = offset // 32
+            if media_ms % 1000 == 0:
+                await ws.send(
+                    pack_media(MediaKind.FRAME, media_ms, frames[(index + media_ms // 1000) % len(frames)])
+                )
+            piece = pcm[offset : offset + chunk_bytes]
+            await ws.send(pack_media(MediaKind.AUDIO, media_ms, piece))
+            stats.sent_chunks.append((media_ms + len(piece) // 32, time.monotonic()))
+            stats.audio_sent_s += len(piece) / 2 / RATE
+            await asyncio.sleep(max(0.0, begin + (media_ms + CHUNK_MS) / 1000 - loop.time()))
+        await ws.send(json.dumps({"type": "session.end"}))
+        await receiver
+
+
+async def receive(ws, stats: SessionStats) -> None:
+    async for raw in ws:
+        event = json.loads(raw)
+        now = time.monotonic()
+        kind = event["type"]
+        if kind in ("caption.partial", "caption.final"):
+            while (
+                stats.covered < len(stats.sent_chunks)
+                and stats.sent_chunks[stats.covered][0] <= event["end_ms"]
+            ):
+                end_ms, sent_at = stats.sent_chunks[stats.covered]
+                if end_ms > event["start_ms"]:
+                    stats.partial_latencies.append(now - sent_at)
+                stats.covered += 1
+            if kind == "caption.final":
+                stats.finals += 1
+                last = [t for e, t in stats.sent_chunks if e >= event["end_ms"]]
+                if last:
+                    stats.final_latencies.append(now - last[0])
+        elif kind == "frame.analysis" and event["done"]:
+            stats.analyses += 1
+        elif kind == "error":
+            if event["code"] == "overloaded_error":
+                stats.refused += 1
+            stats.errors.append(event["message"])
+        elif kind == "session.ended":
+            return
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def histogram_quantile(text: str, name: str, q: float, before: str) -> float | None:
+    """Quantile of the histogram's increase between two scrapes (linear within buckets, as PromQL)."""
+
+    def buckets(t: str) -> list[tuple[float, float]]:
+        found = re.findall(rf'^{re.escape(name)}_bucket{{le="([^"]+)"}} ([0-9.e+]+)$', t, re.M)
+        return [(float("inf") if le == "+Inf" else float(le), float(v)) for le, v in found]
+
+    now, then = buckets(text), dict(buckets(before))
+    delta = [(le, v - then.get(le, 0.0)) for le, v in now]
+    if not delta or delta[-1][1] <= 0:
+        return None
+    rank = q * delta[-1][1]
+    prev_le, prev_v = 0.0, 0.0
+    for le, v in delta:
+        if v >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_v) / max(v - prev_v, 1e-9)
+        prev_le, prev_v = le, v
+    return None
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames) -> dict:
+    url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/stream"
+    pid = mesh.children["gateway"].proc.pid
+    async with httpx.AsyncClient() as client:
+        before = (await client.get(f"{mesh.gateway_url}/metrics")).text
+        rss_before, cpu_before, t0 = proc_rss_mb(pid), proc_cpu_s(pid), time.monotonic()
+        children_before = {name: proc_cpu_s(c.proc.pid) for name, c in mesh.children.items()}
+        stats = [SessionStats() for _ in range(sessions)]
+        peak_rss = rss_before
+
+        async def sample_rss() -> None:
+            nonlocal peak_rss
+            while True:
+                peak_rss = max(peak_rss, proc_rss_mb(pid))
+                await asyncio.sleep(0.5)
+
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.gather(
+            *(run_session(url, i, seconds, clips, frames, stats[i]) for i in range(sessions))
+        )
+        sampler.cancel()
+        elapsed = time.monotonic() - t0
+        cpu = (proc_cpu_s(pid) - cpu_before) / elapsed
+        children_cpu = {
+            name: round(100 * (proc_cpu_s(c.proc.pid) - children_before[name]) / elapsed, 1)
+            for name, c in mesh.children.items()
+        }
+        after = (await client.get(f"{mesh.gateway_url}/metrics")).text
+    partial = [x for s in stats for x in s.partial_latencies]
+    final_client = [x for s in stats for x in s.final_latencies]
+    sent = sum(s.audio_sent_s for s in stats)
+    accepted = metric(after, "gemma_mesh_gateway_audio_seconds_total") - metric(
+        before, "gemma_mesh_gateway_audio_seconds_total"
+    )
+    return {
+        "sessions": sessions,
+        "seconds": seconds,
+        "partial_p50_s": percentile(partial, 50),
+        "partial_p95_s": percentile(partial, 95),
+        "final_p50_s": histogram_quantile(
+            after, "gemma_mesh_gateway_caption_final_latency_seconds", 0.5, before
+        ),
+        "final_p95_s": histogram_quantile(
+            after, "gemma_mesh_gateway_caption_final_latency_seconds", 0.95, before
+        ),
+        "final_client_p95_s": percentile(final_client, 95),
+        "audio_sent_s": round(sent, 2),
+        "audio_lost_s": round(max(0.0, sent - accepted), 3),
+        "audio_refused_messages": sum(s.refused for s in stats),
+        "finals": sum(s.finals for s in stats),
+        "frame_analyses": sum(s.analyses for s in stats),
+        "frames_dropped": metric(after, "gemma_mesh_gateway_frames_dropped_total")
+        - metric(before, "gemma_mesh_gateway_frames_dropped_total"),
+        "errors": sorted({e for s in stats for e in s.errors})[:5],
+        "gateway_cpu_core_pct": round(100 * cpu, 1),
+        "gateway_cpu_pct_per_session": round(100 * cpu / sessions, 2),
+        "gateway_rss_mb_per_session": round((peak_rss - rss_before) / sessions, 2),
+        "gateway_rss_mb": round(peak_rss, 1),
+        "cpu_core_pct_by_service": children_cpu,
+    }
+
+
+def show(result: dict) -> None:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(
+        f"  sessions {result['sessions']:3d}: partial p50 {fmt(result['partial_p50_s'])} s "
+        f"p95 {fmt(result['partial_p95_s'])} s | final p50 {fmt(result['final_p50_s'])} s "
+        f"p95 {fmt(result['final_p95_s'])} s | audio lost {result['audio_lost_s']} s "
+        f"| frames dropped {result['frames_dropped']:.0f} | gateway {result['gateway_cpu_core_pct']}% core, "
+        f"{result['gateway_rss_mb_per_session']} MB/session\n    CPU (% of one core) by service: "
+        + ", ".join(f"{k} {v}" for k, v in result["cpu_core_pct_by_service"].items())
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: embedded tiny)")
+    args = parser.parse_args()
+    configure_logging("WARNING")
+    clips, frames = speech_stream(), photos()
+    print(f"starting the mesh (bundle: {args.bundle or 'embedded tiny'}) ...", flush=True)
+    async with Mesh(MeshConfig(bundle=args.bundle, port=free_port())) as mesh:
+        print(f"baseline: 1 session, {args.seconds:.0f} s", flush=True)
+        baseline = await phase(mesh, 1, args.seconds, clips, frames)
+        show(baseline)
+        print(f"load: {args.sessions} sessions, {args.seconds:.0f} s", flush=True)
+        load = await phase(mesh, args.sessions, args.seconds, clips, frames)
+        show(load)
+    ratio = None
+    if baseline["partial_p95_s"] and load["partial_p95_s"]:
+        ratio = load["partial_p95_s"] / baseline["partial_p95_s"]
+        print(f"  partial p95 at {args.sessions} sessions / 1 session: {ratio:.2f}x")
+    target = load["partial_p95_s"] is not None and load["partial_p95_s"] <= 1.0 and load["audio_lost_s"] == 0
+    print(
+        f"  target (p95 partial <= 1.0 s, no audio lost at {args.sessions} sessions): {'met' if target else 'NOT met'}"
+    )
+    print(json.dumps({"baseline": baseline, "load": load, "partial_p95_ratio": ratio, "target_met": target}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
