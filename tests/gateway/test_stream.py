@@ -246,3 +246,31 @@ async def test_first_message_must_be_session_start(gateway_url):
         await ws.send(pack_media(MediaKind.AUDIO, 0, b"\x00\x00"))
         event = json.loads(await ws.recv())
         assert event["type"] == "error" and "session.start" in event["message"]
+
+
+async def test_live_final_equals_the_offline_transcription_of_the_same_audio(gateway_url, clip, tmp_path):
+    """The segment's audio, cut from what was streamed by the final's timestamps, through
+    /v1/audio/transcriptions gives the final caption's text exactly (the same decode)."""
+    import httpx
+    import soundfile as sf
+
+    result = await stream(StreamOptions(audio=clip, url=gateway_url, speed=4.0))
+    finals = result.of_type("caption.final")
+    assert finals and finals[0]["reason"] == "silence"
+    audio = decode_audio(clip, RATE)
+    streamed = np.concatenate([audio, np.zeros(RATE, np.float32)])  # the client's 1 s tail of silence
+    pcm = (np.clip(streamed, -1, 1) * 32767).astype("<i2")
+    for final in finals:
+        # VAD boundaries are window (512) +- pad (3200) samples: whole multiples of 16 samples (1 ms).
+        segment = pcm[final["start_ms"] * RATE // 1000 : final["end_ms"] * RATE // 1000]
+        path = tmp_path / f"segment{final['segment_id']}.wav"
+        sf.write(path, segment, RATE, subtype="PCM_16")
+        with path.open("rb") as f:
+            reply = httpx.post(
+                f"{gateway_url}/v1/audio/transcriptions",
+                files={"file": (path.name, f, "audio/wav")},
+                data={"model": "gemma-4-e4b-it", "response_format": "json"},
+                timeout=120,
+            )
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["text"] == final["text"]

@@ -35,6 +35,12 @@ class InvalidRequest(MeshError, ValueError):
     ws_close_code = 1008
 
 
+class PayloadTooLarge(InvalidRequest):
+    """A request body or upload over its byte limit (HTTP 413; OpenAI's ``invalid_request_error``)."""
+
+    http_status = 413
+
+
 class NotFound(MeshError, LookupError):
     """A named thing (model, session, graph) does not exist."""
 

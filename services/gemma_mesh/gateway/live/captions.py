@@ -50,6 +50,7 @@ log = get_logger(__name__)
 
 RATE_HZ = 16000
 DEFAULT_TOKENS_PER_AUDIO_S = 8.0
+_GUARD = RepetitionGuard()  # stateless: one for every decode
 Emit = Callable[[object], Awaitable[None]]
 _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
 
@@ -65,7 +66,8 @@ async def transcribe(
     """One decode of 16 kHz float32 mono ``audio`` for the session's task -> (text, completion tokens).
 
     The same call serves live finals and ``/v1/audio/transcriptions``, so both give the same text
-    for the same audio. The token budget grows with the audio: ``8 + tokens_per_audio_s`` per
+    for the same audio; its output has been through the ``RepetitionGuard`` (loops cut; text
+    without words becomes ""). The token budget grows with the audio: ``8 + tokens_per_audio_s`` per
     second, capped at ``max_tokens`` (speech runs at ~3-4 text tokens/s; the budget stops a
     looping decode early instead of running to the cap on every partial).
     """
@@ -79,7 +81,7 @@ async def transcribe(
     text, done = await clients.complete(
         [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False)
     )
-    return text.strip(), done.completion_tokens
+    return _GUARD.clean(text.strip()), done.completion_tokens
 
 
 class CaptionPipeline:
@@ -127,7 +129,6 @@ class CaptionPipeline:
         self._covered = 0  # samples covered by a decode (or known to be non-speech)
         self._finals: deque[SegmentClosed] = deque()
         self._agreement: LocalAgreement | None = None
-        self._guard = RepetitionGuard()
         self._partial_audio_end = 0  # samples of the open segment covered by the last partial
         self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time) not yet covered
         self._closed_at: dict[int, float] = {}
@@ -270,7 +271,7 @@ class CaptionPipeline:
             await self.emit(Error(code=error.code, message=error.message, param=error.param))
             return None
         self.metrics.tokens_generated.inc(tokens)
-        return self._guard.clean(text)
+        return text
 
     async def _partial(self, segment) -> None:
         audio = segment.audio

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
-from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.common.errors import InvalidRequest, PayloadTooLarge
 from gemma_mesh.gateway.openai.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,7 +39,7 @@ from gemma_mesh.gateway.openai.protocol import (
     TranscriptionResponse,
     TranscriptionResponseVerbose,
 )
-from gemma_mesh.gateway.openai.serving import OpenAIServingChat, OpenAIServingModels, PayloadTooLarge
+from gemma_mesh.gateway.openai.serving import OpenAIServingChat, OpenAIServingModels
 from gemma_mesh.gateway.openai.serving_transcription import OpenAIServingTranscription
 
 if TYPE_CHECKING:

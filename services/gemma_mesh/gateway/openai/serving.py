@@ -59,12 +59,6 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
-class PayloadTooLarge(InvalidRequest):
-    """A request body or upload over its byte limit (HTTP 413, OpenAI's ``invalid_request_error``)."""
-
-    http_status = 413
-
-
 def check_model(requested: str | None, served: str) -> None:
     """vLLM's ``_check_model``: None or the served name pass. Raises NotFound (404)."""
     if requested is not None and requested != served:

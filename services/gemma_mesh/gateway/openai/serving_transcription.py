@@ -13,9 +13,8 @@ import zlib
 
 import numpy as np
 
-from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.common.errors import InvalidRequest, PayloadTooLarge
 from gemma_mesh.gateway.captioning import (
-    RepetitionGuard,
     SegmentClosed,
     SileroVad,
     VadSegmenter,
@@ -31,7 +30,7 @@ from gemma_mesh.gateway.openai.protocol import (
     TranscriptionSegment,
     TranscriptionUsage,
 )
-from gemma_mesh.gateway.openai.serving import PayloadTooLarge, check_model, gather_or_cancel
+from gemma_mesh.gateway.openai.serving import check_model, gather_or_cancel
 from gemma_mesh.gateway.prompts import language_name, normalize_language
 from gemma_mesh.gateway.protocol import SessionConfig
 from gemma_mesh.gateway.settings import GatewaySettings
@@ -182,7 +181,6 @@ class OpenAIServingTranscription:
 
     async def _decode_all(self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig) -> list[str]:
         limit = asyncio.Semaphore(MAX_CONCURRENT_SEGMENT_DECODES)
-        guard = RepetitionGuard()  # the live pipeline's guard (stateless), so finals and files agree
 
         async def one(audio: np.ndarray) -> str:
             async with limit:
@@ -194,6 +192,6 @@ class OpenAIServingTranscription:
                     tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
                 )
             self.metrics.tokens_generated.inc(tokens)
-            return guard.clean(text)
+            return text
 
         return await gather_or_cancel(*(one(audio) for _, _, audio in spans))
