@@ -8,6 +8,7 @@ the backend's message, so the WebSocket and HTTP adapters report them like their
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gemma_mesh.common.errors import ERRORS_BY_GRPC_STATUS, BackendUnavailable, MeshError
 from gemma_mesh.common.grpc_server import error_detail, open_channel
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.common.tensors import from_tensor_pb, to_tensor_pb
 from gemma_mesh.proto.v1 import (
     audio_pb2,
     audio_pb2_grpc,
@@ -29,6 +32,7 @@ from gemma_mesh.proto.v1 import (
 )
 
 SoftTokens = decoder_pb2.SoftTokens
+log = get_logger(__name__)
 
 
 @dataclass
@@ -111,6 +115,64 @@ def _mesh_error(error: grpc.aio.AioRpcError, backend: str) -> MeshError:
     if cls is BackendUnavailable:
         message = f"{backend} unavailable: {message or error.code().name}"
     return cls(message, param=param)
+
+
+class AudioEncodeStream:
+    """One ``AudioFrontend.EncodeStream`` call: 16 kHz float32 chunks in, soft tokens accumulated.
+
+    Tokens are final as soon as their 40 ms of audio has arrived (see docs/encoders.md) and equal
+    whole-clip encoding to ~1e-6, so a growing segment costs one encoder pass per sample instead
+    of one per partial. ``failed`` turns True if the call breaks (callers fall back to ``Encode``).
+    """
+
+    def __init__(self, stub: audio_pb2_grpc.AudioFrontendStub, sample_rate_hz: int, timeout_s: float) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._sample_rate_hz = sample_rate_hz
+        self._call = stub.EncodeStream(self._requests(), timeout=timeout_s)
+        self._tokens: list[np.ndarray] = []
+        self.covered_ms = 0
+        self.failed = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self):
+        config = audio_pb2.AudioStreamConfig(
+            encoding=audio_pb2.F32LE, sample_rate_hz=self._sample_rate_hz, channels=1
+        )
+        yield audio_pb2.AudioStreamRequest(config=config)
+        while (data := await self._queue.get()) is not None:
+            yield audio_pb2.AudioStreamRequest(pcm=data)
+
+    async def _read(self) -> None:
+        try:
+            async for reply in self._call:
+                self._tokens.append(from_tensor_pb(reply.soft_tokens, param="soft_tokens"))
+                self.covered_ms = int(reply.range.end_ms)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.failed = True
+                log.warning("audio stream failed", code=error.code().name, error=error.details())
+        except MeshError as error:
+            self.failed = True
+            log.warning("audio stream sent a bad tensor", error=error.message)
+
+    def send(self, audio: np.ndarray) -> None:
+        """Queue mono float32 samples at the stream's rate."""
+        if audio.size:
+            self._queue.put_nowait(np.ascontiguousarray(audio, dtype="<f4").tobytes())
+
+    def soft_tokens(self) -> SoftTokens | None:
+        """The soft tokens received so far (covering ``covered_ms`` of the stream), or None."""
+        if not self._tokens:
+            return None
+        if len(self._tokens) > 1:
+            self._tokens = [np.concatenate(self._tokens)]
+        return SoftTokens(modality=common_pb2.AUDIO, tokens=to_tensor_pb(self._tokens[0]))
+
+    def cancel(self) -> None:
+        """Stop the call (the segment closed; its final uses ``Encode`` on the whole segment)."""
+        self._queue.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
 
 
 _CHANNELS = {decoder_pb2.ANSWER: "answer", decoder_pb2.REASONING: "reasoning"}
@@ -198,6 +260,10 @@ class MeshClient:
             for s in reply.segments
         ]
         return segments, float(reply.audio_seconds)
+
+    def encode_stream(self, sample_rate_hz: int = 16000) -> AudioEncodeStream:
+        """Open an ``EncodeStream`` for mono float32 audio at ``sample_rate_hz`` (must be in a running loop)."""
+        return AudioEncodeStream(self._audio, sample_rate_hz, self.timeout_s)
 
     async def encode_image(self, data: bytes, *, max_soft_tokens: int = 0) -> ImageSoftTokens:
         """Vision soft tokens of one encoded image (JPEG, PNG, WebP, GIF).

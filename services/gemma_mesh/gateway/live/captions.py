@@ -35,7 +35,7 @@ from gemma_mesh.gateway.captioning import (
     VadSegmenter,
     VadSettings,
 )
-from gemma_mesh.gateway.clients import ChatMessage, MeshClient, Part, Sampling
+from gemma_mesh.gateway.clients import AudioEncodeStream, ChatMessage, MeshClient, Part, Sampling, SoftTokens
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
 from gemma_mesh.gateway.protocol import (
@@ -71,13 +71,33 @@ async def transcribe(
     second, capped at ``max_tokens`` (speech runs at ~3-4 text tokens/s; the budget stops a
     looping decode early instead of running to the cap on every partial).
     """
-    budget = min(max_tokens, 8 + math.ceil(audio.shape[0] / RATE_HZ * tokens_per_audio_s))
+    segments, _ = await clients.encode_audio(pcm_f32=audio, sample_rate_hz=RATE_HZ)
+    return await caption_soft_tokens(
+        clients,
+        [s.soft_tokens for s in segments],
+        audio.shape[0] / RATE_HZ,
+        config,
+        max_tokens,
+        tokens_per_audio_s=tokens_per_audio_s,
+    )
+
+
+async def caption_soft_tokens(
+    clients: MeshClient,
+    soft_tokens: list[SoftTokens],
+    audio_s: float,
+    config: SessionConfig,
+    max_tokens: int,
+    *,
+    tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
+) -> tuple[str, int]:
+    """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> (text, tokens)."""
+    budget = min(max_tokens, 8 + math.ceil(audio_s * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
     else:
         instruction = transcription_instruction(config.source_language)
-    segments, _ = await clients.encode_audio(pcm_f32=audio, sample_rate_hz=RATE_HZ)
-    parts = [Part(soft_tokens=s.soft_tokens) for s in segments] + [Part(text=instruction)]
+    parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
     text, done = await clients.complete(
         [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False)
     )
@@ -130,6 +150,8 @@ class CaptionPipeline:
         self._finals: deque[SegmentClosed] = deque()
         self._agreement: LocalAgreement | None = None
         self._partial_audio_end = 0  # samples of the open segment covered by the last partial
+        self._stream: AudioEncodeStream | None = None  # the open segment's incremental encoding
+        self._stream_fed = 0  # samples of the open segment sent to it
         self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time) not yet covered
         self._closed_at: dict[int, float] = {}
         self._wake = asyncio.Event()
@@ -154,6 +176,7 @@ class CaptionPipeline:
         """Stop at once (connection lost without a flush is handled by ``finish``; this is for shutdown)."""
         for task in self._tasks:
             task.cancel()
+        self._close_stream()
 
     @property
     def pending_s(self) -> float:
@@ -201,17 +224,30 @@ class CaptionPipeline:
                 if isinstance(event, SegmentStarted):
                     self._agreement = LocalAgreement()
                     self._partial_audio_end = 0
+                    self._close_stream()
+                    self._stream, self._stream_fed = self.clients.encode_stream(RATE_HZ), 0
                 elif isinstance(event, SegmentClosed):
                     self._closed_at[event.segment_id] = time.monotonic()
                     self._finals.append(event)
+                    self._close_stream()
+            open_segment = self.segmenter.open_segment
+            if open_segment is not None and self._stream is not None:
+                self._stream.send(open_segment.audio[self._stream_fed :])
+                self._stream_fed = open_segment.audio.shape[0]
             if self.segmenter.open_segment is None and not self._finals:
                 self.durable_ms = self._ms(self.segmenter.samples_pushed)
                 self._covered = max(self._covered, self.segmenter.samples_pushed)
                 self._arrivals.clear()
             self._wake.set()
             if chunk is None:
+                self._close_stream()
                 self._vad_done.set()
                 return
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     # --- decode loop ----------------------------------------------------------------------
     async def _decode_loop(self) -> None:
@@ -229,7 +265,7 @@ class CaptionPipeline:
                 wait <= 0
                 and open_segment is not None
                 and not self._backlog_warned
-                and open_segment.audio.shape[0] > self._partial_audio_end
+                and self._partial_audio_available(open_segment) > self._partial_audio_end
             ):
                 last_partial = time.monotonic()
                 await self._partial(open_segment)
@@ -239,6 +275,13 @@ class CaptionPipeline:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.05))
             except TimeoutError:
                 pass
+
+    def _partial_audio_available(self, open_segment) -> int:
+        """Samples of the open segment a partial decode would cover now."""
+        stream = self._stream
+        if stream is not None and not stream.failed:
+            return min(open_segment.audio.shape[0], stream.covered_ms * RATE_HZ // 1000)
+        return open_segment.audio.shape[0]
 
     async def _check_backlog(self) -> None:
         behind = self._received - self._covered > self.max_pending
@@ -258,11 +301,25 @@ class CaptionPipeline:
         self.metrics.warnings.labels(code).inc()
         await self.emit(WarningEvent(code=code, message=message, details={"pending_audio_s": self.pending_s}))
 
-    async def _decode(self, audio: np.ndarray) -> str | None:
+    async def _decode(self, audio: np.ndarray, soft_tokens: SoftTokens | None = None) -> str | None:
         try:
-            text, tokens = await transcribe(
-                self.clients, audio, self.config, self.max_tokens, tokens_per_audio_s=self.tokens_per_audio_s
-            )
+            if soft_tokens is None:
+                text, tokens = await transcribe(
+                    self.clients,
+                    audio,
+                    self.config,
+                    self.max_tokens,
+                    tokens_per_audio_s=self.tokens_per_audio_s,
+                )
+            else:
+                text, tokens = await caption_soft_tokens(
+                    self.clients,
+                    [soft_tokens],
+                    audio.shape[0] / RATE_HZ,
+                    self.config,
+                    self.max_tokens,
+                    tokens_per_audio_s=self.tokens_per_audio_s,
+                )
         except MeshError as error:
             from gemma_mesh.gateway.protocol import Error
 
@@ -275,7 +332,13 @@ class CaptionPipeline:
 
     async def _partial(self, segment) -> None:
         audio = segment.audio
-        text = await self._decode(audio)
+        soft_tokens = None
+        stream = self._stream
+        if stream is not None and not stream.failed and stream.covered_ms > 0:
+            # The incremental encoding's tokens cover the first covered_ms of the segment.
+            soft_tokens = stream.soft_tokens()
+            audio = audio[: stream.covered_ms * RATE_HZ // 1000]
+        text = await self._decode(audio, soft_tokens)
         if text is None or self._agreement is None or self.segmenter.open_segment is None:
             return
         if self.segmenter.open_segment.segment_id != segment.segment_id:
