@@ -89,14 +89,18 @@ def photos() -> list[bytes]:
     return out
 
 
-async def run_session(url: str, index: int, seconds: float, clips, frames, stats: SessionStats) -> None:
+async def run_session(
+    url: str, index: int, seconds: float, clips, frames, stats: SessionStats, fps: float = 1.0
+) -> None:
     order = clips[index % len(clips) :] + clips[: index % len(clips)]
     audio = np.concatenate(order * (int(seconds * RATE) // sum(len(c) for c in order) + 1))[
         : int(seconds * RATE)
     ]
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
     chunk_bytes = RATE * CHUNK_MS // 1000 * 2
-    config = {"audio": {"encoding": "pcm_s16le", "sample_rate_hz": RATE}, "video": {"max_fps": 1}}
+    video = {"max_fps": fps} if fps > 0 else None
+    config = {"audio": {"encoding": "pcm_s16le", "sample_rate_hz": RATE}, "video": video}
+    frame_every_ms = int(1000 / fps) if fps > 0 else 0
     async with websockets.connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"type": "session.start", "config": config}))
         started = json.loads(await ws.recv())
@@ -106,10 +110,9 @@ async def run_session(url: str, index: int, seconds: float, clips, frames, stats
         begin = loop.time()
         for offset in range(0, len(pcm), chunk_bytes):
             media_ms = offset // 32
-            if media_ms % 1000 == 0:
-                await ws.send(
-                    pack_media(MediaKind.FRAME, media_ms, frames[(index + media_ms // 1000) % len(frames)])
-                )
+            if frame_every_ms and media_ms % frame_every_ms < CHUNK_MS:
+                frame = frames[(index + media_ms // frame_every_ms) % len(frames)]
+                await ws.send(pack_media(MediaKind.FRAME, media_ms, frame))
             piece = pcm[offset : offset + chunk_bytes]
             await ws.send(pack_media(MediaKind.AUDIO, media_ms, piece))
             stats.sent_chunks.append((media_ms + len(piece) // 32, time.monotonic()))
@@ -187,7 +190,7 @@ def proc_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames) -> dict:
+async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: float) -> dict:
     url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/stream"
     pid = mesh.children["gateway"].proc.pid
     async with httpx.AsyncClient() as client:
@@ -205,7 +208,7 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames) -> dic
 
         sampler = asyncio.create_task(sample_rss())
         await asyncio.gather(
-            *(run_session(url, i, seconds, clips, frames, stats[i]) for i in range(sessions))
+            *(run_session(url, i, seconds, clips, frames, stats[i], fps) for i in range(sessions))
         )
         sampler.cancel()
         elapsed = time.monotonic() - t0
@@ -267,6 +270,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--fps", type=float, default=1.0, help="camera frames per second (0 = no camera)")
     parser.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: embedded tiny)")
     args = parser.parse_args()
     configure_logging("WARNING")
@@ -274,10 +278,10 @@ async def main() -> None:
     print(f"starting the mesh (bundle: {args.bundle or 'embedded tiny'}) ...", flush=True)
     async with Mesh(MeshConfig(bundle=args.bundle, port=free_port())) as mesh:
         print(f"baseline: 1 session, {args.seconds:.0f} s", flush=True)
-        baseline = await phase(mesh, 1, args.seconds, clips, frames)
+        baseline = await phase(mesh, 1, args.seconds, clips, frames, args.fps)
         show(baseline)
         print(f"load: {args.sessions} sessions, {args.seconds:.0f} s", flush=True)
-        load = await phase(mesh, args.sessions, args.seconds, clips, frames)
+        load = await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps)
         show(load)
     ratio = None
     if baseline["partial_p95_s"] and load["partial_p95_s"]:

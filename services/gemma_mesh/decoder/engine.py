@@ -101,11 +101,27 @@ class RequestHandle:
             self._squeue.put(event)
 
     async def events(self) -> AsyncIterator[Delta | Finished]:
-        """Deltas, then one ``Finished``. Raises the request's ``MeshError`` if it failed."""
+        """Deltas, then one ``Finished``. Raises the request's ``MeshError`` if it failed.
+
+        Deltas already queued when the consumer asks are merged (same channel, in order), so a
+        consumer that fell behind (a busy event loop, a slow client) gets fewer, larger messages
+        instead of one per token; the text and token ids are unchanged.
+        """
+        pending = None
         while True:
-            event = await self._aqueue.get()
+            event = pending if pending is not None else await self._aqueue.get()
+            pending = None
             if isinstance(event, MeshError):
                 raise event
+            if isinstance(event, Delta):
+                while not self._aqueue.empty():
+                    following = self._aqueue.get_nowait()
+                    if not isinstance(following, Delta) or following.channel != event.channel:
+                        pending = following
+                        break
+                    event = Delta(
+                        event.channel, event.text + following.text, [*event.token_ids, *following.token_ids]
+                    )
             yield event
             if isinstance(event, Finished):
                 return
