@@ -310,3 +310,26 @@ def test_page_renders_translation(live: LivePage) -> None:
     assert page.locator("[data-testid=caption-segment]").count() == 0  # translate sends translation.* only
     live.screenshot("live")
     assert_consecutive_ids(state)
+
+
+def test_page_uses_the_typed_api_key(browser: Browser, secured_gateway_url: str) -> None:
+    """With authentication on, a wrong key ends in 'closed' with the error shown (no retry loop);
+    the right key mints a token over HTTP and the session goes live."""
+    context = browser.new_context(viewport=VIEWPORT)
+    try:
+        page = context.new_page()
+        page.goto(f"{secured_gateway_url}/")
+        page.get_by_label("Send camera frames").set_checked(False)
+        page.get_by_test_id("api-key").fill("not-a-key")
+        page.get_by_test_id("start-button").click()
+        page.wait_for_function("() => gemmaMesh.state === 'closed'", timeout=30_000)
+        assert "authentication_error" in page.get_by_test_id("log").inner_text()
+        assert page.get_by_test_id("start-button").is_enabled()
+
+        page.get_by_test_id("api-key").fill("test-key-1")
+        page.get_by_test_id("start-button").click()
+        page.wait_for_function("() => gemmaMesh.state === 'live'", timeout=30_000)
+        page.evaluate("() => gemmaMesh.stop()")
+        page.wait_for_function("() => gemmaMesh.state === 'closed'", timeout=30_000)
+    finally:
+        context.close()
