@@ -240,18 +240,9 @@ def test_page_renders_captions_and_frame_analysis(live: LivePage) -> None:
 
 
 # The page's first retry comes after a 250-500 ms backoff; "at-once" reconnects immediately, while
-# the gateway may still be finishing the old attachment (its detach flush decodes the open segment).
-RESUME_RACE = pytest.mark.xfail(
-    reason="gateway: a resume can attach while the old attachment of the session is still detaching; "
-    "its flush's final is logged after the replay and never sent (skipped event id), and the resumed "
-    "session.started carries the stale audio clock and segment id (issue 5, reported)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "retry_in_ms", [pytest.param(None, id="backoff"), pytest.param(0, id="at-once", marks=RESUME_RACE)]
-)
+# the gateway is still finishing the old attachment (its detach flush decodes the open segment): the
+# session lease makes the resume wait for it, so the replay is complete and the state current.
+@pytest.mark.parametrize("retry_in_ms", [pytest.param(None, id="backoff"), pytest.param(0, id="at-once")])
 def test_page_resumes_after_a_dropped_connection(
     live: LivePage, gateway_url: str, retry_in_ms: int | None
 ) -> None:

@@ -160,3 +160,49 @@ async def test_redis_restart_mid_session_loses_no_caption(backends, speech, tmp_
         assert finals(stored) == live_finals
     finally:
         server.kill()
+
+
+async def test_resume_takes_over_a_live_connection_after_it_flushes(gateway_url, speech):
+    """A second connection resuming a session still attached elsewhere waits until the first has
+    finished decoding what it received (its final is in the replay), then the first is closed."""
+    first = Client(gateway_url)
+    started = await first.connect()
+    await first.send_audio(speech, 0, 4000, speed=8.0)  # inside the first clip: a segment is open
+    await first.until(lambda e: e["type"] == "caption.partial")
+    second = Client(gateway_url)
+    replayed = [await second.connect(session_id=started["session_id"], last_event_id=0)]
+    replayed += await second.until(lambda e: e["type"] == "session.started" and e["resumed"])
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            await first.next_event(timeout_s=30)
+    assert closed.value.rcvd.code == 4001
+    flushed = [e for e in replayed if e["type"] == "caption.final"]
+    assert flushed and flushed[-1]["reason"] == "end"  # the first connection's open segment
+    ids = [e["event_id"] for e in replayed]
+    assert ids == list(range(1, len(ids) + 1))  # complete, in order
+    assert replayed[-1]["audio_clock_ms"] >= flushed[-1]["end_ms"]
+    await second.ws.close()
+
+
+@pytest.mark.parametrize("redis_url", [None, "redis://127.0.0.1:6379/0"], ids=["memory", "redis"])
+async def test_session_leases(redis_url):
+    import uuid
+
+    from gemma_mesh.gateway.sessions.lease import open_leases
+
+    leases = open_leases(redis_url, ttl_s=0.5)
+    sid = uuid.uuid4().hex
+    try:
+        assert await leases.claim(sid, "a") is None
+        assert await leases.claim(sid, "a") is None  # re-entrant
+        assert await leases.claim(sid, "b") == "a"  # busy: a takeover is requested
+        assert not await leases.keep(sid, "a")  # a is told to let go
+        await leases.release(sid, "a")
+        assert await leases.claim(sid, "b") is None
+        assert await leases.keep(sid, "b")
+        await asyncio.sleep(0.7)  # b stops refreshing (a dead replica): the lease expires
+        assert await leases.claim(sid, "c") is None
+        await leases.release(sid, "b")  # not b's any more: no effect
+        assert await leases.claim(sid, "d") == "c"
+    finally:
+        await leases.close()

@@ -95,6 +95,15 @@ class RateLimited(MeshError):
     ws_close_code = 1013
 
 
+class SessionBusy(MeshError):
+    """The session is attached to another connection that did not let go in time."""
+
+    code = "session_busy"
+    grpc_status = "ABORTED"
+    http_status = 409
+    ws_close_code = 1013
+
+
 class BackendUnavailable(MeshError):
     """A service the request needs (decoder, encoder, Redis) cannot be reached right now."""
 

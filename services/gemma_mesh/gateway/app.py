@@ -28,6 +28,7 @@ from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.sessions import SessionStore, open_store
+from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.gateway.stream import StreamConnection
 
@@ -45,6 +46,7 @@ class GatewayState:
     metrics: GatewayMetrics
     auth: Authenticator
     vad_settings: VadSettings
+    leases: SessionLeases
 
 
 def error_body(error: MeshError) -> dict:
@@ -86,7 +88,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         from gemma_mesh.gateway.captioning import find_silero_model
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
-        app.state.gw = GatewayState(settings, clients, store, metrics, Authenticator(settings), vad_settings)
+        leases = open_leases(settings.redis_url)
+        app.state.gw = GatewayState(
+            settings, clients, store, metrics, Authenticator(settings), vad_settings, leases
+        )
         log.info(
             "gateway ready",
             decoder=settings.decoder_target,
@@ -100,6 +105,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await clients.close()
             await store.close()
+            await leases.close()
 
     app = FastAPI(
         title="gemma-mesh gateway",

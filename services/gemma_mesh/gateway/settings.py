@@ -67,6 +67,9 @@ class GatewaySettings(BaseSettings):
         256, ge=8, description="Events buffered for a slow client before partials are coalesced"
     )
     event_log_max_events: int = Field(10000, ge=100, description="Events kept per session for resume")
+    resume_wait_s: float = Field(
+        15.0, gt=0, description="How long a resume waits for the session's previous connection to let go"
+    )
     session_ttl_s: int = Field(3600, ge=10, description="How long an idle or ended session can be resumed")
 
     # --- captioning and frame analysis defaults (a session may override within the limits) ---

@@ -14,12 +14,20 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections import deque
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound, PermissionDenied, RateLimited
+from gemma_mesh.common.errors import (
+    InvalidRequest,
+    MeshError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    SessionBusy,
+)
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.audio_input import PcmInput
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
@@ -123,6 +131,9 @@ class StreamConnection:
         self._emit_lock = asyncio.Lock()
         self._coalesce_warned = False
         self._started_at = time.monotonic()
+        self.holder = uuid.uuid4().hex  # this connection's id in the session lease
+        self._leased = False
+        self._taken_over = asyncio.Event()
 
     # --- events out -------------------------------------------------------------------------
     async def emit(self, event) -> None:
@@ -231,6 +242,7 @@ class StreamConnection:
         settings = self.settings
         state: dict = {}
         if start.session_id:
+            await self._claim(start.session_id)
             record = await self.store.get(start.session_id)
             if record is None:
                 raise NotFound(f"session {start.session_id} does not exist or expired", param="session_id")
@@ -259,6 +271,7 @@ class StreamConnection:
                 )
             record = await self.store.create(owner, config.model_dump(mode="json"), settings.session_ttl_s)
             self.session_id = record.session_id
+            await self._claim(record.session_id)
         self.config = config
         self.metrics.active_sessions.inc()
         self._counted = True
@@ -301,6 +314,39 @@ class StreamConnection:
         )
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
 
+    async def _claim(self, session_id: str) -> None:
+        """Take the session's lease; a previous connection still attached is asked to let go first
+        (it finishes decoding what it received, so this one reads the final state and full log).
+
+        Raises:
+            SessionBusy: the other connection did not let go within ``resume_wait_s``.
+        """
+        leases = self.state.leases
+        deadline = time.monotonic() + self.settings.resume_wait_s
+        while (holder := await leases.claim(session_id, self.holder)) is not None:
+            if time.monotonic() > deadline:
+                raise SessionBusy(
+                    f"session {session_id} is still attached to another connection (resume_wait_s)",
+                    param="session_id",
+                )
+            log.debug("waiting for the session's previous connection", session_id=session_id, holder=holder)
+            await asyncio.sleep(0.1)
+        self._leased = True
+        self._keeper = asyncio.create_task(self._keep_lease(session_id))
+
+    async def _keep_lease(self, session_id: str) -> None:
+        """Refresh the lease; when another connection takes the session over, close this one."""
+        leases = self.state.leases
+        while True:
+            await asyncio.sleep(leases.refresh_s)
+            if not await leases.keep(session_id, self.holder):
+                log.info("session taken over by a newer connection", session_id=session_id)
+                self.connected = False
+                self._taken_over.set()
+                with contextlib.suppress(Exception):
+                    await self.ws.close(code=4001, reason="session resumed on another connection")
+                return
+
     def _start_frames(self, config: SessionConfig, first_id: int) -> None:
         assert config.video is not None
         self.frames = FramePipeline(
@@ -316,33 +362,50 @@ class StreamConnection:
 
     async def _receive_loop(self) -> None:
         deadline = self._started_at + self.settings.max_session_s
-        while True:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                await self._end("max_session_length")
-                return
-            try:
-                raw = await asyncio.wait_for(self.ws.receive(), timeout=timeout)
-            except TimeoutError:
-                continue
-            if raw.get("type") == "websocket.disconnect":
-                return
-            try:
-                if raw.get("bytes") is not None:
-                    await self._on_binary(raw["bytes"])
-                elif raw.get("text") is not None:
-                    message = self._parse(raw["text"])
-                    if isinstance(message, SessionEnd):
-                        await self._end("client")
-                        return
-                    if isinstance(message, SessionUpdate):
-                        await self._update(message)
-                    else:
-                        raise InvalidRequest("session.start was already received on this connection")
-            except MeshError as error:
-                await self.send_error(error)
-            if self.outbound.overflowed:
-                return
+        taken_over = asyncio.ensure_future(self._taken_over.wait())
+        receiving: asyncio.Future | None = None
+        try:
+            while True:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    await self._end("max_session_length")
+                    return
+                if receiving is None:
+                    receiving = asyncio.ensure_future(self.ws.receive())
+                await asyncio.wait(
+                    {receiving, taken_over}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if self._taken_over.is_set():
+                    return  # a newer connection resumed the session: detach (flush) and let go
+                if not receiving.done():
+                    continue
+                raw, receiving = receiving.result(), None
+                if await self._handle(raw):
+                    return
+        finally:
+            taken_over.cancel()
+            if receiving is not None:
+                receiving.cancel()
+
+    async def _handle(self, raw: dict) -> bool:
+        """Handle one received ASGI message; True when the connection is done."""
+        if raw.get("type") == "websocket.disconnect":
+            return True
+        try:
+            if raw.get("bytes") is not None:
+                await self._on_binary(raw["bytes"])
+            elif raw.get("text") is not None:
+                message = self._parse(raw["text"])
+                if isinstance(message, SessionEnd):
+                    await self._end("client")
+                    return True
+                if isinstance(message, SessionUpdate):
+                    await self._update(message)
+                else:
+                    raise InvalidRequest("session.start was already received on this connection")
+        except MeshError as error:
+            await self.send_error(error)
+        return self.outbound.overflowed
 
     async def _on_binary(self, data: bytes) -> None:
         if len(data) > self.settings.max_message_bytes:
@@ -430,4 +493,7 @@ class StreamConnection:
         finally:
             if getattr(self, "_counted", False):
                 self.metrics.active_sessions.dec()
+            if self._leased:
+                self._keeper.cancel()
+                await self.state.leases.release(self.session_id, self.holder)
             log.info("session detached", session_id=self.session_id)
