@@ -195,6 +195,39 @@ def test_prefix_cache_on_and_off_give_the_same_output(tiny_bundle):
     assert all(r[3].usage.cached_prompt_tokens >= 16 for r in results["on"][1:])
 
 
+def test_growing_audio_reuses_the_previous_prompts_kv(tiny_bundle, librivox_clips):
+    """Live captions decode a growing segment: a prompt whose audio extends the previous one's
+    reuses its KV up to the previous audio's end (per-token media keys), with identical output."""
+    from gemma_mesh.common.tensors import to_tensor_pb
+    from gemma_mesh.model.audio_io import decode_audio
+    from gemma_mesh.proto.v1 import common_pb2
+
+    tokens = tiny_bundle.encode_audio(decode_audio(librivox_clips[0], 16000))
+    lengths = [48, 80, tokens.shape[0]]
+
+    def request(n: int) -> decoder_pb2.GenerateRequest:
+        soft = decoder_pb2.SoftTokens(modality=common_pb2.AUDIO, tokens=to_tensor_pb(tokens[:n]))
+        content = [
+            decoder_pb2.ContentPart(soft_tokens=soft),
+            decoder_pb2.ContentPart(text="Transcribe this."),
+        ]
+        return _request([decoder_pb2.Message(role="user", content=content)], max_tokens=8)
+
+    results = {}
+    for label, cache_bytes in (("on", 64 * MiB), ("off", 0)):
+        with ServerThread(
+            lambda cb=cache_bytes: start_decoder(_settings(prefix_cache_bytes=cb), tiny_bundle)
+        ) as srv:
+            channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=message_options(64 * MiB))
+            results[label] = [_collect(decoder_pb2_grpc.DecoderStub(channel), request(n)) for n in lengths]
+            channel.close()
+    assert [r[0] for r in results["on"]] == [r[0] for r in results["off"]]
+    cached = [r[3].usage.cached_prompt_tokens for r in results["on"]]
+    # Each later prompt reuses at least the previous audio's tokens (block-aligned down).
+    assert cached[0] == 0
+    assert cached[1] >= lengths[0] - 16 and cached[2] >= lengths[1] - 16, cached
+
+
 def _exact_length_prompt(bundle, length: int) -> list[dict]:
     for k in range(1, 400):
         text = "ab " * k

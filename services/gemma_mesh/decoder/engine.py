@@ -152,8 +152,9 @@ class _Sequence:
             media.append((positions[start : start + tokens.shape[0]], tokens))
             cursor[placeholder] = start + tokens.shape[0]
         self.keys = token_keys(req.input_ids, media)
-        # Prompts diverge at turn starts (a new user message) and at media: snapshot there.
-        boundaries = [int(p[0]) for p, _ in media if p.size]
+        # Prompts diverge at turn starts (a new user message) and at media (a different image, or a
+        # growing audio segment whose text follows its last token): snapshot there.
+        boundaries = [int(p[0]) for p, _ in media if p.size] + [int(p[-1]) + 1 for p, _ in media if p.size]
         if engine.turn_start_id is not None:
             boundaries += np.flatnonzero(req.input_ids == engine.turn_start_id).tolist()
         self.snapshots = snapshot_lengths(len(req.input_ids), boundaries, engine.prefix_cache.block_tokens)

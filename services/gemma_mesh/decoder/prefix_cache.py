@@ -19,32 +19,39 @@ import numpy as np
 from gemma_mesh.decoder.kv_cache import RowSnapshot
 
 
-def media_digest(tokens: np.ndarray) -> int:
-    """A 62-bit digest of a soft-token tensor's bytes (dtype and shape included)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(str((tokens.dtype.str, tokens.shape)).encode())
-    h.update(np.ascontiguousarray(tokens).tobytes())
-    return int.from_bytes(h.digest(), "little") >> 2
+def row_digests(tokens: np.ndarray) -> np.ndarray:
+    """A 62-bit digest of each soft token (row) of ``tokens`` ``[n, H]`` (dtype and width included) -> int64 ``[n]``."""
+    rows = np.ascontiguousarray(tokens)
+    head = str((rows.dtype.str, rows.shape[1:])).encode()
+    out = np.empty(rows.shape[0], dtype=np.int64)
+    for i in range(rows.shape[0]):
+        h = hashlib.blake2b(head, digest_size=8)
+        h.update(memoryview(rows[i]))
+        out[i] = int.from_bytes(h.digest(), "little") >> 2
+    return out
 
 
 def token_keys(input_ids: np.ndarray, media: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Token ids with each media position replaced by ``-(1 + (digest + k) mod 2^62)`` (never a real id).
+    """Token ids with each media position replaced by ``-(1 + digest of its soft token)`` (never a real id).
+
+    Keying each soft token by its own content (not the whole media's) lets a prompt whose audio
+    extends an earlier prompt's audio (a live caption's successive partial decodes over a growing
+    segment, fed by incremental encoding) reuse the earlier prompt's KV up to where they agree.
 
     Args:
         media: ``(positions [n] int64, soft tokens [n, H])`` per media item.
     """
     keys = np.asarray(input_ids, dtype=np.int64).copy()
     for positions, tokens in media:
-        digest = media_digest(tokens)
-        offsets = (digest + np.arange(positions.shape[0], dtype=np.uint64)) % np.uint64(1 << 62)
-        keys[positions] = -(1 + offsets.astype(np.int64))
+        keys[positions] = -(1 + row_digests(tokens[: positions.shape[0]]))
     return keys
 
 
 def snapshot_lengths(num_tokens: int, boundaries: Sequence[int], block_tokens: int) -> list[int]:
     """Prefix lengths worth snapshotting for a prompt: the block boundary at or before each of
-    ``boundaries`` (turn starts, the first media token: where later prompts diverge) and before the
-    final token (at least one token is always left to prefill, so the request gets logits)."""
+    ``boundaries`` (turn starts, the first and one-past-the-last media token: where later prompts
+    diverge) and before the final token (at least one token is always left to prefill, so the
+    request gets logits)."""
     points = {((num_tokens - 1) // block_tokens) * block_tokens}
     points.update((b // block_tokens) * block_tokens for b in boundaries)
     return sorted(p for p in points if 0 < p < num_tokens)
