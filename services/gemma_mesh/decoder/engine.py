@@ -267,9 +267,15 @@ class Engine:
                     break
             try:
                 self._drop_cancelled()
-                self._admit()
-                if self._prefilling is not None:
-                    self._prefill_chunk()
+                # Up to prefill_chunk_tokens of prompt per step, across as many waiting requests as
+                # fit: short prompts (live captions) join in one step instead of one per step, and
+                # a long prompt still cannot stall the running sequences for more than one chunk.
+                budget = self.settings.prefill_chunk_tokens
+                while budget > 0:
+                    self._admit()
+                    if self._prefilling is None:
+                        break
+                    budget -= self._prefill_chunk(budget)
                 if self._decoding:
                     self._decode_step()
             except Exception as exc:  # a failed step fails its requests, not the server
@@ -388,11 +394,12 @@ class Engine:
         self.session.run_with_iobinding(binding)
         return out
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, max_tokens: int) -> int:
+        """Prefill the next chunk (at most ``max_tokens``) of the admitted prompt -> tokens processed."""
         seq = self._prefilling
         assert seq is not None
         row = len(self._decoding)
-        end = min(seq.prompt_len, seq.cursor + self.settings.prefill_chunk_tokens)
+        end = min(seq.prompt_len, seq.cursor + max_tokens)
         for point in seq.snapshots:  # stop exactly at snapshot lengths
             if seq.cursor < point < end:
                 end = point
@@ -407,11 +414,12 @@ class Engine:
             self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(row))
             self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
         if end < seq.prompt_len:
-            return
+            return end - start
         self.metrics.prompt_tokens.inc(seq.prompt_len)
         self._prefilling = None
         self._decoding.append(seq)
         self._accept(len(self._decoding) - 1, seq, logits[0, -1])
+        return end - start
 
     def _decode_step(self) -> None:
         n = len(self._decoding)
