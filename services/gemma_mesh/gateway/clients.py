@@ -131,7 +131,10 @@ class AudioEncodeStream:
         self._call = stub.EncodeStream(self._requests(), timeout=timeout_s)
         self._tokens: list[np.ndarray] = []
         self.covered_ms = 0
+        self.token_ms: float | None = None
+        self.sent_ms = 0.0
         self.failed = False
+        self._progress = asyncio.Event()
         self._reader = asyncio.create_task(self._read())
 
     async def _requests(self):
@@ -147,6 +150,9 @@ class AudioEncodeStream:
             async for reply in self._call:
                 self._tokens.append(from_tensor_pb(reply.soft_tokens, param="soft_tokens"))
                 self.covered_ms = int(reply.range.end_ms)
+                if reply.num_soft_tokens > 0:  # the encoder's ms per token, from what it sends
+                    self.token_ms = (reply.range.end_ms - reply.range.start_ms) / reply.num_soft_tokens
+                self._progress.set()
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.failed = True
@@ -154,11 +160,30 @@ class AudioEncodeStream:
         except MeshError as error:
             self.failed = True
             log.warning("audio stream sent a bad tensor", error=error.message)
+        finally:
+            self._progress.set()
+
+    async def wait_caught_up(self, timeout_s: float) -> None:
+        """Wait until the tokens the sent audio makes final have arrived: all but the last two
+        tokens' worth (one still open, one of lookahead), or until failure or ``timeout_s``."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.failed and not self._reader.done():
+            if self.token_ms is not None and self.covered_ms >= self.sent_ms - 2 * self.token_ms:
+                return
+            self._progress.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._progress.wait(), remaining)
+            except TimeoutError:
+                return
 
     def send(self, audio: np.ndarray) -> None:
         """Queue mono float32 samples at the stream's rate."""
         if audio.size:
             self._queue.put_nowait(np.ascontiguousarray(audio, dtype="<f4").tobytes())
+            self.sent_ms += audio.shape[0] * 1000 / self._sample_rate_hz
 
     def soft_tokens(self) -> SoftTokens | None:
         """The soft tokens received so far (covering ``covered_ms`` of the stream), or None."""

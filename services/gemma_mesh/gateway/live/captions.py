@@ -230,10 +230,7 @@ class CaptionPipeline:
                     self._closed_at[event.segment_id] = time.monotonic()
                     self._finals.append(event)
                     self._close_stream()
-            open_segment = self.segmenter.open_segment
-            if open_segment is not None and self._stream is not None:
-                self._stream.send(open_segment.audio[self._stream_fed :])
-                self._stream_fed = open_segment.audio.shape[0]
+
             if self.segmenter.open_segment is None and not self._finals:
                 self.durable_ms = self._ms(self.segmenter.samples_pushed)
                 self._covered = max(self._covered, self.segmenter.samples_pushed)
@@ -277,10 +274,7 @@ class CaptionPipeline:
                 pass
 
     def _partial_audio_available(self, open_segment) -> int:
-        """Samples of the open segment a partial decode would cover now."""
-        stream = self._stream
-        if stream is not None and not stream.failed:
-            return min(open_segment.audio.shape[0], stream.covered_ms * RATE_HZ // 1000)
+        """Samples of the open segment a partial decode could cover now."""
         return open_segment.audio.shape[0]
 
     async def _check_backlog(self) -> None:
@@ -334,10 +328,16 @@ class CaptionPipeline:
         audio = segment.audio
         soft_tokens = None
         stream = self._stream
-        if stream is not None and not stream.failed and stream.covered_ms > 0:
-            # The incremental encoding's tokens cover the first covered_ms of the segment.
-            soft_tokens = stream.soft_tokens()
-            audio = audio[: stream.covered_ms * RATE_HZ // 1000]
+        if stream is not None and not stream.failed:
+            # Feed the incremental encoder what arrived since the last partial, in one step (each
+            # step also re-reads a fixed left context: fewer, larger steps cost less), and wait for
+            # the tokens that audio makes final (40 ms each, final once the next 40 ms arrived).
+            stream.send(audio[self._stream_fed :])
+            self._stream_fed = audio.shape[0]
+            await stream.wait_caught_up(timeout_s=1.0)
+            if stream.covered_ms > 0 and not stream.failed:
+                soft_tokens = stream.soft_tokens()
+                audio = audio[: stream.covered_ms * RATE_HZ // 1000]
         text = await self._decode(audio, soft_tokens)
         if text is None or self._agreement is None or self.segmenter.open_segment is None:
             return
