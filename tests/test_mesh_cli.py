@@ -120,5 +120,24 @@ def test_stream_reports_missing_files_and_bad_tasks_in_one_line(tmp_path, libriv
         capture_output=True,
     )
     assert refused.returncode == 2 and refused.stderr.decode().startswith("error: cannot connect to ws://")
+    for bad in (["--fps", "0"], ["--fps", "-1"], ["--url", "ftp://x"]):
+        rejected = subprocess.run(
+            [*CLI, "stream", str(librivox_clips[0]), "--image", str(librivox_clips[0]), *bad],
+            env=ENV,
+            capture_output=True,
+            timeout=60,
+        )
+        assert rejected.returncode == 2 and rejected.stderr.decode().startswith("error: "), bad
     not_audio = subprocess.run([*CLI, "stream", __file__], env=ENV, capture_output=True)
     assert not_audio.returncode == 2 and not_audio.stderr.decode().startswith("error: ")
+
+
+def test_up_refuses_a_port_in_use():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*CLI, "up", "--port", str(port)], env=ENV, capture_output=True, timeout=60)
+    assert proc.returncode == 2 and "pick --port" in proc.stderr.decode(), proc.stderr.decode()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from gemma_mesh.common.errors import MeshError
 from gemma_mesh.common.logging import configure_logging
@@ -56,6 +57,11 @@ def user_errors() -> Iterator[None]:
         yield
     except MeshError as exc:
         typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:  # settings from options or GEMMA_MESH_* variables
+        for problem in exc.errors():
+            where = ".".join(str(p) for p in problem["loc"]) or exc.title
+            typer.echo(f"error: {where}: {problem['msg']}", err=True)
         raise typer.Exit(2) from exc
     except (OSError, ValueError) as exc:  # unreadable/unwritable paths, invalid configs and manifests
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -158,7 +164,9 @@ def serve_gateway(
         audio_target=audio,
         vision_target=vision,
     )
-    run_gateway_server(GatewaySettings(**overrides))
+    with user_errors():
+        settings = GatewaySettings(**overrides)
+        run_gateway_server(settings)
 
 
 @app.command("make-tiny")

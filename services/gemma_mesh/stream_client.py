@@ -10,6 +10,7 @@ resends audio from the gateway's ``audio_clock_ms``, so nothing is lost or dupli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -114,6 +115,10 @@ async def stream(options: StreamOptions, on_event: Callable[[dict], None] | None
         InvalidRequest: unreadable media, a refused session (the ``error`` event's message), or a
             connection that cannot be resumed after ``MAX_RECONNECTS`` tries.
     """
+    if not 0 < options.fps <= 30:
+        raise InvalidRequest(f"fps must be in (0, 30], got {options.fps}")
+    if not options.url.startswith(("http://", "https://")):
+        raise InvalidRequest(f"url must be the gateway's http(s):// base URL, got {options.url!r}")
     audio = decode_audio(Path(options.audio), RATE_HZ)
     audio = np.concatenate([audio, np.zeros(RATE_HZ * options.tail_silence_ms // 1000, np.float32)])
     pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
@@ -145,16 +150,24 @@ async def stream(options: StreamOptions, on_event: Callable[[dict], None] | None
                 result.session_id = started["session_id"]
                 last_event_id = _record(result, started, last_event_id, on_event)
                 sender = asyncio.create_task(_send(ws, options, pcm, frames, resume_ms))
-                async for raw in ws:
-                    event = json.loads(raw)
-                    last_event_id = _record(result, event, last_event_id, on_event)
-                    if event["type"] == "session.ended":
+                try:
+                    async for raw in ws:
+                        event = json.loads(raw)
+                        last_event_id = _record(result, event, last_event_id, on_event)
+                        if event["type"] == "session.ended":
+                            return result
+                        if event["type"] == "error" and event.get("fatal"):
+                            raise InvalidRequest(f"session closed by the gateway: {event['message']}")
+                finally:
+                    sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
                         await sender
-                        return result
-                    if event["type"] == "error" and event.get("fatal"):
-                        raise InvalidRequest(f"session closed by the gateway: {event['message']}")
-                sender.cancel()
-        except (websockets.ConnectionClosed, OSError) as error:
+        except (
+            websockets.ConnectionClosed,
+            websockets.InvalidHandshake,
+            websockets.InvalidURI,
+            OSError,
+        ) as error:
             if result.session_id is None:
                 raise InvalidRequest(f"cannot connect to {ws_url}: {error}") from None
         result.reconnects = attempt + 1

@@ -23,6 +23,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.logging import get_logger
 
 log = get_logger("up")
@@ -39,6 +40,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raises InvalidRequest when ``host:port`` cannot be bound (another process has it)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as error:
+            raise InvalidRequest(
+                f"cannot use {host}:{port} for the gateway: {error.strerror}; pick --port"
+            ) from None
 
 
 @dataclass
@@ -125,7 +137,13 @@ class Mesh:
         await self.stop()
 
     async def start(self) -> None:
-        """Start every child and wait until all are healthy."""
+        """Start every child and wait until all are healthy.
+
+        Raises:
+            InvalidRequest: the gateway's port is taken (another process would answer its probes).
+            MeshError: a child exits while starting, or does not become healthy in time.
+        """
+        _check_port_free(self.config.host, self.config.port)
         for child in self.children.values():
             await self._spawn(child)
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -176,13 +194,13 @@ class Mesh:
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not become ready in {self.config.ready_timeout_s:.0f} s")
+                    raise MeshError(f"gateway did not become ready in {self.config.ready_timeout_s:.0f} s")
                 await asyncio.sleep(0.2)
 
     @staticmethod
     def _check_alive(child: Child) -> None:
         if child.proc is not None and child.proc.returncode is not None:
-            raise RuntimeError(f"{child.name} exited with status {child.proc.returncode} while starting")
+            raise MeshError(f"{child.name} exited with status {child.proc.returncode} while starting")
 
     async def _supervise(self) -> None:
         """Restart children that exit, with backoff; runs until ``stop``."""

@@ -251,6 +251,20 @@ def test_transcription_in_every_response_format(client: openai.OpenAI, librivox_
     assert all(VTT_CUE.match(c) for c in cues) and " ".join(VTT_CUE.match(c)[9] for c in cues) == text
 
 
+def test_silence_and_noise_transcribe_to_nothing(client: openai.OpenAI, tmp_path: Path) -> None:
+    """As in live captions, the VAD decides: no speech, no text (no hallucinated caption)."""
+    rng = np.random.default_rng(1)
+    for name, audio in {
+        "silence": np.zeros(3 * 16000, np.float32),
+        "noise": (rng.standard_normal(3 * 16000) * 0.05).astype(np.float32),
+    }.items():
+        path = tmp_path / f"{name}.wav"
+        sf.write(path, audio, 16000)
+        with path.open("rb") as f:
+            verbose = client.audio.transcriptions.create(model=MODEL, file=f, response_format="verbose_json")
+        assert verbose.text == "" and not verbose.segments, name
+
+
 def test_every_container_is_accepted_and_lossless_ones_agree(client: openai.OpenAI, encoded) -> None:
     texts = {}
     for ext, data in encoded.items():

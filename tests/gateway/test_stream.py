@@ -45,6 +45,21 @@ def check_schema(event: dict) -> None:
     jsonschema.validate(event, schema)
 
 
+def bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (valid CRC): a decompression bomb."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    Image.new("L", (1, 1)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
 def ws_url(base: str) -> str:
     return base.replace("http", "ws", 1) + "/v1/stream"
 
@@ -198,6 +213,7 @@ async def test_bad_input_gets_error_events_and_the_session_goes_on(gateway_url, 
             b"\x09\x00\x00\x00\x00abc",  # unknown media kind
             b"\x01",  # shorter than the header
             pack_media(MediaKind.FRAME, 0, b"\xff\xd8\xff\xe0 not really a jpeg"),  # corrupt JPEG
+            pack_media(MediaKind.FRAME, 0, bomb_png(20000, 20000)),  # a decompression bomb header
             json.dumps({"type": "session.dance"}),  # unknown message type
             json.dumps({"type": "session.update", "config": {"target_language": "xx-notalang"}}),
             "{not json",
@@ -205,12 +221,14 @@ async def test_bad_input_gets_error_events_and_the_session_goes_on(gateway_url, 
         ]
         for message in bad:
             await ws.send(message)
-        events = await recv_until(ws, lambda e: e["type"] == "error" and "exceeds" in e["message"])
+        events = await recv_until(ws, lambda e: e["type"] == "error" and "max_control_bytes" in e["message"])
         errors = [e for e in events if e["type"] == "error"]
         assert len(errors) == len(bad), [e["message"] for e in errors]
         assert all(not e["fatal"] and e["code"] == "invalid_request_error" for e in errors)
         assert "whole number" in errors[0]["message"]
         assert "JPEG" in errors[3]["message"] or "image" in errors[3]["message"]
+        assert "max_frame_pixels" in errors[4]["message"]
+        assert not any("0x" in e["message"] for e in errors)  # no object reprs
         # The same session still captions good audio.
         for offset in range(0, len(pcm), 3200):
             await ws.send(pack_media(MediaKind.AUDIO, offset // 32, pcm[offset : offset + 3200]))
@@ -274,3 +292,18 @@ async def test_live_final_equals_the_offline_transcription_of_the_same_audio(gat
             )
         assert reply.status_code == 200, reply.text
         assert reply.json()["text"] == final["text"]
+
+
+async def test_resume_ahead_of_the_log_is_refused(gateway_url):
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        started = await start_session(ws)
+        await ws.send(json.dumps({"type": "session.end"}))
+        await recv_until(ws, lambda e: e["type"] == "session.ended")
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        await ws.send(
+            json.dumps(
+                {"type": "session.start", "session_id": started["session_id"], "last_event_id": 10**12}
+            )
+        )
+        event = json.loads(await ws.recv())
+        assert event["type"] == "error" and event["param"] == "last_event_id" and "ahead" in event["message"]

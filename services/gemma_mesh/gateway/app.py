@@ -49,6 +49,19 @@ class GatewayState:
     leases: SessionLeases
 
 
+async def _check_store(store: SessionStore) -> None:
+    """Fail at start on a Redis that answers with an error (a wrong database, a wrong password);
+    an unreachable one is only a warning (the gateway starts, not ready, and retries)."""
+    from gemma_mesh.gateway.sessions import StoreUnavailable
+
+    try:
+        await store.ping()
+    except StoreUnavailable as error:
+        log.warning("session store unreachable at start; /readyz reports it", error=error.message)
+    except Exception as error:
+        raise RuntimeError(f"session store refused the connection: {error}") from error
+
+
 def error_body(error: MeshError) -> dict:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": error.message, "type": error.code, "param": error.param, "code": error.code}}
@@ -81,7 +94,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             timeout_s=settings.backend_timeout_s,
         )
         if settings.redis_url:
-            metrics.redis_up.set(1)
+            await _check_store(store)
+            metrics.redis_up.set(1 if store.healthy else 0)
         else:  # no Redis to be up or down: the alert must not see a 0
             metrics.registry.unregister(metrics.redis_up)
         vad_settings = VadSettings(model_path=settings.vad_model_path)

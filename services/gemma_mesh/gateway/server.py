@@ -4,9 +4,35 @@ from __future__ import annotations
 
 import uvicorn
 
-from gemma_mesh.common.logging import configure_logging
+from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.common.logging import configure_logging, get_logger
 from gemma_mesh.gateway.app import create_app
 from gemma_mesh.gateway.settings import GatewaySettings
+
+log = get_logger(__name__)
+
+
+def check_redis(url: str | None) -> None:
+    """Refuse to start on a Redis that answers with an error (wrong database or password).
+
+    An unreachable Redis is not an error at start: the gateway comes up not ready and retries.
+
+    Raises:
+        InvalidRequest: Redis refused the connection or the URL is unusable.
+    """
+    if not url:
+        return
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        log.warning("redis unreachable at start; /readyz reports it until it answers", error=str(error))
+    except (redis.RedisError, ValueError) as error:
+        raise InvalidRequest(f"redis at {url} refused the connection: {error}") from None
+    finally:
+        client.close()
 
 
 def run_gateway_server(settings: GatewaySettings) -> None:
@@ -16,6 +42,7 @@ def run_gateway_server(settings: GatewaySettings) -> None:
     reaches the adapter and gets an ``error`` event instead of a closed socket.
     """
     configure_logging(settings.log_level)
+    check_redis(settings.redis_url)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -6,7 +6,7 @@ Every limit the gateway enforces is a field here, with its unit in the name or t
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gemma_mesh.common.settings import MiB
@@ -92,3 +92,10 @@ class GatewaySettings(BaseSettings):
     max_audio_s: float = Field(1800.0, gt=0, description="Longest audio of one transcription request")
     max_images_per_request: int = Field(8, ge=1, description="Images in one chat completion")
     max_completion_tokens: int = Field(4096, ge=1, description="Largest max_tokens of a chat completion")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {value!r}")
+        return value or None

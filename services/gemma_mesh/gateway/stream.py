@@ -176,7 +176,11 @@ class StreamConnection:
             await self._receive_loop()
         except WebSocketDisconnect:
             pass
-        except MeshError as error:
+        except Exception as exc:  # a MeshError is the caller's; anything else is ours, reported the same way
+            error = exc if isinstance(exc, MeshError) else MeshError(f"internal error: {type(exc).__name__}")
+            if not isinstance(exc, MeshError):
+                log.exception("session failed", session_id=self.session_id)
+            self.metrics.errors.labels(error.code).inc()
             with contextlib.suppress(Exception):
                 await self.ws.send_text(
                     Error(
@@ -250,9 +254,16 @@ class StreamConnection:
                 raise PermissionDenied("this session belongs to another API key", param="session_id")
             config = SessionConfig.model_validate(record.config)
             state = dict(record.state)
+            if start.last_event_id > record.last_event_id:
+                raise InvalidRequest(
+                    f"last_event_id {start.last_event_id} is ahead of the session's last event "
+                    f"{record.last_event_id}",
+                    param="last_event_id",
+                )
             self.session_id = record.session_id
             await self.store.reopen(self.session_id)
-            # Replay exactly what the client missed, oldest first, before anything new.
+            # Replay exactly what the client missed, oldest first, before anything new. The stored
+            # config applies (a resume's config is ignored; change it with session.update).
             last = start.last_event_id
             while True:
                 page = await self.store.events_after(self.session_id, last, REPLAY_PAGE)

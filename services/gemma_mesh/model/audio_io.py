@@ -242,7 +242,10 @@ def _decode_with_av(data: bytes, max_duration_s: float | None = None) -> tuple[n
     except InvalidRequest:
         raise
     except Exception as exc:  # PyAV raises many error types for corrupt input
-        raise InvalidRequest(f"cannot decode audio: {exc}") from exc
+        reason = getattr(exc, "strerror", None) or str(exc)  # FFmpeg errors: no errno or file name
+        raise InvalidRequest(
+            f"cannot decode audio ({reason}); accepted: WAV, FLAC, MP3, OGG (Vorbis, Opus), WebM"
+        ) from exc
     if not chunks:
         raise InvalidRequest("the audio stream is empty")
     samples = np.concatenate(chunks).astype(np.float32)

@@ -169,7 +169,11 @@ class ImageProcessor:
             raise InvalidRequest(
                 f"image is larger than the limit of {self.max_image_pixels} pixels (Pillow: {exc})"
             ) from exc
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except UnidentifiedImageError as exc:
+            raise InvalidRequest(
+                "image data is not a readable image (accepted: JPEG, PNG, WebP, GIF)"
+            ) from exc
+        except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidRequest(
                 f"image data is not a readable image (accepted: JPEG, PNG, WebP, GIF): {exc}"
             ) from exc

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 
 from PIL import Image, UnidentifiedImageError
@@ -41,10 +42,16 @@ def check_frame(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, i
             f"frame of {len(data)} bytes exceeds the limit of {max_bytes} bytes (max_frame_bytes)"
         )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InvalidRequest(f"frame is not a readable JPEG or PNG image: {error}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        raise InvalidRequest(
+            f"frame exceeds the limit of {max_pixels} pixels (max_frame_pixels)", param="frame"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InvalidRequest("frame is not a readable JPEG or PNG image", param="frame") from None
     if fmt not in ACCEPTED_FORMATS:
         raise InvalidRequest(f"frame format {fmt} is not accepted (JPEG or PNG)")
     if width * height > max_pixels:

@@ -163,12 +163,15 @@ class OpenAIServingTranscription:
         return text + "\n"
 
     async def _segments(self, audio: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """``(start_sample, end_sample, audio)`` of each speech segment: the whole clip when it fits
-        in one segment, else the VAD's segments."""
+        """``(start_sample, end_sample, audio)`` of each speech segment: none when the VAD hears no
+        speech (silence and noise give no text, as in live captions), the whole clip when it fits in
+        one segment (so a live final's audio transcribes to the same text), else the VAD's segments."""
         max_samples = self.vad_settings.max_segment_ms * RATE_HZ // 1000
+        closed = await asyncio.to_thread(self._run_vad, audio)
+        if not closed:
+            return []
         if audio.shape[0] <= max_samples:
             return [(0, audio.shape[0], audio)]
-        closed = await asyncio.to_thread(self._run_vad, audio)
         return [(c.start_sample, c.end_sample, c.audio) for c in closed if c.end_sample > c.start_sample]
 
     def _run_vad(self, audio: np.ndarray) -> list[SegmentClosed]:
