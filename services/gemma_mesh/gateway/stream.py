@@ -368,6 +368,7 @@ class StreamConnection:
             default_interval_ms=self.settings.analysis_interval_ms,
             max_tokens=self.settings.max_analysis_tokens,
             first_analysis_id=first_id,
+            captions_behind=self.captions.behind if self.captions is not None else None,
         )
         self.frames.start()
 

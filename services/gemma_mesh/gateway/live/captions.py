@@ -178,6 +178,10 @@ class CaptionPipeline:
             task.cancel()
         self._close_stream()
 
+    def behind(self) -> bool:
+        """True while the recogniser lags by more than two partial intervals (frames then wait)."""
+        return self.pending_s > 2 * self.partial_interval_s + 1.0
+
     @property
     def pending_s(self) -> float:
         """The recogniser's lag: audio received but not yet covered by a decode, in seconds."""

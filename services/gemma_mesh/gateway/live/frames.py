@@ -69,6 +69,8 @@ class FramePipeline:
         default_interval_ms: ``GatewaySettings.analysis_interval_ms``.
         max_tokens: tokens per analysis.
         first_analysis_id: analysis ids continue across reconnects.
+        captions_behind: True while the session's captions lag; analyses wait (the waiting frame
+            keeps being replaced, and counted as dropped) so the mesh catches up on speech first.
     """
 
     def __init__(
@@ -81,8 +83,10 @@ class FramePipeline:
         default_interval_ms: int,
         max_tokens: int,
         first_analysis_id: int = 0,
+        captions_behind: Callable[[], bool] | None = None,
     ) -> None:
         self.clients = clients
+        self.captions_behind = captions_behind
         self.video = video
         self.emit = emit
         self.metrics = metrics
@@ -153,6 +157,10 @@ class FramePipeline:
                     pass
                 if not self._closing:
                     continue
+            if not self._closing and self.captions_behind is not None and self.captions_behind():
+                # Captions come first: retry after another interval with whatever frame is newest.
+                last = time.monotonic()
+                continue
             frame, timestamp_ms = self._waiting
             self._waiting = None
             last = time.monotonic()

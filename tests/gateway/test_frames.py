@@ -1,0 +1,60 @@
+"""Frame analysis policy: captions first. While a session's captions lag, frames wait (the newest
+replaces the waiting one, counted as dropped); when captions catch up, the newest frame is analysed."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.live.frames import FramePipeline
+from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.protocol import FrameAnalysis, VideoConfig
+
+
+def jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.asyncio
+async def test_frames_wait_while_captions_are_behind(backends):
+    behind = True
+    events: list[FrameAnalysis] = []
+
+    async def emit(event) -> None:
+        events.append(event)
+
+    clients = MeshClient(backends.decoder, backends.audio, backends.vision)
+    metrics = GatewayMetrics()
+    frames = FramePipeline(
+        clients=clients,
+        video=VideoConfig(max_fps=5, analysis_interval_ms=200),
+        emit=emit,
+        metrics=metrics,
+        default_interval_ms=200,
+        max_tokens=4,
+        captions_behind=lambda: behind,
+    )
+    frames.start()
+    try:
+        await asyncio.sleep(0.25)  # the first interval passes with nothing to analyse
+        for i in range(3):
+            assert frames.push(jpeg(i), timestamp_ms=1000 + 250 * i)
+            await asyncio.sleep(0.3)
+        assert events == [] and frames.dropped == 2  # each newer frame replaced the waiting one
+        behind = False
+        async with asyncio.timeout(30):
+            while not any(e.done for e in events):
+                await asyncio.sleep(0.05)
+        done = [e for e in events if e.done]
+        assert [e.frame_ms for e in done] == [1500]  # the newest frame
+    finally:
+        frames.cancel()
+        await clients.close()
