@@ -242,7 +242,8 @@ class Engine:
             raise InvalidRequest(
                 f"prompt ({n} tokens) plus max_tokens ({request.max_tokens}) exceeds the context length of "
                 f"{self.max_context} tokens",
-                param="max_tokens",
+                # The prompt alone over the context: the messages are at fault, not max_tokens.
+                param="messages" if n >= self.max_context else "max_tokens",
             )
         handle = RequestHandle(self, request)
         with self._cond:
