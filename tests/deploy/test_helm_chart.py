@@ -357,6 +357,8 @@ def test_environment_is_what_the_settings_classes_read(
                 m.setenv(key, "x" * 32 if value == "<secret>" and key.endswith("TOKEN_SECRET") else value)
             if env.get(f"{prefix}API_KEYS") == "<secret>":
                 m.setenv(f"{prefix}API_KEYS", "[]")
+            if env.get(f"{prefix}REDIS_URL") == "<secret>":  # from the external Redis Secret
+                m.setenv(f"{prefix}REDIS_URL", "redis://redis.example:6379/0")
             settings = cls()
         assert settings.host == "0.0.0.0"
         if component != "gateway":
