@@ -26,6 +26,7 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.sessions import SessionStore, open_store
 from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
@@ -47,6 +48,7 @@ class GatewayState:
     auth: Authenticator
     vad_settings: VadSettings
     leases: SessionLeases
+    vad_batcher: VadBatcher
 
 
 async def _check_store(store: SessionStore) -> None:
@@ -103,8 +105,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
         leases = open_leases(settings.redis_url)
+        vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
-            settings, clients, store, metrics, Authenticator(settings), vad_settings, leases
+            settings, clients, store, metrics, Authenticator(settings), vad_settings, leases, vad_batcher
         )
         log.info(
             "gateway ready",
@@ -120,6 +123,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await clients.close()
             await store.close()
             await leases.close()
+            vad_batcher.close()
 
     app = FastAPI(
         title="gemma-mesh gateway",

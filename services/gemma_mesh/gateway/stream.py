@@ -302,6 +302,7 @@ class StreamConnection:
                 base_ms=base_ms,
                 first_segment_id=int(state.get("next_segment_id", 0)),
                 on_final=self._save_state,
+                vad_batcher=self.state.vad_batcher,
             )
             self.captions.start()
         if config.video is not None:

@@ -318,8 +318,13 @@ class VadSegmenter:
         """Samples held in memory (open segment, pad and the VAD's partial window)."""
         return self._buffer.end - self._buffer.start
 
-    def push(self, audio: np.ndarray) -> list[SegmentEvent]:
+    def push(self, audio: np.ndarray, probabilities: np.ndarray | None = None) -> list[SegmentEvent]:
         """Add float mono 16 kHz samples ``[n]`` (any ``n``, cast to float32).
+
+        Args:
+            probabilities: the speech probabilities of the windows this audio completes, when the
+                caller computed them (a VAD batched across streams, fed the same audio); None asks
+                this segmenter's ``vad``.
 
         Returns:
             The events caused by the VAD windows completed by this audio, in stream order.
@@ -332,7 +337,9 @@ class VadSegmenter:
             raise ValueError(f"segmenter audio must be mono [n], got shape {audio.shape}")
         self._buffer.append(audio)
         events: list[SegmentEvent] = []
-        for probability in self.vad.speech_probabilities(audio):
+        if probabilities is None:
+            probabilities = self.vad.speech_probabilities(audio)
+        for probability in probabilities:
             self._step(float(probability), events)
         self._trim()
         return events

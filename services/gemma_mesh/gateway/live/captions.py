@@ -36,6 +36,7 @@ from gemma_mesh.gateway.captioning import (
     VadSettings,
 )
 from gemma_mesh.gateway.clients import AudioEncodeStream, ChatMessage, MeshClient, Part, Sampling, SoftTokens
+from gemma_mesh.gateway.live.vad_batcher import StreamVad, VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
 from gemma_mesh.gateway.protocol import (
@@ -113,6 +114,7 @@ class CaptionPipeline:
         base_ms: the session's audio clock at the first sample fed here (non-zero on resume).
         first_segment_id: segment ids continue across reconnects.
         on_final: called after each final (the session saves its durable audio clock then).
+        vad_batcher: the gateway's shared VAD (batched across sessions); None = a VAD of its own.
         vad_settings, partial_interval_ms, max_tokens, max_pending_audio_s: from ``GatewaySettings``.
     """
 
@@ -131,6 +133,7 @@ class CaptionPipeline:
         base_ms: int = 0,
         first_segment_id: int = 0,
         on_final: Callable[[], Awaitable[None]] | None = None,
+        vad_batcher: VadBatcher | None = None,
     ) -> None:
         self.clients = clients
         self.config = config
@@ -142,7 +145,12 @@ class CaptionPipeline:
         self.max_pending = int(max_pending_audio_s * RATE_HZ)
         self.base_ms = base_ms
         self.segment_offset = first_segment_id
-        self.segmenter = VadSegmenter(SileroVad(vad_settings.model_path), vad_settings)
+        self._vad_batcher = vad_batcher
+        if vad_batcher is not None:
+            self._vad_stream = vad_batcher.new_stream()
+            self.segmenter = VadSegmenter(StreamVad(self._vad_stream), vad_settings)
+        else:
+            self.segmenter = VadSegmenter(SileroVad(vad_settings.model_path), vad_settings)
         self._audio: asyncio.Queue[np.ndarray | None] = asyncio.Queue()
         self._pending_samples = 0  # received, not yet through the VAD
         self._received = 0  # samples received (relative to base_ms)
@@ -220,8 +228,11 @@ class CaptionPipeline:
             if chunk is None:
                 events = self.segmenter.flush()
             else:
-                # Silero runs ~31 windows per second of audio: cheap, but off the event loop.
-                events = await asyncio.to_thread(self.segmenter.push, chunk)
+                if self._vad_batcher is not None:  # one model call per window step for all sessions
+                    probabilities = await self._vad_batcher.probabilities(self._vad_stream, chunk)
+                    events = self.segmenter.push(chunk, probabilities)
+                else:  # Silero runs ~31 windows per second of audio: cheap, but off the event loop
+                    events = await asyncio.to_thread(self.segmenter.push, chunk)
                 self._pending_samples -= chunk.shape[0]
                 self._arrivals.append((self.segmenter.samples_pushed, time.monotonic()))
             for event in events:
