@@ -133,6 +133,8 @@ class StreamConnection:
         self._started_at = time.monotonic()
         self.holder = uuid.uuid4().hex  # this connection's id in the session lease
         self._leased = False
+        self._keeper: asyncio.Task | None = None
+        self._counted = False  # in the active-sessions gauge
         self._taken_over = asyncio.Event()
 
     # --- events out -------------------------------------------------------------------------
@@ -504,9 +506,10 @@ class StreamConnection:
         except MeshError as error:
             log.warning("session detach failed", session_id=self.session_id, error=error.message)
         finally:
-            if getattr(self, "_counted", False):
+            if self._counted:
                 self.metrics.active_sessions.dec()
             if self._leased:
-                self._keeper.cancel()
+                if self._keeper is not None:
+                    self._keeper.cancel()
                 await self.state.leases.release(self.session_id, self.holder)
             log.info("session detached", session_id=self.session_id)

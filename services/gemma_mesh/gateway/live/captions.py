@@ -42,10 +42,12 @@ from gemma_mesh.gateway.prompts import transcription_instruction, translation_in
 from gemma_mesh.gateway.protocol import (
     CaptionFinal,
     CaptionPartial,
+    Error,
     SessionConfig,
     TranslationFinal,
     TranslationPartial,
 )
+from gemma_mesh.gateway.protocol import Warning as WarningEvent
 
 log = get_logger(__name__)
 
@@ -305,8 +307,6 @@ class CaptionPipeline:
             self._backlog_warned = False
 
     async def _warn(self, code: str, message: str) -> None:
-        from gemma_mesh.gateway.protocol import Warning as WarningEvent
-
         self.metrics.warnings.labels(code).inc()
         await self.emit(WarningEvent(code=code, message=message, details={"pending_audio_s": self.pending_s}))
 
@@ -330,8 +330,6 @@ class CaptionPipeline:
                     tokens_per_audio_s=self.tokens_per_audio_s,
                 )
         except MeshError as error:
-            from gemma_mesh.gateway.protocol import Error
-
             self.metrics.errors.labels(error.code).inc()
             log.warning("caption decode failed", code=error.code, error=error.message)
             await self.emit(Error(code=error.code, message=error.message, param=error.param))
