@@ -235,20 +235,21 @@ class Mesh:
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-        order = ["gateway", *BACKENDS]
-        for name in order:
-            child = self.children[name]
-            if child.proc is not None and child.proc.returncode is None:
-                child.proc.send_signal(signal.SIGTERM)
-        for name in order:
-            child = self.children[name]
-            if child.proc is None:
-                continue
-            try:
-                await asyncio.wait_for(child.proc.wait(), timeout=STOP_GRACE_S)
-            except TimeoutError:
-                child.proc.kill()
-                await child.proc.wait()
+        # The gateway first, and alone: its sessions' last decodes (finals of open segments, stored
+        # for resume) still need the backends; then the backends together.
+        for group in (["gateway"], list(BACKENDS)):
+            children = [self.children[name] for name in group]
+            for child in children:
+                if child.proc is not None and child.proc.returncode is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            for child in children:
+                if child.proc is None:
+                    continue
+                try:
+                    await asyncio.wait_for(child.proc.wait(), timeout=STOP_GRACE_S)
+                except TimeoutError:
+                    child.proc.kill()
+                    await child.proc.wait()
         log.info("mesh stopped")
 
     async def wait_for_signal(self) -> None:

@@ -214,7 +214,7 @@ class Error(_Event):
 
 class SessionEnded(_Event):
     type: Literal["session.ended"] = "session.ended"
-    reason: Literal["client", "max_session_length", "server_shutdown"]
+    reason: Literal["client", "max_session_length"]
     audio_clock_ms: int
 
 

@@ -24,6 +24,7 @@ from gemma_mesh.common.errors import (
     InvalidRequest,
     MeshError,
     NotFound,
+    Overloaded,
     PermissionDenied,
     RateLimited,
     SessionBusy,
@@ -135,6 +136,7 @@ class StreamConnection:
         self._leased = False
         self._keeper: asyncio.Task | None = None
         self._counted = False  # in the active-sessions gauge
+        self._close_code: int | None = None  # set when the session ends: a normal close after the drain
         self._taken_over = asyncio.Event()
 
     # --- events out -------------------------------------------------------------------------
@@ -174,8 +176,8 @@ class StreamConnection:
             if start is None:
                 return
             sender = asyncio.create_task(self._sender())
-            await self._open(owner, start)
-            await self._receive_loop()
+            if await self._open(owner, start):
+                await self._receive_loop()
         except WebSocketDisconnect:
             pass
         except Exception as exc:  # a MeshError is the caller's; anything else is ours, reported the same way
@@ -197,6 +199,9 @@ class StreamConnection:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._drain(), timeout=2.0)
                 sender.cancel()
+            if self._close_code is not None:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(code=self._close_code)
 
     async def _drain(self) -> None:
         while self.outbound.queue and not self.outbound.overflowed:
@@ -244,7 +249,8 @@ class StreamConnection:
                 f"bad control message: {where}: {first.get('msg')}", param=where or None
             ) from None
 
-    async def _open(self, owner: str, start: SessionStart) -> None:
+    async def _open(self, owner: str, start: SessionStart) -> bool:
+        """Create or resume the session -> True when it is live (False: an ended session's replay)."""
         settings = self.settings
         state: dict = {}
         if start.session_id:
@@ -263,7 +269,9 @@ class StreamConnection:
                     param="last_event_id",
                 )
             self.session_id = record.session_id
-            await self.store.reopen(self.session_id)
+            ended = state.get("ended")
+            if not ended:
+                await self.store.reopen(self.session_id)
             # Replay exactly what the client missed, oldest first, before anything new. The stored
             # config applies (a resume's config is ignored; change it with session.update).
             last = start.last_event_id
@@ -276,6 +284,10 @@ class StreamConnection:
                 last = page[-1]["event_id"]
                 self.outbound.ready.set()
                 await asyncio.sleep(0)
+            if ended:  # the session ended for good: the replay (ending in session.ended) is all
+                log.info("ended session replayed", session_id=self.session_id, reason=ended)
+                self._close_code = 1000
+                return False
         else:
             config = validate_config(start.config, settings)
             if await self.store.count_active(owner) >= settings.max_sessions_per_key:
@@ -327,6 +339,7 @@ class StreamConnection:
             )
         )
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
+        return True
 
     async def _claim(self, session_id: str) -> None:
         """Take the session's lease; a previous connection still attached is asked to let go first
@@ -432,7 +445,12 @@ class StreamConnection:
         if kind == MediaKind.AUDIO:
             if self.captions is None or self.pcm is None:
                 raise InvalidRequest("audio received but the session has no audio config")
-            self.captions.push(self.pcm.decode(payload))
+            try:
+                self.captions.push(self.pcm.decode(payload))
+            except Overloaded as error:  # name the refused message, so the client can resend exactly it
+                raise Overloaded(
+                    f"{error.message} (audio message at {timestamp_ms} ms)", param="audio"
+                ) from None
         else:
             if self.frames is None:
                 raise InvalidRequest("frame received but the session has no video config")
@@ -491,7 +509,10 @@ class StreamConnection:
         await self._flush()
         clock = self.captions.durable_ms if self.captions is not None else 0
         await self.emit(SessionEnded(reason=reason, audio_clock_ms=clock))
+        # Ended for good: a later resume only replays what the client missed (see ``_open``).
+        await self.store.save_state(self.session_id, {**self._state(), "ended": reason})
         await self.store.end(self.session_id)
+        self._close_code = 1000
         self.captions = None
         self.frames = None
 
