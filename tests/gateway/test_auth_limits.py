@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import httpx
 import numpy as np
@@ -150,5 +151,6 @@ async def test_backlog_warns_then_refuses_audio_explicitly(backends, librivox_cl
     warnings = [e for e in events if e["type"] == "warning" and e["code"] == "backlog"]
     refused = [e for e in events if e["type"] == "error" and e["code"] == "overloaded_error"]
     assert warnings, "falling behind must be announced"
-    assert refused and all("audio refused" in e["message"] for e in refused)
+    assert refused and all("audio refused" in e["message"] and e["param"] == "audio" for e in refused)
+    assert all(re.search(r"audio message at \d+ ms", e["message"]) for e in refused)  # which one
     assert [e for e in events if e["type"] == "caption.final"], "accepted audio is still captioned"

@@ -307,3 +307,25 @@ async def test_resume_ahead_of_the_log_is_refused(gateway_url):
         )
         event = json.loads(await ws.recv())
         assert event["type"] == "error" and event["param"] == "last_event_id" and "ahead" in event["message"]
+
+
+async def test_session_end_closes_normally_and_an_ended_session_only_replays(gateway_url, clip):
+    audio = decode_audio(clip, RATE)
+    pcm = (audio * 32767).astype("<i2").tobytes()
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        started = await start_session(ws)
+        for offset in range(0, len(pcm), 6400):
+            await ws.send(pack_media(MediaKind.AUDIO, offset // 32, pcm[offset : offset + 6400]))
+        await ws.send(json.dumps({"type": "session.end"}))
+        events = [started, *await recv_until(ws, lambda e: e["type"] == "session.ended")]
+        with pytest.raises(websockets.ConnectionClosedOK) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 1000  # a normal close, not a dropped connection
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        await ws.send(
+            json.dumps({"type": "session.start", "session_id": started["session_id"], "last_event_id": 1})
+        )
+        replay = await recv_until(ws, lambda e: e["type"] == "session.ended")
+        assert replay == events[1:]  # exactly what was missed, and no new session.started
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await ws.recv()
