@@ -159,6 +159,13 @@ class SessionStore(ABC):
     ttl_s: float
     max_events: int
 
+    def _session_ttl(self, ttl_s: float | None) -> float:
+        """``create``'s TTL: the given one or the store's default. Raises ValueError unless > 0."""
+        ttl_s = self.ttl_s if ttl_s is None else ttl_s
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        return ttl_s
+
     @property
     def healthy(self) -> bool:
         """False while the backing store is unreachable (writes are then buffered in memory)."""

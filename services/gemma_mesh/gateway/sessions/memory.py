@@ -49,9 +49,7 @@ class MemorySessionStore(SessionStore):
 
     async def create(self, owner: str, config: dict[str, Any], ttl_s: float | None = None) -> SessionRecord:
         self._sweep()
-        ttl_s = self.ttl_s if ttl_s is None else ttl_s
-        if ttl_s <= 0:
-            raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
+        ttl_s = self._session_ttl(ttl_s)
         session = LocalSession(
             session_id=new_session_id(),
             owner=owner,
