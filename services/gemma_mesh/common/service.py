@@ -19,7 +19,13 @@ from typing import Any, ClassVar
 
 import grpc
 
-from gemma_mesh.common.grpc_server import create_server, mark_serving, serve, start_metrics_server
+from gemma_mesh.common.grpc_server import (
+    create_server,
+    limit_blas_threads,
+    mark_serving,
+    serve,
+    start_metrics_server,
+)
 from gemma_mesh.common.logging import configure_logging, get_logger
 from gemma_mesh.common.settings import GrpcServiceSettings
 
@@ -106,7 +112,9 @@ def run_service(factory: Callable[[], BundleService], log_level: str) -> None:
     configure_logging(log_level)
 
     async def main() -> None:
-        await serve_until_signal(factory())
+        service = factory()
+        limit_blas_threads(service.settings.blas_threads)
+        await serve_until_signal(service)
 
     asyncio.run(main())
 

@@ -34,6 +34,12 @@ class GrpcServiceSettings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0 = default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators (0 = default)")
+    blas_threads: int = Field(
+        1,
+        ge=0,
+        description="numpy's BLAS threads (0 = the library's default, one per core): the services' numpy "
+        "work (log-mel, sampling) is small per call, and extra threads only spin against ONNX Runtime's",
+    )
     max_connection_age_s: float = Field(
         300.0,
         gt=0,

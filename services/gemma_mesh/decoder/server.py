@@ -8,7 +8,13 @@ from typing import Any
 
 import grpc
 
-from gemma_mesh.common.grpc_server import create_server, mark_serving, serve, start_metrics_server
+from gemma_mesh.common.grpc_server import (
+    create_server,
+    limit_blas_threads,
+    mark_serving,
+    serve,
+    start_metrics_server,
+)
 from gemma_mesh.common.logging import configure_logging, get_logger
 from gemma_mesh.decoder.engine import Engine
 from gemma_mesh.decoder.metrics import DecoderMetrics
@@ -73,6 +79,7 @@ async def start_decoder(settings: DecoderSettings, bundle: ModelBundle | None = 
 def run_decoder_server(settings: DecoderSettings) -> None:
     """Blocking entry point: serve until SIGTERM/SIGINT, then drain for ``shutdown_grace_s``."""
     configure_logging(settings.log_level)
+    limit_blas_threads(settings.blas_threads)
 
     async def main() -> None:
         started = await start_decoder(settings)
