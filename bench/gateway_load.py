@@ -11,7 +11,9 @@ Figures, measured by the client:
 - final latency: the gateway's own histogram (VAD close -> final caption), and the client's view
   (last speech chunk sent -> final; includes the VAD's 500 ms of silence);
 - audio lost: seconds sent minus seconds the gateway accepted (must be 0), audio refused events;
-- frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session.
+- frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session;
+- the work the decoder did: tokens generated and prefilled (prefix-cache misses) per second, mean
+  sequences per decode step.
 The same figures for one session, measured first in the same run, are the baseline (ratios).
 
     python bench/gateway_load.py                      # 32 sessions, 30 s, tiny bundle
@@ -193,8 +195,10 @@ def proc_rss_mb(pid: int) -> float:
 async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: float) -> dict:
     url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/stream"
     pid = mesh.children["gateway"].proc.pid
+    decoder_metrics = f"http://127.0.0.1:{mesh.children['decoder'].metrics_port}/metrics"
     async with httpx.AsyncClient() as client:
         before = (await client.get(f"{mesh.gateway_url}/metrics")).text
+        decoder_before = (await client.get(decoder_metrics)).text
         rss_before, cpu_before, t0 = proc_rss_mb(pid), proc_cpu_s(pid), time.monotonic()
         children_before = {name: proc_cpu_s(c.proc.pid) for name, c in mesh.children.items()}
         stats = [SessionStats() for _ in range(sessions)]
@@ -218,6 +222,12 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
             for name, c in mesh.children.items()
         }
         after = (await client.get(f"{mesh.gateway_url}/metrics")).text
+        decoder_after = (await client.get(decoder_metrics)).text
+
+    def decoder_delta(name: str) -> float:
+        return metric(decoder_after, name) - metric(decoder_before, name)
+
+    steps = decoder_delta("gemma_mesh_decoder_batch_size_count")
     partial = [x for s in stats for x in s.partial_latencies]
     final_client = [x for s in stats for x in s.final_latencies]
     sent = sum(s.audio_sent_s for s in stats)
@@ -249,6 +259,20 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         "gateway_rss_mb_per_session": round((peak_rss - rss_before) / sessions, 2),
         "gateway_rss_mb": round(peak_rss, 1),
         "cpu_core_pct_by_service": children_cpu,
+        "decoder_generated_tokens_per_s": round(
+            decoder_delta("gemma_mesh_decoder_generated_tokens_total") / elapsed, 1
+        ),
+        "decoder_prefilled_tokens_per_s": round(
+            (
+                decoder_delta("gemma_mesh_decoder_prompt_tokens_total")
+                - decoder_delta("gemma_mesh_decoder_cached_prompt_tokens_total")
+            )
+            / elapsed,
+            1,
+        ),
+        "decoder_mean_batch": round(decoder_delta("gemma_mesh_decoder_batch_size_sum") / steps, 1)
+        if steps
+        else None,
     }
 
 
@@ -263,6 +287,8 @@ def show(result: dict) -> None:
         f"| frames dropped {result['frames_dropped']:.0f} | gateway {result['gateway_cpu_core_pct']}% core, "
         f"{result['gateway_rss_mb_per_session']} MB/session\n    CPU (% of one core) by service: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_core_pct_by_service"].items())
+        + f"\n    decoder: {result['decoder_generated_tokens_per_s']} tokens/s generated, "
+        f"{result['decoder_prefilled_tokens_per_s']} prefilled (not cached), mean batch {result['decoder_mean_batch']}"
     )
 
 

@@ -367,3 +367,40 @@ def test_error_detail_and_metrics(decoder, stub):
     ):
         assert name in body, name
     assert threading.active_count() < 200
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival(tiny_bundle):
+    """One row: while it is busy, three priority-2 requests queue, then a priority-0 one; the
+    priority-0 one runs first, the others in arrival order (vLLM's priority policy)."""
+    with ServerThread(
+        lambda: start_decoder(_settings(max_batch_size=1, max_queue_size=8), tiny_bundle)
+    ) as srv:
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        s = decoder_pb2_grpc.DecoderStub(channel)
+        busy = s.Generate(
+            _request([_text("user", "Keep going.")], max_tokens=600, ignore_eos=True), timeout=60
+        )
+        assert next(busy).HasField("delta")  # the only row is taken
+        order: list[str] = []
+        lock = threading.Lock()
+
+        def run(name: str, priority: int) -> None:
+            _collect(s, _request([_text("user", f"Request {name}.")], max_tokens=2, priority=priority))
+            with lock:
+                order.append(name)
+
+        threads = []
+        for name, priority in (("late-a", 2), ("late-b", 2), ("late-c", 2), ("urgent", 0)):
+            threads.append(threading.Thread(target=run, args=(name, priority)))
+            threads[-1].start()
+            deadline = time.monotonic() + 10
+            while len(srv.engine._waiting) < len(threads) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(srv.engine._waiting) == len(threads)  # queued behind the busy row
+        assert srv.engine._decoding  # the busy request is still running: nothing was admitted yet
+        for _ in busy:
+            pass
+        for thread in threads:
+            thread.join(timeout=60)
+        assert order == ["urgent", "late-a", "late-b", "late-c"]
+        channel.close()

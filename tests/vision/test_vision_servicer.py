@@ -263,3 +263,36 @@ async def test_metrics_count_images_and_errors(vision_stub):
     assert value("gemma_mesh_vision_errors_total", rpc="Encode", code="INVALID_ARGUMENT") >= 1
     assert value("gemma_mesh_vision_request_seconds_count", rpc="Encode") >= 2
     assert value("gemma_mesh_vision_batch_size_count") >= 1
+
+
+async def test_camera_frames_use_the_video_per_frame_budget(vision_stub, tiny_bundle):
+    """``video_frame``: a live camera frame is encoded as EncodeVideo encodes each sampled frame
+    (the video processor at its per-frame budget), not as a still image at the image default."""
+    from gemma_mesh.model.video import settings_from_processor
+
+    defaults, frame_processor = settings_from_processor(tiny_bundle.settings["video_processor"])
+    per_frame = tiny_bundle.manifest.video.max_soft_tokens_per_frame
+    assert defaults.max_soft_tokens == per_frame < tiny_bundle.manifest.vision.default_max_soft_tokens
+    photo = _photo(640, 480)
+    data = _encode(photo, "JPEG", quality=90)
+    frame = vision_pb2.ImageInput(encoded=data, video_frame=True, timestamp_s=3.5)
+    reply = await vision_stub.Encode(vision_pb2.EncodeImageRequest(image=frame))
+    expected = tiny_bundle.encode_images(
+        [frame_processor.preprocess(frame_processor.decode_image(data), per_frame)]
+    )[0]
+    assert reply.num_soft_tokens == expected.shape[0] and reply.timestamp_s == 3.5
+    assert np.abs(from_tensor_pb(reply.soft_tokens) - expected).max() <= 1e-5
+    still = await vision_stub.Encode(_request(data))
+    assert still.num_soft_tokens > reply.num_soft_tokens  # the image default is a larger budget
+    # raw RGB frames take the same path; an explicit budget still wins
+    raw = vision_pb2.RawImage(rgb=photo.tobytes(), width=640, height=480)
+    same = await vision_stub.Encode(
+        vision_pb2.EncodeImageRequest(image=vision_pb2.ImageInput(raw=raw, video_frame=True))
+    )
+    assert same.num_soft_tokens == reply.num_soft_tokens
+    bigger = await vision_stub.Encode(
+        vision_pb2.EncodeImageRequest(
+            image=vision_pb2.ImageInput(encoded=data, video_frame=True, max_soft_tokens=140)
+        )
+    )
+    assert bigger.num_soft_tokens > reply.num_soft_tokens

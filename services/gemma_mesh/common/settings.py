@@ -34,6 +34,11 @@ class GrpcServiceSettings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per operator (0 = default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads across operators (0 = default)")
+    allow_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's idle intra-op threads spin between runs (its default). Off here: "
+        "several services share a node's cores, and spinning threads take the CPU the others need",
+    )
     blas_threads: int = Field(
         1,
         ge=0,

@@ -3,7 +3,8 @@
 One scheduler thread owns the session and the batch KV cache. Each iteration it:
 
 1. drops cancelled requests (their rows are freed at once: the last row moves into the hole);
-2. admits the oldest waiting request if a row is free (restoring the longest cached prompt prefix);
+2. admits waiting requests while rows are free, lowest ``priority`` first, then oldest (vLLM's
+   priority policy; restoring each one's longest cached prompt prefix);
 3. prefills at most ``prefill_chunk_tokens`` of that request (long prompts do not stall decoding);
 4. runs one decode step for every decoding sequence together (requests join and leave at step
    boundaries), samples each row with its own sampler and streams the text.
@@ -16,10 +17,11 @@ the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-sa
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +54,7 @@ class GenerationRequest:
     enable_thinking: bool = False
     prefix_cache_key: str = ""
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    priority: int = 0  # admitted lowest first, then in arrival order (vLLM's priority policy)
 
 
 @dataclass
@@ -204,7 +207,9 @@ class Engine:
         )
         self.turn_start_id = tokens["turn_start"].id if "turn_start" in tokens else None
         self.max_context = settings.max_context_tokens or manifest.text.max_position_embeddings
-        self._waiting: deque[RequestHandle] = deque()
+        # A heap of (priority, arrival number, handle): admission order.
+        self._waiting: list[tuple[int, int, RequestHandle]] = []
+        self._arrivals = itertools.count()
         self._decoding: list[_Sequence] = []
         self._prefilling: _Sequence | None = None
         self._cond = threading.Condition()
@@ -253,7 +258,7 @@ class Engine:
                     f"the decoder is full: {self.settings.max_batch_size} sequences running and "
                     f"{self.settings.max_queue_size} waiting (max_batch_size, max_queue_size)"
                 )
-            self._waiting.append(handle)
+            heapq.heappush(self._waiting, (request.priority, next(self._arrivals), handle))
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify_all()
         return handle
@@ -290,8 +295,8 @@ class Engine:
             seq.handle.emit(error)
         self._decoding, self._prefilling = [], None
         with self._cond:
-            waiting, self._waiting = list(self._waiting), deque()
-        for handle in waiting:
+            waiting, self._waiting = self._waiting, []
+        for _, _, handle in waiting:
             handle.emit(error)
         for row in range(self.settings.max_batch_size):
             self.kv.reset_row(row)
@@ -306,8 +311,9 @@ class Engine:
             self._prefilling = None
             self.metrics.requests.labels("cancelled").inc()
         with self._cond:
-            kept = deque(h for h in self._waiting if not h.cancelled)
-            self._waiting = kept
+            if any(entry[2].cancelled for entry in self._waiting):
+                self._waiting = [entry for entry in self._waiting if not entry[2].cancelled]
+                heapq.heapify(self._waiting)
         self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
 
     def _remove_row(self, row: int) -> None:
@@ -326,7 +332,7 @@ class Engine:
         with self._cond:
             if not self._waiting:
                 return
-            handle = self._waiting.popleft()
+            _, _, handle = heapq.heappop(self._waiting)
             self.metrics.queue_depth.set(len(self._waiting))
         try:
             seq = _Sequence(handle, self)

@@ -131,6 +131,7 @@ def build_request(
         enable_thinking=pb.enable_thinking,
         prefix_cache_key=pb.prefix_cache_key,
         ignore_eos=pb.ignore_eos,
+        priority=pb.priority,
     )
 
 

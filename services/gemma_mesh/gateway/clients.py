@@ -63,6 +63,14 @@ class Sampling:
     stop: Sequence[str] = ()
     enable_thinking: bool = False
     prefix_cache_key: str = ""
+    priority: int = 0  # the decoder admits lower values first (PRIORITY_* below)
+
+
+# Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
+# reading along; a frame analysis or an API request can wait one step longer.
+PRIORITY_LIVE_CAPTION = 0
+PRIORITY_REQUEST = 1
+PRIORITY_FRAME_ANALYSIS = 2
 
 
 @dataclass
@@ -290,15 +298,22 @@ class MeshClient:
         """Open an ``EncodeStream`` for mono float32 audio at ``sample_rate_hz`` (must be in a running loop)."""
         return AudioEncodeStream(self._audio, sample_rate_hz, self.timeout_s)
 
-    async def encode_image(self, data: bytes, *, max_soft_tokens: int = 0) -> ImageSoftTokens:
+    async def encode_image(
+        self, data: bytes, *, max_soft_tokens: int = 0, video_frame: bool = False
+    ) -> ImageSoftTokens:
         """Vision soft tokens of one encoded image (JPEG, PNG, WebP, GIF).
+
+        ``video_frame``: a camera frame, encoded as the model encodes video frames (its per-frame
+        budget, 70 soft tokens for Gemma 4, when ``max_soft_tokens`` is 0).
 
         Raises:
             InvalidRequest: not a decodable image, or over the encoder's pixel limit.
             BackendUnavailable: the vision encoder cannot be reached.
         """
         request = vision_pb2.EncodeImageRequest(
-            image=vision_pb2.ImageInput(encoded=data, max_soft_tokens=max_soft_tokens)
+            image=vision_pb2.ImageInput(
+                encoded=data, max_soft_tokens=max_soft_tokens, video_frame=video_frame
+            )
         )
         try:
             reply = await self._vision.Encode(request, timeout=self.timeout_s)
@@ -339,6 +354,7 @@ class MeshClient:
             stop=list(sampling.stop),
             enable_thinking=sampling.enable_thinking,
             prefix_cache_key=sampling.prefix_cache_key,
+            priority=sampling.priority,
         )
         call = self._decoder.Generate(request, timeout=self.timeout_s)
         try:

@@ -85,7 +85,10 @@ class VideoConfig(_Strict):
     analysis_interval_ms: int | None = Field(None, ge=200, description="None = the gateway's default")
     prompt: str = Field("Describe what you see in one sentence.", max_length=4000)
     max_soft_tokens: int | None = Field(
-        None, ge=1, description="Vision soft tokens per frame; None = model's"
+        None,
+        ge=1,
+        description="Vision soft tokens per frame (70, 140, 280, 560 or 1120); None = the model's "
+        "per-frame video budget (70 for Gemma 4)",
     )
 
 

@@ -63,6 +63,10 @@ class ModelBundle:
             ``["CUDAExecutionProvider", "CPUExecutionProvider"]``; unavailable ones are dropped.
         intra_op_threads: threads per ONNX Runtime operator (0 = ORT's default).
         inter_op_threads: threads across operators (0 = ORT's default).
+        allow_spinning: ORT's ``session.intra_op.allow_spinning``: idle pool threads busy-wait for
+            the next run (ORT's default, lowest latency on a dedicated machine). Off by default: with
+            several services per node, spinning threads burn the cores the others need (measured
+            on 2 cores, 1 live session: decoder 21.6 -> 7.8 % of a core, audio frontend 8.3 -> 1.9 %).
 
     Raises:
         NotFound: the directory or its manifest is missing.
@@ -76,6 +80,7 @@ class ModelBundle:
         providers: list[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_spinning: bool = False,
     ) -> None:
         self.path = Path(path) if path is not None else embedded_bundle_path()
         manifest_path = self.path / "manifest.json"
@@ -95,6 +100,7 @@ class ModelBundle:
         self.providers = self._choose_providers(providers)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
+        self.allow_spinning = allow_spinning
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.settings = _processor_settings(self.path)
@@ -107,6 +113,7 @@ class ModelBundle:
             providers=settings.providers,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
+            allow_spinning=settings.allow_spinning,
         )
 
     @staticmethod
@@ -180,6 +187,9 @@ class ModelBundle:
             options = ort.SessionOptions()
             options.intra_op_num_threads = self.intra_op_threads
             options.inter_op_num_threads = self.inter_op_threads
+            spin = "1" if self.allow_spinning else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            options.add_session_config_entry("session.inter_op.allow_spinning", spin)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3  # errors only: ORT warns about unfoldable CastLike nodes
             sess = ort.InferenceSession(

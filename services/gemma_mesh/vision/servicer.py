@@ -112,11 +112,18 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
         try:
             source = image.WhichOneof("source")
             if source == "encoded":
-                return engine.prepare_encoded(image.encoded, image.max_soft_tokens, image.timestamp_s)
+                return engine.prepare_encoded(
+                    image.encoded, image.max_soft_tokens, image.timestamp_s, video_frame=image.video_frame
+                )
             if source == "raw":
                 raw = image.raw
                 return engine.prepare_raw(
-                    raw.rgb, raw.width, raw.height, image.max_soft_tokens, image.timestamp_s
+                    raw.rgb,
+                    raw.width,
+                    raw.height,
+                    image.max_soft_tokens,
+                    image.timestamp_s,
+                    video_frame=image.video_frame,
                 )
             raise InvalidRequest("set encoded or raw", param="source")
         except InvalidRequest as exc:

@@ -115,27 +115,45 @@ class VisionEngine:
         width, height = image.size
         return ImageJob(processor.preprocess(image, budget), width, height, timestamp_s)
 
-    def prepare_encoded(self, data: bytes, max_soft_tokens: int = 0, timestamp_s: float = 0.0) -> ImageJob:
+    def prepare_encoded(
+        self, data: bytes, max_soft_tokens: int = 0, timestamp_s: float = 0.0, *, video_frame: bool = False
+    ) -> ImageJob:
         """JPEG / PNG / WebP / GIF (first frame) bytes -> `ImageJob`.
+
+        ``video_frame``: a camera frame, prepared as ``prepare_video`` prepares each sampled frame
+        (the video processor's settings; budget 0 = its per-frame default, 70 soft tokens for Gemma
+        4, as ``Gemma4VideoProcessor`` uses) instead of as a still image (default 280).
 
         Raises:
             InvalidRequest: unknown budget, bad timestamp, empty/corrupt/truncated data, an unaccepted
                 format, or more than ``max_image_pixels`` pixels (checked from the header).
         """
-        budget = self.budget(max_soft_tokens, self.default_budget)
+        processor, budget = self._processor_and_budget(max_soft_tokens, video_frame)
         timestamp_s = self._timestamp(timestamp_s)
-        return self._job(self.processor.decode_image(data), budget, timestamp_s, self.processor)
+        return self._job(processor.decode_image(data), budget, timestamp_s, processor)
+
+    def _processor_and_budget(self, max_soft_tokens: int, video_frame: bool) -> tuple[ImageProcessor, int]:
+        if video_frame:
+            return self.frame_processor, self.budget(max_soft_tokens, self.video_defaults.max_soft_tokens)
+        return self.processor, self.budget(max_soft_tokens, self.default_budget)
 
     def prepare_raw(
-        self, rgb: bytes, width: int, height: int, max_soft_tokens: int = 0, timestamp_s: float = 0.0
+        self,
+        rgb: bytes,
+        width: int,
+        height: int,
+        max_soft_tokens: int = 0,
+        timestamp_s: float = 0.0,
+        *,
+        video_frame: bool = False,
     ) -> ImageJob:
-        """Packed RGB (3 bytes per pixel, row-major) -> `ImageJob`.
+        """Packed RGB (3 bytes per pixel, row-major) -> `ImageJob` (``video_frame`` as in ``prepare_encoded``).
 
         Raises:
             InvalidRequest: non-positive or too large a size, a byte count other than ``width*height*3``,
                 unknown budget, bad timestamp.
         """
-        budget = self.budget(max_soft_tokens, self.default_budget)
+        processor, budget = self._processor_and_budget(max_soft_tokens, video_frame)
         timestamp_s = self._timestamp(timestamp_s)
         if width <= 0 or height <= 0:
             raise InvalidRequest(f"raw image has zero size ({width}x{height} pixels)", param="raw")
@@ -151,7 +169,7 @@ class VisionEngine:
                 param="raw",
             )
         image = Image.frombytes("RGB", (width, height), rgb)
-        return self._job(image, budget, timestamp_s, self.processor)
+        return self._job(image, budget, timestamp_s, processor)
 
     def prepare_video(self, data: bytes, max_soft_tokens: int = 0, num_frames: int = 0) -> list[ImageJob]:
         """An encoded video -> one `ImageJob` per sampled frame (uniform sampling, ``timestamp_s`` set).

@@ -35,7 +35,15 @@ from gemma_mesh.gateway.captioning import (
     VadSegmenter,
     VadSettings,
 )
-from gemma_mesh.gateway.clients import AudioEncodeStream, ChatMessage, MeshClient, Part, Sampling, SoftTokens
+from gemma_mesh.gateway.clients import (
+    PRIORITY_LIVE_CAPTION,
+    AudioEncodeStream,
+    ChatMessage,
+    MeshClient,
+    Part,
+    Sampling,
+    SoftTokens,
+)
 from gemma_mesh.gateway.live.vad_batcher import StreamVad, VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
@@ -65,6 +73,7 @@ async def transcribe(
     max_tokens: int,
     *,
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
+    priority: int = PRIORITY_LIVE_CAPTION,
 ) -> tuple[str, int]:
     """One decode of 16 kHz float32 mono ``audio`` for the session's task -> (text, completion tokens).
 
@@ -82,6 +91,7 @@ async def transcribe(
         config,
         max_tokens,
         tokens_per_audio_s=tokens_per_audio_s,
+        priority=priority,
     )
 
 
@@ -93,8 +103,12 @@ async def caption_soft_tokens(
     max_tokens: int,
     *,
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
+    priority: int = PRIORITY_LIVE_CAPTION,
 ) -> tuple[str, int]:
-    """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> (text, tokens)."""
+    """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> (text, tokens).
+
+    ``priority``: the decoder's scheduling priority (live captions first; the HTTP API passes
+    ``PRIORITY_REQUEST``); it orders admission only, never changes the text."""
     budget = min(max_tokens, 8 + math.ceil(audio_s * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
@@ -102,7 +116,7 @@ async def caption_soft_tokens(
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
     text, done = await clients.complete(
-        [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False)
+        [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False, priority=priority)
     )
     return _GUARD.clean(text.strip()), done.completion_tokens
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import ChatMessage, Delta, MeshClient, Part, Sampling
+from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, Delta, MeshClient, Part, Sampling
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
 
@@ -171,10 +171,13 @@ class FramePipeline:
         self.next_analysis_id += 1
         text = ""
         try:
-            image = await self.clients.encode_image(frame, max_soft_tokens=self.video.max_soft_tokens or 0)
+            image = await self.clients.encode_image(
+                frame, max_soft_tokens=self.video.max_soft_tokens or 0, video_frame=True
+            )
             message = ChatMessage("user", [Part(soft_tokens=image.soft_tokens), Part(text=self.video.prompt)])
             async for event in self.clients.generate(
-                [message], Sampling(max_tokens=self.max_tokens, enable_thinking=False)
+                [message],
+                Sampling(max_tokens=self.max_tokens, enable_thinking=False, priority=PRIORITY_FRAME_ANALYSIS),
             ):
                 if isinstance(event, Delta):
                     if event.channel != "answer" or not event.text:

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import Sampling
+from gemma_mesh.gateway.clients import PRIORITY_REQUEST, Sampling
 
 log = get_logger(__name__)
 
@@ -334,6 +334,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             seed=self.seed,
             stop=stop,
             enable_thinking=self.enable_thinking,
+            priority=PRIORITY_REQUEST,
         )
 
 

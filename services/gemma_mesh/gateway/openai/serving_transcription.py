@@ -20,7 +20,7 @@ from gemma_mesh.gateway.captioning import (
     VadSegmenter,
     VadSettings,
 )
-from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.clients import PRIORITY_REQUEST, MeshClient
 from gemma_mesh.gateway.live.captions import RATE_HZ, transcribe
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import (
@@ -193,6 +193,7 @@ class OpenAIServingTranscription:
                     config,
                     self.settings.max_caption_tokens,
                     tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
+                    priority=PRIORITY_REQUEST,
                 )
             self.metrics.tokens_generated.inc(tokens)
             return text

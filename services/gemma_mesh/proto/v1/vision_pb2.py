@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gemma_mesh.proto.v1 import common_pb2 as gemma__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agemma_mesh/v1/vision.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"\x7f\n\nImageInput\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.gemma_mesh.v1.RawImageH\x00\x12\x17\n\x0fmax_soft_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x01\x42\x08\n\x06source\">\n\x12\x45ncodeImageRequest\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.gemma_mesh.v1.ImageInput\"\x8e\x01\n\x13\x45ncodeImageResponse\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x05 \x01(\x01\"D\n\x17\x45ncodeImageBatchRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.gemma_mesh.v1.ImageInput\"O\n\x18\x45ncodeImageBatchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".gemma_mesh.v1.EncodeImageResponse\"O\n\x12\x45ncodeVideoRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0fmax_soft_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\"I\n\x13\x45ncodeVideoResponse\x12\x32\n\x06\x66rames\x18\x01 \x03(\x0b\x32\".gemma_mesh.v1.EncodeImageResponse2\x96\x02\n\rVisionEncoder\x12O\n\x06\x45ncode\x12!.gemma_mesh.v1.EncodeImageRequest\x1a\".gemma_mesh.v1.EncodeImageResponse\x12^\n\x0b\x45ncodeBatch\x12&.gemma_mesh.v1.EncodeImageBatchRequest\x1a\'.gemma_mesh.v1.EncodeImageBatchResponse\x12T\n\x0b\x45ncodeVideo\x12!.gemma_mesh.v1.EncodeVideoRequest\x1a\".gemma_mesh.v1.EncodeVideoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agemma_mesh/v1/vision.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\"6\n\x08RawImage\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"\x94\x01\n\nImageInput\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.gemma_mesh.v1.RawImageH\x00\x12\x17\n\x0fmax_soft_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x01\x12\x13\n\x0bvideo_frame\x18\x05 \x01(\x08\x42\x08\n\x06source\">\n\x12\x45ncodeImageRequest\x12(\n\x05image\x18\x01 \x01(\x0b\x32\x19.gemma_mesh.v1.ImageInput\"\x8e\x01\n\x13\x45ncodeImageResponse\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x13\n\x0btimestamp_s\x18\x05 \x01(\x01\"D\n\x17\x45ncodeImageBatchRequest\x12)\n\x06images\x18\x01 \x03(\x0b\x32\x19.gemma_mesh.v1.ImageInput\"O\n\x18\x45ncodeImageBatchResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".gemma_mesh.v1.EncodeImageResponse\"O\n\x12\x45ncodeVideoRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0fmax_soft_tokens\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\"I\n\x13\x45ncodeVideoResponse\x12\x32\n\x06\x66rames\x18\x01 \x03(\x0b\x32\".gemma_mesh.v1.EncodeImageResponse2\x96\x02\n\rVisionEncoder\x12O\n\x06\x45ncode\x12!.gemma_mesh.v1.EncodeImageRequest\x1a\".gemma_mesh.v1.EncodeImageResponse\x12^\n\x0b\x45ncodeBatch\x12&.gemma_mesh.v1.EncodeImageBatchRequest\x1a\'.gemma_mesh.v1.EncodeImageBatchResponse\x12T\n\x0b\x45ncodeVideo\x12!.gemma_mesh.v1.EncodeVideoRequest\x1a\".gemma_mesh.v1.EncodeVideoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RAWIMAGE']._serialized_start=73
   _globals['_RAWIMAGE']._serialized_end=127
-  _globals['_IMAGEINPUT']._serialized_start=129
-  _globals['_IMAGEINPUT']._serialized_end=256
-  _globals['_ENCODEIMAGEREQUEST']._serialized_start=258
-  _globals['_ENCODEIMAGEREQUEST']._serialized_end=320
-  _globals['_ENCODEIMAGERESPONSE']._serialized_start=323
-  _globals['_ENCODEIMAGERESPONSE']._serialized_end=465
-  _globals['_ENCODEIMAGEBATCHREQUEST']._serialized_start=467
-  _globals['_ENCODEIMAGEBATCHREQUEST']._serialized_end=535
-  _globals['_ENCODEIMAGEBATCHRESPONSE']._serialized_start=537
-  _globals['_ENCODEIMAGEBATCHRESPONSE']._serialized_end=616
-  _globals['_ENCODEVIDEOREQUEST']._serialized_start=618
-  _globals['_ENCODEVIDEOREQUEST']._serialized_end=697
-  _globals['_ENCODEVIDEORESPONSE']._serialized_start=699
-  _globals['_ENCODEVIDEORESPONSE']._serialized_end=772
-  _globals['_VISIONENCODER']._serialized_start=775
-  _globals['_VISIONENCODER']._serialized_end=1053
+  _globals['_IMAGEINPUT']._serialized_start=130
+  _globals['_IMAGEINPUT']._serialized_end=278
+  _globals['_ENCODEIMAGEREQUEST']._serialized_start=280
+  _globals['_ENCODEIMAGEREQUEST']._serialized_end=342
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=345
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=487
+  _globals['_ENCODEIMAGEBATCHREQUEST']._serialized_start=489
+  _globals['_ENCODEIMAGEBATCHREQUEST']._serialized_end=557
+  _globals['_ENCODEIMAGEBATCHRESPONSE']._serialized_start=559
+  _globals['_ENCODEIMAGEBATCHRESPONSE']._serialized_end=638
+  _globals['_ENCODEVIDEOREQUEST']._serialized_start=640
+  _globals['_ENCODEVIDEOREQUEST']._serialized_end=719
+  _globals['_ENCODEVIDEORESPONSE']._serialized_start=721
+  _globals['_ENCODEVIDEORESPONSE']._serialized_end=794
+  _globals['_VISIONENCODER']._serialized_start=797
+  _globals['_VISIONENCODER']._serialized_end=1075
 # @@protoc_insertion_point(module_scope)

@@ -18,16 +18,18 @@ class RawImage(_message.Message):
     def __init__(self, rgb: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ImageInput(_message.Message):
-    __slots__ = ("encoded", "raw", "max_soft_tokens", "timestamp_s")
+    __slots__ = ("encoded", "raw", "max_soft_tokens", "timestamp_s", "video_frame")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     MAX_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FRAME_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     max_soft_tokens: int
     timestamp_s: float
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., max_soft_tokens: _Optional[int] = ..., timestamp_s: _Optional[float] = ...) -> None: ...
+    video_frame: bool
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., max_soft_tokens: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., video_frame: _Optional[bool] = ...) -> None: ...
 
 class EncodeImageRequest(_message.Message):
     __slots__ = ("image",)
