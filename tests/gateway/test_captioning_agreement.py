@@ -182,6 +182,12 @@ def test_committed_prefix_only_grows(seed):
         ("and then we and then we and then we and then we", ""),
         ("it is what it is what it is what it is what", ""),
         ("the one the two the three", "the one the two the three"),
+        # character loops (no spaces for the word check to see): one copy is kept
+        ("ڼ in in in inionionionionionion", "ڼ in in in inio"),
+        ("Hello " + "\ufffd" * 16 + " and more", "Hello \ufffd"),
+        ("wow" + "!" * 18, "wow!"),
+        ("so it goes crcrcrcrcrcrcrcrcr and on", "so it goes cr"),
+        ("you you you youuuuuuuuuuuuuuuuuuu", ""),
     ],
 )
 def test_repetition_guard_cuts_loops(text, kept):
@@ -201,6 +207,8 @@ def test_repetition_guard_cuts_loops(text, kept):
         "he said that that was that",
         "unless to be rather cold hearted and rather selfish is to be ill disposed",
         "I love you, I love you",
+        "hahahaha, Mississippi, 1,000,000,000 and zzz",
+        "aaaaaaaaaah!!! wait...",
     ],
 )
 def test_repetition_guard_leaves_normal_text_unchanged(text):
@@ -226,3 +234,39 @@ def test_repetition_guard_counts_are_structural():
     assert not RepetitionGuard(max_word_repeats=6).check(buffalo).looped
     with pytest.raises(ValueError):
         RepetitionGuard(max_repeats=1)
+
+
+def test_streamed_loops_are_seen_when_they_end():
+    guard = RepetitionGuard()
+    text = "so I went you you you you and then"
+    fired = [i for i in range(1, len(text) + 1) if guard.ends_in_loop(text[:i])]
+    assert text[: fired[0]] == "so I went you you you you "  # the 4th copy is complete
+    junk = "abc " + "x" * 20
+    fired = [i for i in range(1, len(junk) + 1) if guard.ends_in_loop(junk[:i])]
+    assert fired[0] == len("abc ") + 16
+    assert not any(
+        guard.ends_in_loop(t[:i]) for t in ("no, no, no, I said", "Mississippi") for i in range(len(t))
+    )
+
+
+def test_streamed_loop_check_fires_exactly_when_the_full_check_first_finds_a_loop():
+    """``ends_in_loop`` over every prefix (character by character) first fires at the prefix where
+    ``find_loop`` over the complete words first finds a loop (random texts from a small vocabulary)."""
+    guard = RepetitionGuard()
+    rng = random.Random(5)
+    vocab = ["alpha", "beta", "gamma,", "Delta", "eps."]
+    seen_loops = 0
+    for _ in range(300):
+        text = " ".join(rng.choices(vocab, weights=[5, 2, 1, 1, 1], k=rng.randint(3, 30))) + " "
+        first_stream = next((i for i in range(1, len(text) + 1) if guard.ends_in_loop(text[:i])), None)
+
+        def complete(prefix: str) -> list[str]:
+            words = split_words(prefix)
+            return words if prefix[-1].isspace() else words[:-1]
+
+        first_full = next(
+            (i for i in range(1, len(text) + 1) if guard.find_loop(complete(text[:i])) is not None), None
+        )
+        assert first_stream == first_full, text
+        seen_loops += first_full is not None
+    assert 30 < seen_loops < 300  # both kinds of text were drawn

@@ -13,6 +13,7 @@ whole run agrees.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -155,38 +156,74 @@ class GuardResult:
 class RepetitionGuard:
     """Cuts decoder loops out of a hypothesis and drops hypotheses with no words.
 
-    A loop is a run of words (an n-gram, 1 <= n <= ``max_ngram_words``) repeated back to back at
-    least ``max_repeats`` times (``"you you you you"``, ``"Thank you. Thank you. Thank you."``),
-    compared case- and punctuation-insensitively. The text is cut before the earliest loop, dropping
-    every copy: a looping decoder has lost the audio, so the looped words are not trusted. Whisper
-    guards against the same failure with a gzip compression-ratio threshold; this is the structural,
-    per-word form of it.
+    A **word loop** is a run of words (an n-gram, 1 <= n <= ``max_ngram_words``) repeated back to
+    back at least ``max_repeats`` times (``"you you you you"``, ``"Thank you. Thank you. Thank
+    you."``), compared case- and punctuation-insensitively. A **character loop** is a string of 1 to
+    ``max_char_period`` non-space characters repeated back to back at least 4 times and over at least
+    ``min_char_loop_chars`` characters (``"ionionionionion..."``, sixteen ``"!"``): the degenerate
+    output of a decoder that has lost the audio, which has no spaces for the word check to see.
+    The text is cut at the earliest loop: a word loop loses every copy (a looping decoder has lost
+    the audio, so the looped words are not trusted); a character loop keeps one copy of its
+    repeated string (``"wow!!!!!!!!..."`` -> ``"wow!"``), the rest is dropped.
+    Whisper guards against the same failure with a gzip compression-ratio threshold; this is the
+    structural form of it.
+
+    ``ends_in_loop`` is the streaming form: it tells a caller reading a decode token by token that
+    the text so far ends in a loop, so the decode can be stopped there instead of running on to its
+    token budget (every later token would be cut anyway).
 
     Args:
         max_repeats: consecutive copies of an n-gram of 2+ words that make a loop (>= 2).
         max_word_repeats: consecutive copies of one word that make a loop (natural speech repeats a
             word, "no, no, no", more often than a phrase); None = ``max_repeats``.
         max_ngram_words: longest n-gram checked, in words.
+        max_char_period: longest repeated string of a character loop, in characters (0 = no
+            character loops).
+        min_char_loop_chars: shortest character loop, in characters (all copies together).
 
     Raises:
-        ValueError: a count below 2, or ``max_ngram_words`` below 1.
+        ValueError: a count below 2, ``max_ngram_words`` below 1, or a negative character setting.
     """
 
+    CHAR_LOOP_MIN_REPEATS = 4
+
     def __init__(
-        self, max_repeats: int = 3, max_word_repeats: int | None = 4, max_ngram_words: int = 12
+        self,
+        max_repeats: int = 3,
+        max_word_repeats: int | None = 4,
+        max_ngram_words: int = 12,
+        max_char_period: int = 8,
+        min_char_loop_chars: int = 16,
     ) -> None:
         self.max_repeats = max_repeats
         self.max_word_repeats = max_repeats if max_word_repeats is None else max_word_repeats
         self.max_ngram_words = max_ngram_words
         if min(self.max_repeats, self.max_word_repeats) < 2 or max_ngram_words < 1:
             raise ValueError("repeat counts must be >= 2 and max_ngram_words >= 1")
+        if max_char_period < 0 or min_char_loop_chars < 0:
+            raise ValueError("max_char_period and min_char_loop_chars must be >= 0")
+        # period p -> copies needed: at least 4, and at least min_char_loop_chars characters in all
+        self._char_copies = {
+            p: max(self.CHAR_LOOP_MIN_REPEATS, -(-min_char_loop_chars // p))
+            for p in range(1, max_char_period + 1)
+        }
+        self._char_patterns = [
+            re.compile(rf"(\S{{{p}}})\1{{{copies - 1},}}") for p, copies in self._char_copies.items()
+        ]
 
     def check(self, hypothesis: str) -> GuardResult:
         """``hypothesis`` cut before its first loop; dropped if nothing but punctuation remains."""
-        words = split_words(hypothesis)
+        text = hypothesis
+        looped = False
+        char_loop = self.find_char_loop(text)
+        if char_loop is not None:  # keep one copy of the repeated string, drop the rest
+            looped = True
+            start, period = char_loop
+            text = text[: start + period]
+        words = split_words(text)
         loop_start = self.find_loop(words)
-        looped = loop_start is not None
-        if looped:
+        if loop_start is not None:
+            looped = True
             words = words[:loop_start]
         if not words:
             return GuardResult("", looped=looped, dropped=True)
@@ -198,7 +235,7 @@ class RepetitionGuard:
         return self.check(hypothesis).text
 
     def find_loop(self, words: list[str]) -> int | None:
-        """Index of the first word of the earliest loop in ``words``, or None."""
+        """Index of the first word of the earliest word loop in ``words``, or None."""
         keys = [normalize_word(w) for w in words]
         for start in range(len(keys)):
             for size in range(1, min(self.max_ngram_words, len(keys) - start) + 1):
@@ -209,3 +246,38 @@ class RepetitionGuard:
                 if all(keys[start + k * size : start + (k + 1) * size] == gram for k in range(1, needed)):
                     return start
         return None
+
+    def find_char_loop(self, text: str) -> tuple[int, int] | None:
+        """``(start, period)`` of the earliest character loop in ``text`` (shortest period first at
+        equal starts), or None."""
+        found = [(m.start(), len(m.group(1))) for m in (p.search(text) for p in self._char_patterns) if m]
+        return min(found) if found else None
+
+    def ends_in_loop(self, text: str) -> bool:
+        """Whether streamed ``text`` (a decode so far) now ends in a loop: a character loop ending at
+        its last character, or a word loop ending at its last complete word (a word is complete once
+        whitespace follows it). O(loop lengths), for a check after every streamed delta; a loop that
+        does not end at the end was found by an earlier call."""
+        for p, copies in self._char_copies.items():
+            tail = text[-p * copies :]
+            if (
+                len(tail) == p * copies
+                and tail == tail[:p] * copies
+                and not any(c.isspace() for c in tail[:p])
+            ):
+                return True
+        words = split_words(text)
+        if words and text and not text[-1].isspace():
+            words = words[:-1]  # the last word may still grow
+        keys = [
+            normalize_word(w)
+            for w in words[-self.max_ngram_words * max(self.max_repeats, self.max_word_repeats) :]
+        ]
+        for size in range(1, self.max_ngram_words + 1):
+            needed = self.max_word_repeats if size == 1 else self.max_repeats
+            if size * needed > len(keys):
+                continue
+            gram = keys[len(keys) - size :]
+            if all(keys[len(keys) - (k + 1) * size : len(keys) - k * size] == gram for k in range(1, needed)):
+                return True
+        return False

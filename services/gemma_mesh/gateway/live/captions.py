@@ -39,6 +39,7 @@ from gemma_mesh.gateway.clients import (
     PRIORITY_LIVE_CAPTION,
     AudioEncodeStream,
     ChatMessage,
+    Delta,
     MeshClient,
     Part,
     Sampling,
@@ -108,17 +109,34 @@ async def caption_soft_tokens(
     """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> (text, tokens).
 
     ``priority``: the decoder's scheduling priority (live captions first; the HTTP API passes
-    ``PRIORITY_REQUEST``); it orders admission only, never changes the text."""
+    ``PRIORITY_REQUEST``); it orders admission only, never changes the text. A decode whose text
+    ends in a loop (``RepetitionGuard.ends_in_loop``) is stopped there and cut by the guard: the
+    tokens counted are those generated until then."""
     budget = min(max_tokens, 8 + math.ceil(audio_s * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
     else:
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
-    text, done = await clients.complete(
-        [ChatMessage("user", parts)], Sampling(max_tokens=budget, enable_thinking=False, priority=priority)
-    )
-    return _GUARD.clean(text.strip()), done.completion_tokens
+    sampling = Sampling(max_tokens=budget, enable_thinking=False, priority=priority)
+    # Read the decode as it streams and stop it once the text ends in a loop: everything after the
+    # loop's start is cut by the guard anyway, so a looping decode would only burn its budget.
+    pieces: list[str] = []
+    tokens = 0
+    stream = clients.generate([ChatMessage("user", parts)], sampling)
+    try:
+        async for event in stream:
+            if isinstance(event, Delta):
+                if event.channel == "answer":
+                    pieces.append(event.text)
+                    tokens += len(event.token_ids)
+                    if _GUARD.ends_in_loop("".join(pieces)):
+                        break
+            else:
+                tokens = event.completion_tokens
+    finally:
+        await stream.aclose()  # an early stop cancels the call: the decoder frees the row
+    return _GUARD.clean("".join(pieces).strip()), tokens
 
 
 class CaptionPipeline:
