@@ -11,7 +11,8 @@ Figures, measured by the client:
 - final latency: the gateway's own histogram (VAD close -> final caption), and the client's view
   (last speech chunk sent -> final; includes the VAD's 500 ms of silence);
 - audio lost: seconds sent minus seconds the gateway accepted (must be 0), audio refused events;
-- frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session;
+- frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session, CPU of
+  every service and of this load generator (it shares the machine);
 - the work the decoder did: tokens generated and prefilled (prefix-cache misses) per second, mean
   sequences per decode step.
 The same figures for one session, measured first in the same run, are the baseline (ratios).
@@ -200,6 +201,7 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         before = (await client.get(f"{mesh.gateway_url}/metrics")).text
         decoder_before = (await client.get(decoder_metrics)).text
         rss_before, cpu_before, t0 = proc_rss_mb(pid), proc_cpu_s(pid), time.monotonic()
+        client_cpu_before = time.process_time()
         children_before = {name: proc_cpu_s(c.proc.pid) for name, c in mesh.children.items()}
         stats = [SessionStats() for _ in range(sessions)]
         peak_rss = rss_before
@@ -216,6 +218,7 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         )
         sampler.cancel()
         elapsed = time.monotonic() - t0
+        client_cpu = (time.process_time() - client_cpu_before) / elapsed
         cpu = (proc_cpu_s(pid) - cpu_before) / elapsed
         children_cpu = {
             name: round(100 * (proc_cpu_s(c.proc.pid) - children_before[name]) / elapsed, 1)
@@ -259,6 +262,7 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         "gateway_rss_mb_per_session": round((peak_rss - rss_before) / sessions, 2),
         "gateway_rss_mb": round(peak_rss, 1),
         "cpu_core_pct_by_service": children_cpu,
+        "load_generator_cpu_core_pct": round(100 * client_cpu, 1),
         "decoder_generated_tokens_per_s": round(
             decoder_delta("gemma_mesh_decoder_generated_tokens_total") / elapsed, 1
         ),
@@ -287,6 +291,7 @@ def show(result: dict) -> None:
         f"| frames dropped {result['frames_dropped']:.0f} | gateway {result['gateway_cpu_core_pct']}% core, "
         f"{result['gateway_rss_mb_per_session']} MB/session\n    CPU (% of one core) by service: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_core_pct_by_service"].items())
+        + f", load generator {result['load_generator_cpu_core_pct']}"
         + f"\n    decoder: {result['decoder_generated_tokens_per_s']} tokens/s generated, "
         f"{result['decoder_prefilled_tokens_per_s']} prefilled (not cached), mean batch {result['decoder_mean_batch']}"
     )

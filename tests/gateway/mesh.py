@@ -26,6 +26,7 @@ from gemma_mesh.audio.settings import AudioSettings
 from gemma_mesh.decoder.server import start_decoder
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.gateway.app import create_app
+from gemma_mesh.gateway.server import uvicorn_options
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.vision.server import VisionServer
 from gemma_mesh.vision.settings import VisionSettings
@@ -108,8 +109,8 @@ class GatewayThread:
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
-            ws_max_size=4 * self.settings.max_message_bytes,
             lifespan="on",
+            **uvicorn_options(self.settings),
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, daemon=True)

@@ -35,6 +35,16 @@ def check_redis(url: str | None) -> None:
         client.close()
 
 
+def uvicorn_options(settings: GatewaySettings) -> dict:
+    """uvicorn settings that follow from ``settings``: the WebSocket frame limit (4x
+    ``max_message_bytes``, so an oversized message reaches the adapter and gets an ``error`` event
+    instead of a closed socket) and permessage-deflate (``ws_compression``)."""
+    return {
+        "ws_max_size": 4 * settings.max_message_bytes,
+        "ws_per_message_deflate": settings.ws_compression,
+    }
+
+
 def run_gateway_server(settings: GatewaySettings) -> None:
     """Serve HTTP and WebSocket on ``settings.host:settings.port`` until SIGTERM/SIGINT.
 
@@ -47,8 +57,8 @@ def run_gateway_server(settings: GatewaySettings) -> None:
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        ws_max_size=4 * settings.max_message_bytes,
         log_level=settings.log_level.lower(),
         access_log=False,
         timeout_graceful_shutdown=10,
+        **uvicorn_options(settings),
     )

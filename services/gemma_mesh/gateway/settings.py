@@ -51,6 +51,11 @@ class GatewaySettings(BaseSettings):
     max_requests_per_key: int = Field(16, ge=1, description="HTTP API requests in flight per API key")
 
     # --- WebSocket limits -------------------------------------------------------------------
+    ws_compression: bool = Field(
+        False,
+        description="Offer permessage-deflate on WebSockets. Off: PCM audio and JPEG frames do not "
+        "compress, and deflating them costs CPU on both ends",
+    )
     max_message_bytes: int = Field(
         2 * MiB, ge=1024, description="Largest WebSocket message (binary or text), in bytes"
     )
