@@ -45,7 +45,7 @@ async def _compare(backends, clips) -> list[tuple[str, str, int, int]]:
     return out
 
 
-def test_a_looping_decode_stops_early_with_the_caption_of_the_whole_decode(backends, librivox_clips):
+def test_a_looping_decode_stops_early_and_is_cut_like_the_whole_decode(backends, librivox_clips):
     guard = RepetitionGuard()
     results = asyncio.run(_compare(backends, librivox_clips))
     stopped = 0

@@ -296,6 +296,7 @@ class Engine:
         self._decoding, self._prefilling = [], None
         with self._cond:
             waiting, self._waiting = self._waiting, []
+            self.metrics.queue_depth.set(0)
         for _, _, handle in waiting:
             handle.emit(error)
         for row in range(self.settings.max_batch_size):
@@ -311,9 +312,12 @@ class Engine:
             self._prefilling = None
             self.metrics.requests.labels("cancelled").inc()
         with self._cond:
-            if any(entry[2].cancelled for entry in self._waiting):
+            cancelled = sum(entry[2].cancelled for entry in self._waiting)
+            if cancelled:
                 self._waiting = [entry for entry in self._waiting if not entry[2].cancelled]
                 heapq.heapify(self._waiting)
+                self.metrics.queue_depth.set(len(self._waiting))
+                self.metrics.requests.labels("cancelled").inc(cancelled)
         self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
 
     def _remove_row(self, row: int) -> None:

@@ -256,8 +256,9 @@ class RepetitionGuard:
     def ends_in_loop(self, text: str) -> bool:
         """Whether streamed ``text`` (a decode so far) now ends in a loop: a character loop ending at
         its last character, or a word loop ending at its last complete word (a word is complete once
-        whitespace follows it). O(loop lengths), for a check after every streamed delta; a loop that
-        does not end at the end was found by an earlier call."""
+        whitespace follows it). Looks only at the tail a loop can span (``max_ngram_words`` x the
+        repeat count, in words), so a check after every streamed delta costs the same at any length.
+        A caller that skips checks (merged deltas) may see a loop one delta after it ended."""
         for p, copies in self._char_copies.items():
             tail = text[-p * copies :]
             if (
@@ -266,13 +267,14 @@ class RepetitionGuard:
                 and not any(c.isspace() for c in tail[:p])
             ):
                 return True
-        words = split_words(text)
+        span = self.max_ngram_words * max(self.max_repeats, self.max_word_repeats)
+        tokens = text.rsplit(None, 2 * span)  # the last 2*span whitespace tokens (and the head)
+        if len(tokens) > 2 * span:
+            tokens = tokens[1:]
+        words = split_words(" ".join(tokens))
         if words and text and not text[-1].isspace():
             words = words[:-1]  # the last word may still grow
-        keys = [
-            normalize_word(w)
-            for w in words[-self.max_ngram_words * max(self.max_repeats, self.max_word_repeats) :]
-        ]
+        keys = [normalize_word(w) for w in words[-span:]]
         for size in range(1, self.max_ngram_words + 1):
             needed = self.max_word_repeats if size == 1 else self.max_repeats
             if size * needed > len(keys):

@@ -110,8 +110,11 @@ async def caption_soft_tokens(
 
     ``priority``: the decoder's scheduling priority (live captions first; the HTTP API passes
     ``PRIORITY_REQUEST``); it orders admission only, never changes the text. A decode whose text
-    ends in a loop (``RepetitionGuard.ends_in_loop``) is stopped there and cut by the guard: the
-    tokens counted are those generated until then."""
+    ends in a loop (``RepetitionGuard.ends_in_loop``) is stopped there, and its caption is the
+    guard's cut of the text so far: the loop and everything after it would be cut anyway (only when
+    loops nest, a longer loop that starts earlier but would finish later, can the whole decode's
+    cut fall earlier). Live finals and ``/v1/audio/transcriptions`` run this same function, so they
+    agree. The tokens counted are those generated until the stop."""
     budget = min(max_tokens, 8 + math.ceil(audio_s * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
