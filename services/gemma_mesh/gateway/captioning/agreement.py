@@ -253,12 +253,14 @@ class RepetitionGuard:
         found = [(m.start(), len(m.group(1))) for m in (p.search(text) for p in self._char_patterns) if m]
         return min(found) if found else None
 
-    def ends_in_loop(self, text: str) -> bool:
+    def ends_in_loop(self, text: str, delta: str | None = None) -> bool:
         """Whether streamed ``text`` (a decode so far) now ends in a loop: a character loop ending at
         its last character, or a word loop ending at its last complete word (a word is complete once
         whitespace follows it). Looks only at the tail a loop can span (``max_ngram_words`` x the
         repeat count, in words), so a check after every streamed delta costs the same at any length.
-        A caller that skips checks (merged deltas) may see a loop one delta after it ended."""
+        A caller that skips checks (merged deltas) may see a loop one delta after it ended. With
+        ``delta`` (the text just appended), the word check runs only when it holds whitespace: a
+        word loop can only complete when a word does."""
         for p, copies in self._char_copies.items():
             tail = text[-p * copies :]
             if (
@@ -267,6 +269,8 @@ class RepetitionGuard:
                 and not any(c.isspace() for c in tail[:p])
             ):
                 return True
+        if delta is not None and not any(c.isspace() for c in delta):
+            return False
         span = self.max_ngram_words * max(self.max_repeats, self.max_word_repeats)
         tokens = text.rsplit(None, 2 * span)  # the last 2*span whitespace tokens (and the head)
         if len(tokens) > 2 * span:

@@ -133,7 +133,7 @@ async def caption_soft_tokens(
                 if event.channel == "answer":
                     pieces.append(event.text)
                     tokens += len(event.token_ids)
-                    if _GUARD.ends_in_loop("".join(pieces)):
+                    if _GUARD.ends_in_loop("".join(pieces), event.text):
                         break
             else:
                 tokens = event.completion_tokens
