@@ -1,5 +1,6 @@
 """One caption decode (``caption_soft_tokens``) against the real decoder: a decode whose text falls
-into a loop is stopped there, and its caption is what the guard makes of the whole decode."""
+into a loop is stopped there, and (on these clips, where loops do not nest) its caption equals the
+guard's cut of the same request decoded to its budget."""
 
 from __future__ import annotations
 
