@@ -151,6 +151,8 @@ async def test_backlog_warns_then_refuses_audio_explicitly(backends, librivox_cl
     warnings = [e for e in events if e["type"] == "warning" and e["code"] == "backlog"]
     refused = [e for e in events if e["type"] == "error" and e["code"] == "overloaded_error"]
     assert warnings, "falling behind must be announced"
+    first_refusal = next(i for i, e in enumerate(events) if e in refused)
+    assert events.index(warnings[0]) < first_refusal, "the warning comes before any refusal"
     assert refused and all("audio refused" in e["message"] and e["param"] == "audio" for e in refused)
     assert all(re.search(r"audio message at \d+ ms", e["message"]) for e in refused)  # which one
     assert [e for e in events if e["type"] == "caption.final"], "accepted audio is still captioned"

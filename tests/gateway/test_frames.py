@@ -58,3 +58,51 @@ async def test_frames_wait_while_captions_are_behind(backends):
     finally:
         frames.cancel()
         await clients.close()
+
+
+@pytest.mark.asyncio
+async def test_an_analysis_that_loops_is_ended_there(backends):
+    """The tiny random model's answers degenerate into loops (``cricricri...``): an analysis ends at
+    the first streamed delta whose text ends in a loop instead of running to ``max_tokens``."""
+    from skimage import data
+
+    from gemma_mesh.gateway.captioning import RepetitionGuard
+
+    guard = RepetitionGuard()
+    clients = MeshClient(backends.decoder, backends.audio, backends.vision)
+    results = []
+    try:
+        for i, name in enumerate(("astronaut", "chelsea", "coffee", "rocket")):
+            events: list[FrameAnalysis] = []
+
+            async def emit(event, sink=events) -> None:
+                sink.append(event)
+
+            metrics = GatewayMetrics()
+            frames = FramePipeline(
+                clients=clients,
+                video=VideoConfig(max_fps=5, analysis_interval_ms=200),
+                emit=emit,
+                metrics=metrics,
+                default_interval_ms=200,
+                max_tokens=64,
+            )
+            frames.start()
+            image = Image.fromarray(getattr(data, name)())
+            image.thumbnail((256, 256))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG")
+            frames.push(buffer.getvalue(), timestamp_ms=1000 * i)
+            await frames.finish()
+            done = [e for e in events if e.done]
+            assert len(done) == 1
+            tokens = metrics.tokens_generated._value.get()
+            deltas = [e for e in events if not e.done]
+            # no delta but the last shows a loop: the analysis ended at the first one that did
+            assert not any(guard.ends_in_loop(e.text, e.delta) for e in deltas[:-1]), done[0].text
+            results.append((done[0].text, tokens, guard.ends_in_loop(deltas[-1].text)))
+    finally:
+        await clients.close()
+    for text, tokens, looped in results:
+        assert tokens <= 64 and (looped or tokens == 64), (text, tokens)  # only a loop stops it early
+    assert any(tokens < 64 for _, tokens, _ in results), results

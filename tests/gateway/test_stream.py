@@ -244,6 +244,7 @@ async def test_bad_input_gets_error_events_and_the_session_goes_on(gateway_url, 
         ({"task": "translate", "target_language": "zz"}, "not a known"),
         ({"audio": {"encoding": "mp3"}}, "audio.encoding"),
         ({"video": {"max_fps": 500}}, "max_fps"),
+        ({"video": {"max_soft_tokens": 2**31}}, "max_soft_tokens"),  # not an int32
     ],
 )
 async def test_bad_session_start_is_refused_with_an_error_event(gateway_url, config, needle):
@@ -257,6 +258,47 @@ async def test_bad_session_start_is_refused_with_an_error_event(gateway_url, con
     # The server goes on.
     async with websockets.connect(ws_url(gateway_url)) as ws:
         await start_session(ws)
+
+
+async def test_session_update_changes_the_camera_and_bad_updates_are_refused(gateway_url):
+    """``session.update`` merges ``video`` fields into the running config; ``"video": null`` turns
+    the camera off (frames are refused) and a later ``video`` turns it on with analysis ids going on;
+    an update that does not validate is an error event and the session keeps its config."""
+    from skimage import data
+
+    frame = jpeg(data.chelsea(), size=128)
+
+    async def analyse(ws, at_ms: int) -> list[dict]:
+        await ws.send(pack_media(MediaKind.FRAME, at_ms, frame))
+        return await recv_until(
+            ws, lambda e: (e["type"] == "frame.analysis" and e["done"]) or e["type"] == "error"
+        )
+
+    def update(config: dict) -> str:
+        return json.dumps({"type": "session.update", "config": config})
+
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        await start_session(ws, audio=None, video={"max_fps": 5, "analysis_interval_ms": 200, "prompt": "A?"})
+        first = (await analyse(ws, 0))[-1]
+        assert first["type"] == "frame.analysis" and first["analysis_id"] == 0
+        await ws.send(update({"video": {"prompt": "What colour is it?"}}))  # merged: max_fps stays 5
+        second = (await analyse(ws, 1000))[-1]
+        assert second["type"] == "frame.analysis" and second["analysis_id"] == 1
+        await ws.send(update({"video": {"max_fps": 500}}))  # over the gateway's limit
+        refused = await recv_until(ws, lambda e: e["type"] == "error")
+        assert "max_fps" in refused[-1]["message"] and not refused[-1]["fatal"]
+        await ws.send(update({"video": {"max_soft_tokens": 71}}))  # not a budget of the encoder
+        wrong = (await analyse(ws, 2000))[-1]
+        assert wrong["type"] == "error" and wrong["param"] == "video.max_soft_tokens" and not wrong["fatal"]
+        await ws.send(update({"video": None}))  # camera off
+        off = (await analyse(ws, 3000))[-1]
+        assert off["type"] == "error" and "no video config" in off["message"]
+        await ws.send(update({"video": {"max_fps": 5, "analysis_interval_ms": 200}}))  # on again
+        again = (await analyse(ws, 4000))[-1]
+        assert again["type"] == "frame.analysis" and again["analysis_id"] == 3  # the failed one was 2
+        await ws.send(json.dumps({"type": "session.end"}))
+        tail = await recv_until(ws, lambda e: e["type"] == "session.ended")
+        assert tail[-1]["reason"] == "client"
 
 
 async def test_first_message_must_be_session_start(gateway_url):

@@ -87,6 +87,7 @@ class VideoConfig(_Strict):
     max_soft_tokens: int | None = Field(
         None,
         ge=1,
+        le=2**31 - 1,  # an int32 on the wire
         description="Vision soft tokens per frame (70, 140, 280, 560 or 1120); None = the model's "
         "per-frame video budget (70 for Gemma 4)",
     )

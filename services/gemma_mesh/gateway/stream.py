@@ -127,6 +127,7 @@ class StreamConnection:
         self.outbound = Outbound(self.settings.max_outbound_events)
         self.captions: CaptionPipeline | None = None
         self.frames: FramePipeline | None = None
+        self._next_analysis_id = 0  # analysis ids continue when the camera is turned off and on
         self.pcm: PcmInput | None = None
         self.connected = True
         self._emit_lock = asyncio.Lock()
@@ -319,8 +320,9 @@ class StreamConnection:
                 vad_batcher=self.state.vad_batcher,
             )
             self.captions.start()
+        self._next_analysis_id = int(state.get("next_analysis_id", 0))
         if config.video is not None:
-            self._start_frames(config, int(state.get("next_analysis_id", 0)))
+            self._start_frames(config, self._next_analysis_id)
         await self.emit(
             SessionStarted(
                 session_id=self.session_id,
@@ -446,7 +448,7 @@ class StreamConnection:
             if self.captions is None or self.pcm is None:
                 raise InvalidRequest("audio received but the session has no audio config")
             try:
-                self.captions.push(self.pcm.decode(payload))
+                await self.captions.push(self.pcm.decode(payload))
             except Overloaded as error:  # name the refused message, so the client can resend exactly it
                 raise Overloaded(
                     f"{error.message} (audio message at {timestamp_ms} ms)", param="audio"
@@ -466,26 +468,47 @@ class StreamConnection:
                 )
 
     async def _update(self, message: SessionUpdate) -> None:
+        """Apply a ``session.update``: fields it sets replace the config's; ``video`` fields merge
+        into the current video config (``"video": null`` turns the camera off: the waiting frame is
+        analysed, later frames are refused). The merged config is validated like a start's.
+
+        Raises:
+            InvalidRequest: the merged config does not validate (the session keeps its old config).
+        """
         assert self.config is not None and self.session_id is not None
         changes = message.config.model_dump(exclude_unset=True)
-        config = validate_config(self.config.model_copy(update=changes), self.settings)
-        if "video" in changes:
-            config = config.model_copy(update={"video": message.config.video})
+        merged = self.config.model_dump()
+        if changes.get("video") is not None and merged.get("video") is not None:
+            changes["video"] = {**merged["video"], **changes["video"]}
+        merged.update(changes)
+        try:
+            config = SessionConfig.model_validate(merged)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InvalidRequest(
+                f"session.update: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
+                param=".".join(str(p) for p in first["loc"]),
+            ) from None
+        config = validate_config(config, self.settings)
         self.config = config
         await self.store.update_config(self.session_id, config.model_dump(mode="json"))
         if self.captions is not None:
             self.captions.update_config(config)
-        if self.frames is not None and config.video is not None:
+        if self.frames is not None and config.video is None:
+            frames, self.frames = self.frames, None
+            await frames.finish()  # its last analysis first, so the ids stay unique and ordered
+            self._next_analysis_id = frames.next_analysis_id
+        elif self.frames is not None and config.video is not None:
             self.frames.video = config.video
         elif self.frames is None and config.video is not None:
-            self._start_frames(config, 0)
+            self._start_frames(config, self._next_analysis_id)
 
     async def _flush(self) -> None:
         """Finish the pipelines: the open segment gets its final, the waiting frame its analysis."""
         if self.captions is not None and self.pcm is not None:
             tail = self.pcm.flush()
             if tail.size:
-                self.captions.push(tail)
+                await self.captions.push(tail)
             await self.captions.finish()
         if self.frames is not None:
             await self.frames.finish()
@@ -501,8 +524,9 @@ class StreamConnection:
         if self.captions is not None:
             state["audio_clock_ms"] = self.captions.durable_ms
             state["next_segment_id"] = self.captions.next_segment_id
-        if self.frames is not None:
-            state["next_analysis_id"] = self.frames.next_analysis_id
+        state["next_analysis_id"] = (
+            self.frames.next_analysis_id if self.frames is not None else self._next_analysis_id
+        )
         return state
 
     async def _end(self, reason: str) -> None:

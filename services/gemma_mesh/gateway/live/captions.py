@@ -239,13 +239,15 @@ class CaptionPipeline:
             self.partial_interval_s = config.partial_interval_ms / 1000
 
     # --- input ----------------------------------------------------------------------------
-    def push(self, audio: np.ndarray) -> None:
-        """Queue 16 kHz float32 samples.
+    async def push(self, audio: np.ndarray) -> None:
+        """Queue 16 kHz float32 samples. Past ``max_pending_audio_s`` of lag the session gets its
+        ``backlog`` warning here, so it always comes before any refusal.
 
         Raises:
             Overloaded: more than three times ``max_pending_audio_s`` is waiting; the chunk is refused.
         """
         if self._received - self._covered + audio.shape[0] > 3 * self.max_pending:
+            await self._check_backlog()
             raise Overloaded(
                 f"audio refused: {self.pending_s:.1f} s are waiting for the recogniser "
                 f"(limit {3 * self.max_pending / RATE_HZ:.0f} s); slow down or resend later"
@@ -254,6 +256,8 @@ class CaptionPipeline:
         self._received += audio.shape[0]
         self.metrics.audio_seconds.inc(audio.shape[0] / RATE_HZ)
         self._audio.put_nowait(audio)
+        if not self._backlog_warned:
+            await self._check_backlog()
 
     def _ms(self, sample: int) -> int:
         return self.base_ms + sample * 1000 // RATE_HZ

@@ -3,8 +3,9 @@
 Frames are checked cheaply on arrival (size, format and pixel count from the header, with Pillow);
 accepted frames replace the one waiting, which is counted as dropped (the mesh is behind, or the
 client sends faster than the analysis interval). Every interval the waiting frame goes through
-VisionEncoder.Encode and Decoder.Generate with the session's prompt; the answer streams as
-``frame.analysis`` events (``done`` on the last).
+VisionEncoder.Encode (as a video frame) and Decoder.Generate with the session's prompt, at a lower
+decoder priority than captions; the answer streams as ``frame.analysis`` events (``done`` on the
+last). An answer that falls into a loop (``RepetitionGuard.ends_in_loop``) is ended there.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from PIL import Image, UnidentifiedImageError
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.logging import get_logger
+from gemma_mesh.gateway.captioning import RepetitionGuard
 from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, Delta, MeshClient, Part, Sampling
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
 
 log = get_logger(__name__)
+_LOOPS = RepetitionGuard()  # stateless: one for every analysis
 
 Emit = Callable[[object], Awaitable[None]]
 ACCEPTED_FORMATS = ("JPEG", "PNG")
@@ -170,34 +173,48 @@ class FramePipeline:
         analysis_id = self.next_analysis_id
         self.next_analysis_id += 1
         text = ""
+        tokens = 0
         try:
             image = await self.clients.encode_image(
                 frame, max_soft_tokens=self.video.max_soft_tokens or 0, video_frame=True
             )
             message = ChatMessage("user", [Part(soft_tokens=image.soft_tokens), Part(text=self.video.prompt)])
-            async for event in self.clients.generate(
+            stream = self.clients.generate(
                 [message],
                 Sampling(max_tokens=self.max_tokens, enable_thinking=False, priority=PRIORITY_FRAME_ANALYSIS),
-            ):
-                if isinstance(event, Delta):
-                    if event.channel != "answer" or not event.text:
-                        continue
-                    text += event.text
-                    await self.emit(
-                        FrameAnalysis(
-                            analysis_id=analysis_id,
-                            frame_ms=timestamp_ms,
-                            delta=event.text,
-                            text=text,
-                            done=False,
+            )
+            try:
+                async for event in stream:
+                    if isinstance(event, Delta):
+                        if event.channel != "answer" or not event.text:
+                            continue
+                        text += event.text
+                        tokens += len(event.token_ids)
+                        await self.emit(
+                            FrameAnalysis(
+                                analysis_id=analysis_id,
+                                frame_ms=timestamp_ms,
+                                delta=event.text,
+                                text=text,
+                                done=False,
+                            )
                         )
-                    )
-                else:
-                    self.metrics.tokens_generated.inc(event.completion_tokens)
+                        if _LOOPS.ends_in_loop(text, event.text):
+                            break  # a degenerate answer: stop it instead of running to max_tokens
+                    else:
+                        tokens = event.completion_tokens
+            finally:
+                await stream.aclose()  # an early stop cancels the call: the decoder frees the row
+                self.metrics.tokens_generated.inc(tokens)
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.warning("frame analysis failed", code=error.code, error=error.message)
-            await self.emit(Error(code=error.code, message=f"frame at {timestamp_ms} ms: {error.message}"))
+            param = error.param
+            if param and param.endswith("max_soft_tokens"):  # the session's budget, not the frame
+                param = "video.max_soft_tokens"
+            await self.emit(
+                Error(code=error.code, message=f"frame at {timestamp_ms} ms: {error.message}", param=param)
+            )
             return
         self.metrics.frames_analysed.inc()
         await self.emit(
