@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -376,6 +376,45 @@ class MeshClient:
             raise _mesh_error(error, "decoder") from None
         finally:
             call.cancel()
+
+    async def stream_answer(
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: Sampling,
+        *,
+        until: Callable[[str, str], bool] | None = None,
+        on_delta: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> tuple[str, int]:
+        """The answer channel of one generation -> (text, completion tokens).
+
+        ``on_delta(delta, text)`` is awaited for every non-empty answer delta; when ``until(text,
+        delta)`` turns True the generation ends there: the call is cancelled and the decoder frees
+        its row at its next step (the tokens counted are those received).
+
+        Raises:
+            as ``generate``.
+        """
+        text = ""
+        tokens = 0
+        stream = self.generate(messages, sampling)
+        try:
+            async for event in stream:
+                if isinstance(event, Done):
+                    tokens = event.completion_tokens
+                    continue
+                if event.channel != "answer":
+                    continue
+                tokens += len(event.token_ids)
+                if not event.text:
+                    continue
+                text += event.text
+                if on_delta is not None:
+                    await on_delta(event.text, text)
+                if until is not None and until(text, event.text):
+                    break
+        finally:
+            await stream.aclose()
+        return text, tokens
 
     async def complete(self, messages: Sequence[ChatMessage], sampling: Sampling) -> tuple[str, Done]:
         """The whole answer of one generation (answer channel only) and its ``Done``."""

@@ -39,7 +39,6 @@ from gemma_mesh.gateway.clients import (
     PRIORITY_LIVE_CAPTION,
     AudioEncodeStream,
     ChatMessage,
-    Delta,
     MeshClient,
     Part,
     Sampling,
@@ -122,24 +121,12 @@ async def caption_soft_tokens(
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
     sampling = Sampling(max_tokens=budget, enable_thinking=False, priority=priority)
-    # Read the decode as it streams and stop it once the text ends in a loop: everything after the
-    # loop's start is cut by the guard anyway, so a looping decode would only burn its budget.
-    pieces: list[str] = []
-    tokens = 0
-    stream = clients.generate([ChatMessage("user", parts)], sampling)
-    try:
-        async for event in stream:
-            if isinstance(event, Delta):
-                if event.channel == "answer":
-                    pieces.append(event.text)
-                    tokens += len(event.token_ids)
-                    if _GUARD.ends_in_loop("".join(pieces), event.text):
-                        break
-            else:
-                tokens = event.completion_tokens
-    finally:
-        await stream.aclose()  # an early stop cancels the call: the decoder frees the row
-    return _GUARD.clean("".join(pieces).strip()), tokens
+    # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
+    # anyway, so a looping decode would only burn its budget.
+    text, tokens = await clients.stream_answer(
+        [ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop
+    )
+    return _GUARD.clean(text.strip()), tokens
 
 
 class CaptionPipeline:

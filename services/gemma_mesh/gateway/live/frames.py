@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.captioning import RepetitionGuard
-from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, Delta, MeshClient, Part, Sampling
+from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, MeshClient, Part, Sampling
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
 
@@ -173,39 +173,27 @@ class FramePipeline:
         analysis_id = self.next_analysis_id
         self.next_analysis_id += 1
         text = ""
-        tokens = 0
         try:
             image = await self.clients.encode_image(
                 frame, max_soft_tokens=self.video.max_soft_tokens or 0, video_frame=True
             )
             message = ChatMessage("user", [Part(soft_tokens=image.soft_tokens), Part(text=self.video.prompt)])
-            stream = self.clients.generate(
+
+            async def on_delta(delta: str, text: str) -> None:
+                await self.emit(
+                    FrameAnalysis(
+                        analysis_id=analysis_id, frame_ms=timestamp_ms, delta=delta, text=text, done=False
+                    )
+                )
+
+            # A degenerate answer is ended at its loop instead of running to max_tokens.
+            text, tokens = await self.clients.stream_answer(
                 [message],
                 Sampling(max_tokens=self.max_tokens, enable_thinking=False, priority=PRIORITY_FRAME_ANALYSIS),
+                until=_LOOPS.ends_in_loop,
+                on_delta=on_delta,
             )
-            try:
-                async for event in stream:
-                    if isinstance(event, Delta):
-                        if event.channel != "answer" or not event.text:
-                            continue
-                        text += event.text
-                        tokens += len(event.token_ids)
-                        await self.emit(
-                            FrameAnalysis(
-                                analysis_id=analysis_id,
-                                frame_ms=timestamp_ms,
-                                delta=event.text,
-                                text=text,
-                                done=False,
-                            )
-                        )
-                        if _LOOPS.ends_in_loop(text, event.text):
-                            break  # a degenerate answer: stop it instead of running to max_tokens
-                    else:
-                        tokens = event.completion_tokens
-            finally:
-                await stream.aclose()  # an early stop cancels the call: the decoder frees the row
-                self.metrics.tokens_generated.inc(tokens)
+            self.metrics.tokens_generated.inc(tokens)
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.warning("frame analysis failed", code=error.code, error=error.message)
