@@ -106,3 +106,31 @@ async def test_an_analysis_that_loops_is_ended_there(backends):
     for text, tokens, looped in results:
         assert tokens <= 64 and (looped or tokens == 64), (text, tokens)  # only a loop stops it early
     assert any(tokens < 64 for _, tokens, _ in results), results
+
+
+@pytest.mark.asyncio
+async def test_a_budget_the_encoder_refuses_is_reported_against_the_session_config(backends):
+    """A session whose budget the gateway could not check at start (vision encoder unreachable
+    then) gets one error per frame naming ``video.max_soft_tokens``, and the pipeline goes on."""
+    events: list = []
+
+    async def emit(event) -> None:
+        events.append(event)
+
+    clients = MeshClient(backends.decoder, backends.audio, backends.vision)
+    frames = FramePipeline(
+        clients=clients,
+        video=VideoConfig(max_fps=5, analysis_interval_ms=200, max_soft_tokens=71),
+        emit=emit,
+        metrics=GatewayMetrics(),
+        default_interval_ms=200,
+        max_tokens=4,
+    )
+    frames.start()
+    try:
+        frames.push(jpeg(0), timestamp_ms=500)
+        await frames.finish()
+    finally:
+        await clients.close()
+    assert [(e.type, e.param) for e in events] == [("error", "video.max_soft_tokens")]
+    assert "frame at 500 ms" in events[0].message and "max_soft_tokens" in events[0].message

@@ -296,3 +296,11 @@ async def test_camera_frames_use_the_video_per_frame_budget(vision_stub, tiny_bu
         )
     )
     assert bigger.num_soft_tokens > reply.num_soft_tokens
+
+
+async def test_describe_reports_the_bundles_budgets(vision_stub, tiny_bundle):
+    reply = await vision_stub.Describe(vision_pb2.DescribeRequest())
+    vision, video = tiny_bundle.manifest.vision, tiny_bundle.manifest.video
+    assert list(reply.supported_soft_tokens) == list(vision.supported_soft_tokens)
+    assert reply.default_max_soft_tokens == vision.default_max_soft_tokens
+    assert reply.max_soft_tokens_per_frame == video.max_soft_tokens_per_frame

@@ -238,6 +238,7 @@ class MeshClient:
         self._decoder = decoder_pb2_grpc.DecoderStub(self._channels["decoder"])
         self._audio = audio_pb2_grpc.AudioFrontendStub(self._channels["audio"])
         self._vision = vision_pb2_grpc.VisionEncoderStub(self._channels["vision"])
+        self._vision_budgets: tuple[int, ...] | None = None
         self.timeout_s = timeout_s
 
     async def close(self) -> None:
@@ -322,6 +323,20 @@ class MeshClient:
         return ImageSoftTokens(
             SoftTokens(modality=common_pb2.IMAGE, tokens=reply.soft_tokens), reply.width, reply.height
         )
+
+    async def vision_budgets(self) -> tuple[int, ...]:
+        """The soft-token budgets the vision encoder accepts (``Describe``; cached once known).
+
+        Raises:
+            BackendUnavailable: the vision encoder cannot be reached (or is still loading).
+        """
+        if self._vision_budgets is None:
+            try:
+                reply = await self._vision.Describe(vision_pb2.DescribeRequest(), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as error:
+                raise _mesh_error(error, "vision encoder") from None
+            self._vision_budgets = tuple(reply.supported_soft_tokens)
+        return self._vision_budgets
 
     async def generate(
         self, messages: Sequence[ChatMessage], sampling: Sampling, *, request_id: str | None = None

@@ -291,6 +291,7 @@ class StreamConnection:
                 return False
         else:
             config = validate_config(start.config, settings)
+            await self._check_video_budget(config)
             if await self.store.count_active(owner) >= settings.max_sessions_per_key:
                 raise RateLimited(
                     f"{settings.max_sessions_per_key} sessions already open for this key (max_sessions_per_key)"
@@ -490,6 +491,7 @@ class StreamConnection:
                 param=".".join(str(p) for p in first["loc"]),
             ) from None
         config = validate_config(config, self.settings)
+        await self._check_video_budget(config)
         self.config = config
         await self.store.update_config(self.session_id, config.model_dump(mode="json"))
         if self.captions is not None:
@@ -502,6 +504,28 @@ class StreamConnection:
             self.frames.video = config.video
         elif self.frames is None and config.video is not None:
             self._start_frames(config, self._next_analysis_id)
+
+    async def _check_video_budget(self, config: SessionConfig) -> None:
+        """Refuse a ``video.max_soft_tokens`` the vision encoder does not accept (asked once per
+        gateway with ``Describe``); with the encoder unreachable the check is left to the frames.
+
+        Raises:
+            InvalidRequest: a budget outside the encoder's supported ones.
+        """
+        budget = config.video.max_soft_tokens if config.video is not None else None
+        if budget is None:
+            return
+        try:
+            supported = await self.state.clients.vision_budgets()
+        except MeshError as error:
+            log.warning("vision budgets unknown: frames will be checked one by one", error=error.message)
+            return
+        if budget not in supported:
+            raise InvalidRequest(
+                f"video.max_soft_tokens must be one of {list(supported)} or null (the model's per-frame "
+                f"budget), got {budget}",
+                param="video.max_soft_tokens",
+            )
 
     async def _flush(self) -> None:
         """Finish the pipelines: the open segment gets its final, the waiting frame its analysis."""

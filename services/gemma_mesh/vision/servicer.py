@@ -165,6 +165,18 @@ class VisionEncoderServicer(vision_pb2_grpc.VisionEncoderServicer):
             log.info("encoded", rpc="EncodeBatch", images=count)
             return vision_pb2.EncodeImageBatchResponse(results=[image_to_pb(r) for r in results])
 
+    async def Describe(
+        self, request: vision_pb2.DescribeRequest, unused_context: grpc.aio.ServicerContext
+    ) -> vision_pb2.DescribeResponse:
+        """The loaded bundle's soft-token budgets (UNAVAILABLE while it loads)."""
+        with self._observe("Describe"):
+            engine, _ = self._ready()
+            return vision_pb2.DescribeResponse(
+                supported_soft_tokens=list(engine.supported_budgets),
+                default_max_soft_tokens=engine.default_budget,
+                max_soft_tokens_per_frame=engine.video_defaults.max_soft_tokens,
+            )
+
     async def EncodeVideo(
         self, request: vision_pb2.EncodeVideoRequest, unused_context: grpc.aio.ServicerContext
     ) -> vision_pb2.EncodeVideoResponse:

@@ -78,3 +78,17 @@ class EncodeVideoResponse(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     frames: _containers.RepeatedCompositeFieldContainer[EncodeImageResponse]
     def __init__(self, frames: _Optional[_Iterable[_Union[EncodeImageResponse, _Mapping]]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("supported_soft_tokens", "default_max_soft_tokens", "max_soft_tokens_per_frame")
+    SUPPORTED_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SOFT_TOKENS_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    supported_soft_tokens: _containers.RepeatedScalarFieldContainer[int]
+    default_max_soft_tokens: int
+    max_soft_tokens_per_frame: int
+    def __init__(self, supported_soft_tokens: _Optional[_Iterable[int]] = ..., default_max_soft_tokens: _Optional[int] = ..., max_soft_tokens_per_frame: _Optional[int] = ...) -> None: ...

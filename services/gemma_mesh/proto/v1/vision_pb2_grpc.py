@@ -49,6 +49,11 @@ class VisionEncoderStub:
                 request_serializer=gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoRequest.SerializeToString,
                 response_deserializer=gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/gemma_mesh.v1.VisionEncoder/Describe',
+                request_serializer=gemma__mesh_dot_v1_dot_vision__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=gemma__mesh_dot_v1_dot_vision__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class VisionEncoderServicer:
@@ -74,6 +79,14 @@ class VisionEncoderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """What the loaded bundle accepts (soft-token budgets and their defaults), as Triton's model
+        metadata: lets a client check a budget before sending frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionEncoderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_VisionEncoderServicer_to_server(servicer, server):
                     servicer.EncodeVideo,
                     request_deserializer=gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoRequest.FromString,
                     response_serializer=gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=gemma__mesh_dot_v1_dot_vision__pb2.DescribeRequest.FromString,
+                    response_serializer=gemma__mesh_dot_v1_dot_vision__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class VisionEncoder:
             '/gemma_mesh.v1.VisionEncoder/EncodeVideo',
             gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoRequest.SerializeToString,
             gemma__mesh_dot_v1_dot_vision__pb2.EncodeVideoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma_mesh.v1.VisionEncoder/Describe',
+            gemma__mesh_dot_v1_dot_vision__pb2.DescribeRequest.SerializeToString,
+            gemma__mesh_dot_v1_dot_vision__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
