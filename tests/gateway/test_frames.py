@@ -23,6 +23,21 @@ def jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
+def pipeline(clients, emit, *, max_tokens=4, metrics=None, captions_behind=None, **video) -> FramePipeline:
+    """A started ``FramePipeline`` analysing every 200 ms (``video`` overrides ``VideoConfig`` fields)."""
+    frames = FramePipeline(
+        clients=clients,
+        video=VideoConfig(**{"max_fps": 5, "analysis_interval_ms": 200, **video}),
+        emit=emit,
+        metrics=metrics if metrics is not None else GatewayMetrics(),
+        default_interval_ms=200,
+        max_tokens=max_tokens,
+        captions_behind=captions_behind,
+    )
+    frames.start()
+    return frames
+
+
 @pytest.mark.asyncio
 async def test_frames_wait_while_captions_are_behind(backends):
     behind = True
@@ -32,17 +47,7 @@ async def test_frames_wait_while_captions_are_behind(backends):
         events.append(event)
 
     clients = MeshClient(backends.decoder, backends.audio, backends.vision)
-    metrics = GatewayMetrics()
-    frames = FramePipeline(
-        clients=clients,
-        video=VideoConfig(max_fps=5, analysis_interval_ms=200),
-        emit=emit,
-        metrics=metrics,
-        default_interval_ms=200,
-        max_tokens=4,
-        captions_behind=lambda: behind,
-    )
-    frames.start()
+    frames = pipeline(clients, emit, captions_behind=lambda: behind)
     try:
         await asyncio.sleep(0.25)  # the first interval passes with nothing to analyse
         for i in range(3):
@@ -79,15 +84,7 @@ async def test_an_analysis_that_loops_is_ended_there(backends):
                 sink.append(event)
 
             metrics = GatewayMetrics()
-            frames = FramePipeline(
-                clients=clients,
-                video=VideoConfig(max_fps=5, analysis_interval_ms=200),
-                emit=emit,
-                metrics=metrics,
-                default_interval_ms=200,
-                max_tokens=64,
-            )
-            frames.start()
+            frames = pipeline(clients, emit, max_tokens=64, metrics=metrics)
             image = Image.fromarray(getattr(data, name)())
             image.thumbnail((256, 256))
             buffer = io.BytesIO()
@@ -118,15 +115,7 @@ async def test_a_budget_the_encoder_refuses_is_reported_against_the_session_conf
         events.append(event)
 
     clients = MeshClient(backends.decoder, backends.audio, backends.vision)
-    frames = FramePipeline(
-        clients=clients,
-        video=VideoConfig(max_fps=5, analysis_interval_ms=200, max_soft_tokens=71),
-        emit=emit,
-        metrics=GatewayMetrics(),
-        default_interval_ms=200,
-        max_tokens=4,
-    )
-    frames.start()
+    frames = pipeline(clients, emit, max_soft_tokens=71)
     try:
         frames.push(jpeg(0), timestamp_ms=500)
         await frames.finish()
