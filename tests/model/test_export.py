@@ -65,6 +65,10 @@ def test_graph_names_follow_the_gemma4_onnx_layout(tiny_bundle):
         shape = decoder.input(f"past_key_values.{i}.key").shape
         assert shape[1] == text.layers[i].num_key_value_heads and shape[3] == text.layers[i].head_dim
         assert isinstance(shape[0], str) and isinstance(shape[2], str)
+        # present.i holds the step's own keys/values (the graph never copies the past): its length
+        # is the step's length, not past + step.
+        present = next(o for o in decoder.outputs if o.name == f"present.{i}.key").shape
+        assert present[2] == decoder.input("inputs_embeds").shape[1]
     for name, entry in graphs.items():
         assert entry.max_abs_diff_vs_torch <= FP32_BOUND, name
 

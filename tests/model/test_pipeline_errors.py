@@ -65,3 +65,22 @@ def test_generation_limits(tiny_bundle):
         next(generate(tiny_bundle, [PromptInput(ids)], max_new_tokens=too_long))
     with pytest.raises(InvalidRequest, match="no prompts"):
         next(generate(tiny_bundle, [], max_new_tokens=3))
+
+
+def test_a_bundle_of_another_format_version_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from gemma_mesh.model.bundle import ModelBundle, embedded_bundle_path
+    from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION
+
+    old = tmp_path / "old"
+    shutil.copytree(embedded_bundle_path(), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    # Format 1 decoders returned past + step in present.N.*; this runtime binds step-sized outputs.
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION - 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        InvalidRequest, match=rf"bundle format {BUNDLE_FORMAT_VERSION - 1} is not supported.*re-export"
+    ):
+        ModelBundle(old, providers=["CPUExecutionProvider"])

@@ -376,9 +376,8 @@ class Engine:
     def _output_shapes(self, n: int, seq: int) -> dict[str, tuple[int, ...]]:
         text = self.bundle.manifest.text
         shapes = {"logits": (n, seq, text.vocab_size)}
-        for i in text.kv_layers:
-            past = self.kv.window if i in self.kv.sliding_layers else self.kv.capacity
-            shape = (n, text.layers[i].num_key_value_heads, past + seq, text.layers[i].head_dim)
+        for i in text.kv_layers:  # ``present`` holds the step's own keys/values only
+            shape = (n, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
             shapes[f"present.{i}.key"] = shapes[f"present.{i}.value"] = shape
         return shapes
 

@@ -10,7 +10,8 @@ Layout (one array pair per layer that owns a cache, ``manifest.text.kv_layers``)
   layers are sliding, so a token costs 16 KiB instead of 56 KiB once past the window).
 
 Each step feeds whole rows ``[:n]`` (contiguous views, no copies) with boolean masks built from the
-rows' lengths and ring positions, and writes the step's new keys back. Rows ``0 .. n-1`` are always
+rows' lengths and ring positions; the graph returns only the step's keys/values (it never copies
+the past), and ``commit`` writes them into their slots. Rows ``0 .. n-1`` are always
 the active ones: a finished row is replaced by the last row.
 """
 
@@ -158,7 +159,7 @@ class BatchKVCache:
         return full[:, None], sliding[:, None]
 
     def commit(self, rows: slice, positions: np.ndarray, presents: dict[str, np.ndarray]) -> None:
-        """Store the step's new keys/values (the last ``S`` entries of each ``present`` output)."""
+        """Store the step's new keys/values (each ``present`` output, ``[n, kvH, S, D]``)."""
         start = rows.start or 0
         n, seq = positions.shape
         keep = min(seq, self.window)

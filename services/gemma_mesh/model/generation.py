@@ -147,10 +147,10 @@ class DecoderRunner:
             feeds[f"past_key_values.{idx}.key"] = cache.keys[idx]
             feeds[f"past_key_values.{idx}.value"] = cache.values[idx]
         outputs = self.session.run(None, feeds)
-        new = KVCache()
+        new = KVCache()  # the graph returns the step's keys/values; the past is appended here
         for n, idx in enumerate(self.kv_layers):
-            new.keys[idx] = outputs[1 + 2 * n]
-            new.values[idx] = outputs[2 + 2 * n]
+            new.keys[idx] = np.concatenate([cache.keys[idx], outputs[1 + 2 * n]], axis=2)
+            new.values[idx] = np.concatenate([cache.values[idx], outputs[2 + 2 * n]], axis=2)
         return outputs[0], new
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-BUNDLE_FORMAT_VERSION = 1
+# 2: the decoder's ``present.N.key/value`` outputs hold the step's keys/values only (1: past + step).
+BUNDLE_FORMAT_VERSION = 2
 
 # The text of Gemma 4's control tokens, by role. Only the *strings* of the Gemma 4 format live here;
 # their ids are always looked up in the checkpoint's tokenizer at export time.

@@ -4,9 +4,12 @@ Each wrapper calls transformers' own Gemma 4 modules (layers, norms, rotary embe
 so the math is the reference's; only the orchestration around them changes where
 ``torch.export`` needs it:
 
-- the decoder runs through a plain concatenating cache (``ConcatCache``) and explicit boolean
-  4-D masks, one for full-attention layers and one for sliding layers, instead of transformers'
-  ``DynamicCache`` whose sliding trim is Python branching that pins the past length;
+- the decoder runs through a cache that keeps the past and the step apart (``StepCache``) and an
+  attention that reads both without concatenating or repeating them (``split_kv_attention``,
+  registered as an ``AttentionInterface``), with explicit boolean 4-D masks, one for
+  full-attention layers and one for sliding layers, instead of transformers' ``DynamicCache``
+  (whose sliding trim is Python branching that pins the past length, and whose concatenation
+  would copy the whole KV cache on every step);
 - the vision encoder returns the pooled features padded to the budget (``[B, max_soft_tokens, D]``,
   valid tokens first) instead of stripping padding with a data-dependent boolean index, and pools
   with a comparison matrix instead of ``one_hot`` with a symbolic class count.
@@ -21,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 
 class EmbedTokens(nn.Module):
@@ -48,25 +52,94 @@ class EmbedTokens(nn.Module):
         return inputs_embeds, per_layer
 
 
-class ConcatCache:
-    """The smallest cache ``Gemma4TextAttention`` accepts: ``update`` appends new keys/values to the past.
+class StepCache:
+    """The cache ``Gemma4TextAttention`` writes to during one step: the past and the step's keys/values
+    are kept apart, so the graph never copies the past (no ``concat(past, new)``).
+
+    ``update`` records the step's keys/values (the graph's ``present`` outputs) and returns them;
+    ``split_kv_attention`` reads the past of the layer (for a KV-shared layer: of the layer that
+    stores its type's keys, as transformers' ``shared_kv_states`` does) with ``past_for``.
 
     Args:
         past: ``{layer_idx: (key [B, kvH, T, D], value [B, kvH, T, D])}`` for layers that own a cache.
+        layer_types: ``config.layer_types``.
+        kv_sharing_modes: ``config.kv_sharing_modes`` ("reuse" layers read the "store" layer of their type).
     """
 
-    def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        past: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        layer_types: list[str],
+        kv_sharing_modes: list[str],
+    ) -> None:
         self.past = past
         self.present: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._store = {layer_types[i]: i for i, mode in enumerate(kv_sharing_modes) if mode == "store"}
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        past_k, past_v = self.past[layer_idx]
-        key = torch.cat([past_k, key_states], dim=2)
-        value = torch.cat([past_v, value_states], dim=2)
-        self.present[layer_idx] = (key, value)
-        return key, value
+        self.present[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def past_for(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The past keys/values the attention ``module`` attends to besides the step's own."""
+        idx = self._store[module.layer_type] if module.is_kv_shared_layer else module.layer_idx
+        return self.past[idx]
+
+
+SPLIT_KV_ATTENTION = "gemma_mesh_split_kv"
+
+
+def split_kv_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    step_cache: StepCache,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Grouped-query attention over ``past ++ step`` without materialising either concatenation.
+
+    Matches transformers' Gemma 4 ``eager_attention_forward`` (scores scaled, optional softcap,
+    additive mask, softmax in fp32, then weighted values), but
+    - the query heads of each KV head are folded into the query axis (``[B, kvH, G*S, D]``), so keys
+      and values are read once per KV head instead of being repeated ``G`` times (``repeat_kv``);
+    - the scores against the past ``[.., T]`` and against the step's keys ``[.., S]`` are computed
+      separately and joined (the scores are small; the KV cache is not copied), and the output is
+      ``P_past @ V_past + P_step @ V_step``.
+
+    Args:
+        query: ``[B, H, S, D]``; key, value: the step's ``[B, kvH, S, D]``.
+        attention_mask: additive ``[B, 1, S, T + S]`` (past keys first, then the step's).
+        step_cache: where the layer's past ``[B, kvH, T, D]`` comes from.
+
+    Returns:
+        ``(attn_output [B, S, H, D], None)``.
+    """
+    past_key, past_value = step_cache.past_for(module)
+    batch, heads, seq, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    q = query.reshape(batch, kv_heads, groups * seq, dim)
+    scores = torch.cat([q @ past_key.transpose(2, 3), q @ key.transpose(2, 3)], dim=-1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.reshape(batch, kv_heads, groups, seq, -1) + attention_mask[:, :, None]
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = probs.reshape(batch, kv_heads, groups * seq, -1)
+    past = past_key.shape[2]
+    out = probs[..., :past] @ past_value + probs[..., past:] @ value  # [B, kvH, G*S, D]
+    return out.reshape(batch, heads, seq, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SPLIT_KV_ATTENTION, split_kv_attention)
 
 
 class DecoderWithPast(nn.Module):
@@ -79,8 +152,9 @@ class DecoderWithPast(nn.Module):
     owns a cache (``kv_layers``; KV-shared layers reuse their producer's keys). ``T`` is the past
     plus ``S``; the caller decides what the sliding layers keep (the whole past, or the window).
 
-    Outputs: ``logits [B, S, V]`` (after final softcapping) and ``present.{i}.key/value`` = past
-    concatenated with the step's keys/values.
+    Outputs: ``logits [B, S, V]`` (after final softcapping) and ``present.{i}.key/value [B, kvH_i, S,
+    D_i]``: the step's own keys/values only. The caller writes them into its cache; the graph never
+    copies the past (a decode step's cost does not grow with a copy of the whole cache).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -116,20 +190,29 @@ class DecoderWithPast(nn.Module):
         position_embeddings = {
             t: lm.rotary_emb(inputs_embeds, position_ids, t) for t in sorted(set(self.layer_types))
         }
-        cache = ConcatCache({idx: (past[2 * n], past[2 * n + 1]) for n, idx in enumerate(self.kv_layers)})
+        cache = StepCache(
+            {idx: (past[2 * n], past[2 * n + 1]) for n, idx in enumerate(self.kv_layers)},
+            self.layer_types,
+            list(lm.config.kv_sharing_modes),
+        )
         shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         hidden = inputs_embeds
-        for i, layer in enumerate(lm.layers):
-            layer_type = self.layer_types[i]
-            hidden = layer(
-                hidden,
-                per_layer[:, :, i, :] if per_layer is not None else None,
-                shared_kv_states=shared,
-                position_embeddings=position_embeddings[layer_type],
-                attention_mask=masks[layer_type],
-                position_ids=position_ids,
-                past_key_values=cache,
-            )
+        previous, lm.config._attn_implementation = lm.config._attn_implementation, SPLIT_KV_ATTENTION
+        try:
+            for i, layer in enumerate(lm.layers):
+                layer_type = self.layer_types[i]
+                hidden = layer(
+                    hidden,
+                    per_layer[:, :, i, :] if per_layer is not None else None,
+                    shared_kv_states=shared,
+                    position_embeddings=position_embeddings[layer_type],
+                    attention_mask=masks[layer_type],
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    step_cache=cache,  # reaches split_kv_attention through the layers' **kwargs
+                )
+        finally:
+            lm.config._attn_implementation = previous
         hidden = lm.norm(hidden)
         logits = self.lm_head(hidden)
         if self.softcap is not None:
