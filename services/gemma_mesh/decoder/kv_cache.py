@@ -4,10 +4,12 @@ Layout (one array pair per layer that owns a cache, ``manifest.text.kv_layers``)
 
 - full-attention layers: ``[max_batch, kvH, capacity, D]``; row ``b`` holds its sequence's keys at
   indices ``0 .. length_b - 1``; the rest is masked. ``capacity`` doubles when a row needs more.
-- sliding layers: a ring of ``window`` slots ``[max_batch, kvH, window, D]``; position ``p`` lives in
-  slot ``p % window``. Keys are stored already rotated (RoPE), so slot order does not matter; only
-  the mask does. A sliding layer therefore keeps at most the window (E4B: 20 of its 24 cache-owning
-  layers are sliding, so a token costs 16 KiB instead of 56 KiB once past the window).
+- sliding layers: a ring of ``ring = min(window, capacity)`` slots ``[max_batch, kvH, ring, D]``;
+  position ``p`` lives in slot ``p % window`` (while ``capacity < window`` every position is below
+  ``ring``, so that slot exists). Keys are stored already rotated (RoPE), so slot order does not
+  matter; only the mask does. A sliding layer therefore keeps at most the window (E4B: 20 of its 24
+  cache-owning layers are sliding, so a token costs 16 KiB instead of 56 KiB once past the window),
+  and short sequences do not attend over a mostly empty window.
 
 Each step feeds whole rows ``[:n]`` (contiguous views, no copies) with boolean masks built from the
 rows' lengths and ring positions; the graph returns only the step's keys/values (it never copies
@@ -32,7 +34,7 @@ class RowSnapshot:
 
     length: int
     full: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> ([kvH, length, D], [kvH, length, D])
-    ring: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> ([kvH, window, D], ...)
+    ring: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> ([kvH, ring, D], ...) (ring <= window)
     ring_positions: np.ndarray  # [window] int64
 
     @property
@@ -61,27 +63,28 @@ class BatchKVCache:
         self.full_layers = [i for i in text.kv_layers if text.layers[i].type != "sliding_attention"]
         self.sliding_layers = [i for i in text.kv_layers if text.layers[i].type == "sliding_attention"]
         self.capacity = 0
+        self.ring = 0  # slots of the sliding layers: min(window, capacity)
         self.keys: dict[int, np.ndarray] = {}
         self.values: dict[int, np.ndarray] = {}
-        for i in self.sliding_layers:
-            shape = (max_batch, text.layers[i].num_key_value_heads, self.window, text.layers[i].head_dim)
-            self.keys[i] = np.zeros(shape, dtype=self.dtype)
-            self.values[i] = np.zeros(shape, dtype=self.dtype)
         self.lengths = np.zeros(max_batch, dtype=np.int64)
         self.ring_positions = np.full((max_batch, self.window), EMPTY, dtype=np.int64)
         self._grow(initial_capacity)
 
     # ------------------------------------------------------------------ sizes
     def _grow(self, capacity: int) -> None:
-        for i in self.full_layers:
+        ring = min(self.window, capacity)
+        for i in self.text.kv_layers:
             layer = self.text.layers[i]
-            shape = (self.max_batch, layer.num_key_value_heads, capacity, layer.head_dim)
+            old, size = (self.ring, ring) if i in self.sliding_layers else (self.capacity, capacity)
+            if size == old and i in self.keys:
+                continue
+            shape = (self.max_batch, layer.num_key_value_heads, size, layer.head_dim)
             for store in (self.keys, self.values):
                 new = np.zeros(shape, dtype=self.dtype)
                 if i in store:
-                    new[:, :, : self.capacity] = store[i]
+                    new[:, :, :old] = store[i]
                 store[i] = new
-        self.capacity = capacity
+        self.capacity, self.ring = capacity, ring
 
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` keys per row in the full-attention layers (capacity doubles)."""
@@ -143,7 +146,7 @@ class BatchKVCache:
         see ring keys and the step's keys less than ``window`` positions back.
 
         Returns:
-            ``(attention_mask [n, 1, S, capacity + S], sliding_attention_mask [n, 1, S, window + S])``.
+            ``(attention_mask [n, 1, S, capacity + S], sliding_attention_mask [n, 1, S, ring + S])``.
         """
         lengths = self.lengths[rows]
         n, seq = positions.shape
@@ -152,7 +155,7 @@ class BatchKVCache:
         step_causal = step_k <= q  # [n, S, S]
         stored = np.arange(self.capacity)[None, None, :] < lengths[:, None, None]  # [n, 1, cap]
         full = np.concatenate([np.broadcast_to(stored, (n, seq, self.capacity)), step_causal], axis=2)
-        ring = self.ring_positions[rows][:, None, :]  # [n, 1, W]
+        ring = self.ring_positions[rows, : self.ring][:, None, :]  # [n, 1, ring]
         ring_ok = (ring != EMPTY) & (q - ring < self.window) & (ring <= q)
         step_ok = step_causal & (q - step_k < self.window)
         sliding = np.concatenate([ring_ok, step_ok], axis=2)
@@ -202,8 +205,8 @@ class BatchKVCache:
         for i, (k, v) in snap.full.items():
             self.keys[i][row, :, : snap.length] = k
             self.values[i][row, :, : snap.length] = v
-        for i, (k, v) in snap.ring.items():
-            self.keys[i][row] = k
-            self.values[i][row] = v
+        for i, (k, v) in snap.ring.items():  # the ring may have grown since: the rest stays EMPTY
+            self.keys[i][row, :, : k.shape[1]] = k
+            self.values[i][row, :, : v.shape[1]] = v
         self.ring_positions[row] = snap.ring_positions
         self.lengths[row] = snap.length
