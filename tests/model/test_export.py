@@ -54,8 +54,14 @@ def test_graph_names_follow_the_gemma4_onnx_layout(tiny_bundle):
         "attention_mask",
         "sliding_attention_mask",
         "position_ids",
+        "logits_indices",
         *kv_in,
     ]
+    # logits are [B, K, V] for the K positions asked for (a prefill needs only its last).
+    assert (
+        decoder.input("logits_indices").shape[1]
+        == next(o for o in decoder.outputs if o.name == "logits").shape[1]
+    )
     assert names(decoder.outputs) == ["logits", *[n.replace("past_key_values", "present") for n in kv_in]]
     # Batch and sequence axes are dynamic; the global head dim differs from the local one.
     assert all(isinstance(d, str) for d in decoder.input("inputs_embeds").shape[:2])

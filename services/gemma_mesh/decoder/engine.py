@@ -357,8 +357,10 @@ class Engine:
     def _run_step(
         self, rows: slice, embeds: np.ndarray, per_layer: np.ndarray, positions: np.ndarray
     ) -> np.ndarray:
+        """One decoder run over ``rows``; returns the logits of each row's last step token ``[n, V]``."""
         lengths = self.kv.lengths[rows]
-        self.kv.reserve(int(lengths.max()) + positions.shape[1])
+        n, seq = positions.shape
+        self.kv.reserve(int(lengths.max()) + seq)
         full, sliding = self.kv.masks(rows, positions)
         feeds = {
             "inputs_embeds": embeds,
@@ -366,16 +368,18 @@ class Engine:
             "attention_mask": full,
             "sliding_attention_mask": sliding,
             "position_ids": positions,
+            # Only the last token's logits are sampled: a prefill skips the LM head elsewhere.
+            "logits_indices": np.full((n, 1), seq - 1, dtype=np.int64),
             **self.kv.feeds(rows),
         }
-        named = self._run_bound(feeds, rows, positions.shape[1])
+        named = self._run_bound(feeds, rows, seq)
         self.kv.commit(rows, positions, named)
         self.steps += 1
-        return named["logits"]
+        return named["logits"][:, 0]
 
     def _output_shapes(self, n: int, seq: int) -> dict[str, tuple[int, ...]]:
         text = self.bundle.manifest.text
-        shapes = {"logits": (n, seq, text.vocab_size)}
+        shapes = {"logits": (n, 1, text.vocab_size)}
         for i in text.kv_layers:  # ``present`` holds the step's own keys/values only
             shape = (n, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
             shapes[f"present.{i}.key"] = shapes[f"present.{i}.value"] = shape
@@ -428,7 +432,7 @@ class Engine:
         self.metrics.prompt_tokens.inc(seq.prompt_len)
         self._prefilling = None
         self._decoding.append(seq)
-        self._accept(len(self._decoding) - 1, seq, logits[0, -1])
+        self._accept(len(self._decoding) - 1, seq, logits[0])
         return end - start
 
     def _decode_step(self) -> None:
@@ -439,7 +443,7 @@ class Engine:
         logits = self._run_step(slice(0, n), embeds, per_layer, positions)
         self.metrics.batch_size.observe(n)
         for row in reversed(range(n)):  # reversed: removing a finished row moves only later rows
-            self._accept(row, self._decoding[row], logits[row, -1])
+            self._accept(row, self._decoding[row], logits[row])
 
     def _accept(self, row: int, seq: _Sequence, logits: np.ndarray) -> None:
         """Sample the next token of ``seq`` (at ``row``), stream its text, retire it when finished."""

@@ -132,9 +132,15 @@ class DecoderRunner:
         key_valid: np.ndarray,
         position_ids: np.ndarray,
         cache: KVCache,
+        logits_indices: np.ndarray | None = None,
     ) -> tuple[np.ndarray, KVCache]:
-        """One forward pass: ``inputs_embeds [B, S, H]`` -> ``(logits [B, S, V], cache grown by S)``."""
-        seq = inputs_embeds.shape[1]
+        """One forward pass: ``inputs_embeds [B, S, H]`` -> ``(logits [B, K, V], cache grown by S)``.
+
+        ``logits_indices [B, K]``: the step positions whose logits are computed (default: all ``S``).
+        """
+        batch, seq = inputs_embeds.shape[:2]
+        if logits_indices is None:
+            logits_indices = np.broadcast_to(np.arange(seq), (batch, seq))
         full, sliding = build_masks(key_valid, cache.length, seq, self.window)
         feeds = {
             "inputs_embeds": inputs_embeds,
@@ -142,6 +148,7 @@ class DecoderRunner:
             "attention_mask": full,
             "sliding_attention_mask": sliding,
             "position_ids": position_ids.astype(np.int64),
+            "logits_indices": np.ascontiguousarray(logits_indices, dtype=np.int64),
         }
         for idx in self.kv_layers:
             feeds[f"past_key_values.{idx}.key"] = cache.keys[idx]
@@ -210,7 +217,8 @@ def generate(
 
     runner = DecoderRunner(bundle)
     samplers = [Sampler(sampling or SamplingParams()) for _ in range(batch)]
-    logits, cache = runner.step(embeds, per_layer, valid, positions, KVCache.empty(bundle, batch))
+    last = np.full((batch, 1), longest - 1)  # left padding: every prompt ends at the last column
+    logits, cache = runner.step(embeds, per_layer, valid, positions, KVCache.empty(bundle, batch), last)
     done = [False] * batch
     next_pos = positions[:, -1] + 1
     for _ in range(max_new_tokens):

@@ -85,8 +85,15 @@ def decoder_inputs(wrapper: Any, batch: int, seq: int, past_full: int, past_slid
         _masks(batch, seq, past_full, None),
         _masks(batch, seq, past_sliding, cfg.sliding_window),
         positions,
+        # K = 6 (positions may repeat): a size no other example axis has, so torch.export keeps it free.
+        (torch.arange(6) % seq)[None].expand(batch, 6).contiguous(),
         *_kv_example(wrapper, batch, past_full, past_sliding, dtype),
     )
+
+
+def _all_positions(batch: int, seq: int) -> torch.Tensor:
+    """``logits_indices`` that keep every position ``[B, S]``."""
+    return torch.arange(seq)[None].expand(batch, seq).contiguous()
 
 
 def realistic_decoder_check(wrapper: Any, dtype: torch.dtype, batch: int = 2, prefix: int = 40, seq: int = 5):
@@ -118,6 +125,7 @@ def realistic_decoder_check(wrapper: Any, dtype: torch.dtype, batch: int = 2, pr
             _masks(batch, prefix, 0, None),
             _masks(batch, prefix, 0, window),
             positions,
+            _all_positions(batch, prefix),
             *empty,
         )
     step_positions = torch.arange(prefix, prefix + seq)[None].expand(batch, seq).contiguous()
@@ -127,6 +135,7 @@ def realistic_decoder_check(wrapper: Any, dtype: torch.dtype, batch: int = 2, pr
         _masks(batch, seq, prefix, None),
         _masks(batch, seq, prefix, window),
         step_positions,
+        _all_positions(batch, seq),  # every position's logits are checked against PyTorch
         *(t.contiguous() for t in out[1:]),
     )
 
@@ -152,6 +161,7 @@ def decoder_spec(wrapper: Any, dtype: torch.dtype) -> GraphSpec:
             "attention_mask",
             "sliding_attention_mask",
             "position_ids",
+            "logits_indices",
             *kv_names_in,
         ],
         output_names=["logits", *kv_names_out],
@@ -160,6 +170,7 @@ def decoder_spec(wrapper: Any, dtype: torch.dtype) -> GraphSpec:
             _dyn(0, 1),
             _dyn(0, 2, 3),
             _dyn(0, 2, 3),
+            _dyn(0, 1),
             _dyn(0, 1),
             tuple(kv_dyn),  # the wrapper's *past varargs are one tuple to torch.export
         ),

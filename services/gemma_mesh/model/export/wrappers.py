@@ -148,12 +148,15 @@ class DecoderWithPast(nn.Module):
     Inputs (in order): ``inputs_embeds [B, S, H]``, ``per_layer_inputs [B, S, L, P]``,
     ``attention_mask [B, 1, S, T_full] bool`` (True = attend, for full-attention layers),
     ``sliding_attention_mask [B, 1, S, T_sliding] bool`` (for sliding layers), ``position_ids [B, S]
-    int64``, then ``past_key_values.{i}.key/value [B, kvH_i, T, D_i]`` for every layer ``i`` that
-    owns a cache (``kv_layers``; KV-shared layers reuse their producer's keys). ``T`` is the past
-    plus ``S``; the caller decides what the sliding layers keep (the whole past, or the window).
+    int64``, ``logits_indices [B, K] int64`` (the step positions ``0 .. S-1`` whose logits are
+    wanted: a prefill needs only its last token's, as transformers' ``logits_to_keep``), then
+    ``past_key_values.{i}.key/value [B, kvH_i, T, D_i]`` for every layer ``i`` that owns a cache
+    (``kv_layers``; KV-shared layers reuse their producer's keys). ``T`` is the past plus ``S``; the
+    caller decides what the sliding layers keep (the whole past, or the window).
 
-    Outputs: ``logits [B, S, V]`` (after final softcapping) and ``present.{i}.key/value [B, kvH_i, S,
-    D_i]``: the step's own keys/values only. The caller writes them into its cache; the graph never
+    Outputs: ``logits [B, K, V]`` (after final softcapping; the final norm and the LM head run only
+    on those ``K`` positions) and ``present.{i}.key/value [B, kvH_i, S, D_i]``: the step's own
+    keys/values only. The caller writes them into its cache; the graph never
     copies the past (a decode step's cost does not grow with a copy of the whole cache).
     """
 
@@ -176,6 +179,7 @@ class DecoderWithPast(nn.Module):
         attention_mask: torch.Tensor,
         sliding_attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
+        logits_indices: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         lm = self.lm
@@ -213,7 +217,8 @@ class DecoderWithPast(nn.Module):
                 )
         finally:
             lm.config._attn_implementation = previous
-        hidden = lm.norm(hidden)
+        index = logits_indices[:, :, None].expand(-1, -1, hidden.shape[-1])
+        hidden = lm.norm(torch.gather(hidden, 1, index))
         logits = self.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
