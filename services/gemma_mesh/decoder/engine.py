@@ -5,11 +5,14 @@ One scheduler thread owns the session and the batch KV cache. Each iteration it:
 1. drops cancelled requests (their rows are freed at once: the last row moves into the hole);
 2. admits waiting requests while rows are free, lowest ``priority`` first, then oldest (vLLM's
    priority policy; restoring each one's longest cached prompt prefix);
-3. prefills at most ``prefill_chunk_tokens`` of that request (long prompts do not stall decoding);
+3. prefills the admitted prompts together in one run of ``[k, S]`` tokens, ``k * S`` at most
+   ``prefill_chunk_tokens`` (a long prompt goes in chunks and cannot stall decoding for more than
+   one; many short prompts, such as live captions arriving at once, share one run instead of one
+   run each); rows with shorter chunks are padded at the end, and padding is never stored or seen;
 4. runs one decode step for every decoding sequence together (requests join and leave at step
    boundaries), samples each row with its own sampler and streams the text.
 
-Rows ``0 .. n_decoding-1`` decode; row ``n_decoding`` is the one being prefilled. Each sequence sees
+Rows ``0 .. n_decoding-1`` decode; rows ``n_decoding ..`` are being prefilled. Each sequence sees
 only its own keys (the masks come from its own length and ring), so batched greedy output equals
 the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue).
 """
@@ -95,11 +98,10 @@ class RequestHandle:
         self._engine.wake()
 
     def emit(self, event: Delta | Finished | MeshError) -> None:
+        """Queue ``event`` for the caller (engine thread only). Async callers get it at the end of the
+        engine step (``Engine._flush_events``): one event-loop wake-up per step for all its requests."""
         if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._aqueue.put_nowait, event)
-            except RuntimeError:  # the caller's loop is closed: nobody listens any more
-                self._cancelled.set()
+            self._engine._post(self._loop, self._aqueue, event, self._cancelled)
         else:
             self._squeue.put(event)
 
@@ -138,6 +140,12 @@ class RequestHandle:
             yield event
             if isinstance(event, Finished):
                 return
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object, threading.Event]]) -> None:
+    """Runs on the callers' event loop: one step's events, in order."""
+    for target, event, _ in items:
+        target.put_nowait(event)
 
 
 class _Sequence:
@@ -211,10 +219,16 @@ class Engine:
         self._waiting: list[tuple[int, int, RequestHandle]] = []
         self._arrivals = itertools.count()
         self._decoding: list[_Sequence] = []
-        self._prefilling: _Sequence | None = None
+        self._prefilling: list[_Sequence] = []  # rows len(_decoding) .. in order
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="decoder-engine", daemon=True)
+        # Events of this step for async callers, by event loop: delivered with one
+        # call_soon_threadsafe per loop per step instead of one per token (fewer wake-ups and GIL
+        # hand-overs between the engine thread and the gRPC event loop).
+        self._outbox: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object, threading.Event]]
+        ] = {}
         self.steps = 0
 
     # ---------------------------------------------------------------- public
@@ -252,7 +266,7 @@ class Engine:
             )
         handle = RequestHandle(self, request)
         with self._cond:
-            active = len(self._decoding) + (self._prefilling is not None)
+            active = len(self._decoding) + len(self._prefilling)
             if active + len(self._waiting) >= self.settings.max_batch_size + self.settings.max_queue_size:
                 raise Overloaded(
                     f"the decoder is full: {self.settings.max_batch_size} sequences running and "
@@ -262,6 +276,25 @@ class Engine:
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify_all()
         return handle
+
+    # ---------------------------------------------------------- event delivery
+    def _post(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: asyncio.Queue,
+        event: object,
+        cancelled: threading.Event,
+    ) -> None:
+        self._outbox.setdefault(loop, []).append((target, event, cancelled))
+
+    def _flush_events(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the callers' loop is closed: nobody listens any more
+                for _, _, cancelled in items:
+                    cancelled.set()
 
     # ------------------------------------------------------------- the loop
     def _run(self) -> None:
@@ -273,27 +306,22 @@ class Engine:
                     break
             try:
                 self._drop_cancelled()
-                # Up to prefill_chunk_tokens of prompt per step, across as many waiting requests as
-                # fit: short prompts (live captions) join in one step instead of one per step, and
-                # a long prompt still cannot stall the running sequences for more than one chunk.
-                budget = self.settings.prefill_chunk_tokens
-                while budget > 0:
-                    self._admit()
-                    if self._prefilling is None:
-                        break
-                    budget -= self._prefill_chunk(budget)
+                self._admit()
+                if self._prefilling:
+                    self._prefill_batch()
                 if self._decoding:
                     self._decode_step()
             except Exception as exc:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(MeshError(f"decoder step failed: {type(exc).__name__}: {exc}"))
+            self._flush_events()
         self._fail_all(MeshError("the decoder is shutting down"))
+        self._flush_events()
 
     def _fail_all(self, error: MeshError) -> None:
-        seqs = [*self._decoding, *([self._prefilling] if self._prefilling else [])]
-        for seq in seqs:
+        for seq in [*self._decoding, *self._prefilling]:
             seq.handle.emit(error)
-        self._decoding, self._prefilling = [], None
+        self._decoding, self._prefilling = [], []
         with self._cond:
             waiting, self._waiting = self._waiting, []
             self.metrics.queue_depth.set(0)
@@ -307,10 +335,10 @@ class Engine:
             if self._decoding[row].handle.cancelled:
                 self._remove_row(row)
                 self.metrics.requests.labels("cancelled").inc()
-        if self._prefilling is not None and self._prefilling.handle.cancelled:
-            self.kv.reset_row(len(self._decoding))
-            self._prefilling = None
-            self.metrics.requests.labels("cancelled").inc()
+        for j in reversed(range(len(self._prefilling))):
+            if self._prefilling[j].handle.cancelled:
+                self._remove_prefilling(j)
+                self.metrics.requests.labels("cancelled").inc()
         with self._cond:
             cancelled = sum(entry[2].cancelled for entry in self._waiting)
             if cancelled:
@@ -318,46 +346,69 @@ class Engine:
                 heapq.heapify(self._waiting)
                 self.metrics.queue_depth.set(len(self._waiting))
                 self.metrics.requests.labels("cancelled").inc(cancelled)
-        self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
+        self.metrics.active.set(len(self._decoding) + len(self._prefilling))
 
     def _remove_row(self, row: int) -> None:
+        """Retire decoding row ``row``: the last decoding row fills the hole, the last prefilling row
+        fills the last decoding row's old place (two row copies, whatever the batch)."""
         last = len(self._decoding) - 1
         self.kv.move_row(last, row)
         self._decoding[row] = self._decoding[last]
         self._decoding.pop()
         self.kv.reset_row(last)
-        if self._prefilling is not None:  # keep the prefilling row right after the decoding rows
-            self.kv.move_row(last + 1, last)
-            self.kv.reset_row(last + 1)
+        if self._prefilling:  # the prefilling rows start right after the decoding rows again
+            end = last + len(self._prefilling)
+            self.kv.move_row(end, last)
+            self.kv.reset_row(end)
+            self._prefilling.insert(0, self._prefilling.pop())
+
+    def _remove_prefilling(self, j: int) -> None:
+        base = len(self._decoding)
+        end = base + len(self._prefilling) - 1
+        self.kv.move_row(end, base + j)
+        self.kv.reset_row(end)
+        self._prefilling[j] = self._prefilling[-1]
+        self._prefilling.pop()
 
     def _admit(self) -> None:
-        if self._prefilling is not None or len(self._decoding) >= self.settings.max_batch_size:
-            return
-        with self._cond:
-            if not self._waiting:
-                return
-            _, _, handle = heapq.heappop(self._waiting)
-            self.metrics.queue_depth.set(len(self._waiting))
-        try:
-            seq = _Sequence(handle, self)
-        except MeshError as exc:
-            handle.emit(exc)
-            return
-        seq.admitted = time.monotonic()
-        row = len(self._decoding)
-        self.kv.reset_row(row)
-        snap = self.prefix_cache.lookup(seq.req.prefix_cache_key, seq.keys)
-        if snap is not None:
-            self.kv.restore(row, snap)
-            seq.cursor = seq.cached = snap.length
-            self.metrics.cached_prompt_tokens.inc(snap.length)
-        self.metrics.prefix_hit_ratio.set(self.prefix_cache.stats.hit_ratio)
-        self._prefilling = seq
+        """Admit waiting requests while rows are free (at most ``prefill_chunk_tokens`` prefilling)."""
+        while (
+            len(self._decoding) + len(self._prefilling) < self.settings.max_batch_size
+            and len(self._prefilling) < self.settings.prefill_chunk_tokens
+        ):
+            with self._cond:
+                if not self._waiting:
+                    return
+                _, _, handle = heapq.heappop(self._waiting)
+                self.metrics.queue_depth.set(len(self._waiting))
+            try:
+                seq = _Sequence(handle, self)
+            except MeshError as exc:
+                handle.emit(exc)
+                continue
+            seq.admitted = time.monotonic()
+            row = len(self._decoding) + len(self._prefilling)
+            self.kv.reset_row(row)
+            snap = self.prefix_cache.lookup(seq.req.prefix_cache_key, seq.keys)
+            if snap is not None:
+                self.kv.restore(row, snap)
+                seq.cursor = seq.cached = snap.length
+                self.metrics.cached_prompt_tokens.inc(snap.length)
+            self.metrics.prefix_hit_ratio.set(self.prefix_cache.stats.hit_ratio)
+            self._prefilling.append(seq)
 
     def _run_step(
-        self, rows: slice, embeds: np.ndarray, per_layer: np.ndarray, positions: np.ndarray
+        self,
+        rows: slice,
+        embeds: np.ndarray,
+        per_layer: np.ndarray,
+        positions: np.ndarray,
+        valid: np.ndarray | None = None,
     ) -> np.ndarray:
-        """One decoder run over ``rows``; returns the logits of each row's last step token ``[n, V]``."""
+        """One decoder run over ``rows``; returns the logits of each row's last real step token ``[n, V]``.
+
+        ``valid [n]``: real tokens per row (the rest is end padding); default all ``S``.
+        """
         lengths = self.kv.lengths[rows]
         n, seq = positions.shape
         self.kv.reserve(int(lengths.max()) + seq)
@@ -368,12 +419,16 @@ class Engine:
             "attention_mask": full,
             "sliding_attention_mask": sliding,
             "position_ids": positions,
-            # Only the last token's logits are sampled: a prefill skips the LM head elsewhere.
-            "logits_indices": np.full((n, 1), seq - 1, dtype=np.int64),
+            # Only the last real token's logits are sampled: a prefill skips the LM head elsewhere.
+            "logits_indices": (
+                np.full((n, 1), seq - 1, dtype=np.int64)
+                if valid is None
+                else np.maximum(valid - 1, 0).astype(np.int64)[:, None]
+            ),
             **self.kv.feeds(rows),
         }
         named = self._run_bound(feeds, rows, seq)
-        self.kv.commit(rows, positions, named)
+        self.kv.commit(rows, positions, named, valid)
         self.steps += 1
         return named["logits"][:, 0]
 
@@ -408,32 +463,58 @@ class Engine:
         self.session.run_with_iobinding(binding)
         return out
 
-    def _prefill_chunk(self, max_tokens: int) -> int:
-        """Prefill the next chunk (at most ``max_tokens``) of the admitted prompt -> tokens processed."""
-        seq = self._prefilling
-        assert seq is not None
-        row = len(self._decoding)
-        end = min(seq.prompt_len, seq.cursor + max_tokens)
-        for point in seq.snapshots:  # stop exactly at snapshot lengths
-            if seq.cursor < point < end:
-                end = point
-                break
-        start = seq.cursor
-        positions = np.arange(start, end, dtype=np.int64)[None]
-        logits = self._run_step(
-            slice(row, row + 1), seq.embeds[None, start:end], seq.per_layer[None, start:end], positions
+    def _prefill_batch(self) -> None:
+        """One run over every prefilling row: ``S = prefill_chunk_tokens // k`` tokens each (at most
+        what is left, and stopping at prefix-cache snapshot lengths); rows that finish their prompt
+        sample their first token and move to the decoding rows."""
+        seqs = self._prefilling
+        base, k = len(self._decoding), len(seqs)
+        step = max(
+            1, min(self.settings.prefill_chunk_tokens // k, max(s.prompt_len - s.cursor for s in seqs))
         )
-        seq.cursor = end
-        if end in seq.snapshots and not self.prefix_cache.contains(seq.req.prefix_cache_key, seq.keys[:end]):
-            self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(row))
-            self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
-        if end < seq.prompt_len:
-            return end - start
-        self.metrics.prompt_tokens.inc(seq.prompt_len)
-        self._prefilling = None
-        self._decoding.append(seq)
-        self._accept(len(self._decoding) - 1, seq, logits[0])
-        return end - start
+        ends = []
+        for seq in seqs:
+            end = min(seq.prompt_len, seq.cursor + step)
+            for point in seq.snapshots:  # stop exactly at snapshot lengths
+                if seq.cursor < point < end:
+                    end = point
+                    break
+            ends.append(end)
+        valid = np.array([end - seq.cursor for seq, end in zip(seqs, ends, strict=True)], dtype=np.int64)
+        width = int(valid.max())
+        hidden, per_layer_shape = seqs[0].embeds.shape[1], seqs[0].per_layer.shape[1:]
+        embeds = np.zeros((k, width, hidden), dtype=seqs[0].embeds.dtype)
+        per_layer = np.zeros((k, width, *per_layer_shape), dtype=seqs[0].per_layer.dtype)
+        for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
+            embeds[j, : end - seq.cursor] = seq.embeds[seq.cursor : end]
+            per_layer[j, : end - seq.cursor] = seq.per_layer[seq.cursor : end]
+        # Padding continues each row's positions: real queries never see it (it comes after them),
+        # and padded queries still see their own key (no all-masked softmax row, no NaN).
+        positions = self.kv.lengths[base : base + k, None] + np.arange(width, dtype=np.int64)[None]
+        logits = self._run_step(slice(base, base + k), embeds, per_layer, positions, valid)
+        done = []
+        for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
+            seq.cursor = end
+            if end in seq.snapshots and not self.prefix_cache.contains(
+                seq.req.prefix_cache_key, seq.keys[:end]
+            ):
+                self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(base + j))
+                self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
+            if end == seq.prompt_len:
+                done.append(j)
+        if not done:
+            return
+        # Finished rows first (they become decoding rows), the others keep prefilling after them.
+        order = done + [j for j in range(k) if j not in done]
+        self.kv.permute_rows(base, order)
+        self._prefilling = [seqs[j] for j in order[len(done) :]]
+        first = len(self._decoding)
+        self._decoding += [seqs[j] for j in done]
+        # Reversed, as in a decode step: a sequence done at its first token moves only later rows.
+        for offset in reversed(range(len(done))):
+            seq = seqs[done[offset]]
+            self.metrics.prompt_tokens.inc(seq.prompt_len)
+            self._accept(first + offset, seq, logits[done[offset]])
 
     def _decode_step(self) -> None:
         n = len(self._decoding)
@@ -483,5 +564,5 @@ class Engine:
         )
         self.metrics.requests.labels(reason.value).inc()
         self._remove_row(row)
-        self.metrics.active.set(len(self._decoding) + (self._prefilling is not None))
+        self.metrics.active.set(len(self._decoding) + len(self._prefilling))
         self.metrics.kv_cache_bytes.set(self.kv.nbytes())

@@ -19,6 +19,7 @@ the active ones: a finished row is replaced by the last row.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,30 +162,61 @@ class BatchKVCache:
         sliding = np.concatenate([ring_ok, step_ok], axis=2)
         return full[:, None], sliding[:, None]
 
-    def commit(self, rows: slice, positions: np.ndarray, presents: dict[str, np.ndarray]) -> None:
-        """Store the step's new keys/values (each ``present`` output, ``[n, kvH, S, D]``)."""
+    def commit(
+        self,
+        rows: slice,
+        positions: np.ndarray,
+        presents: dict[str, np.ndarray],
+        valid: np.ndarray | None = None,
+    ) -> None:
+        """Store the step's new keys/values (each ``present`` output, ``[n, kvH, S, D]``).
+
+        ``valid [n]`` (default: all ``S``) is how many leading step tokens of each row are real; the
+        rest is padding of a batched prefill (rows of different chunk lengths) and is not stored.
+        """
         start = rows.start or 0
         n, seq = positions.shape
-        keep = min(seq, self.window)
         row_index = np.arange(start, start + n)
         lengths = self.lengths[start : start + n]
-        slots = positions[:, -keep:] % self.window  # [n, keep]
-        for i in self.text.kv_layers:
-            sliding = i in self.sliding_layers
-            for part, store in (("key", self.keys), ("value", self.values)):
-                new = presents[f"present.{i}.{part}"]
-                if seq == 1:  # decode: one vectorised scatter for the whole batch
-                    dest = slots[:, 0] if sliding else lengths
-                    store[i][row_index, :, dest] = new[:, :, -1]
-                    continue
-                for r in range(n):
-                    if sliding:
-                        store[i][start + r, :, slots[r]] = np.moveaxis(new[r, :, -keep:], 1, 0)
+        if seq == 1 and valid is None:  # decode: one vectorised scatter per layer for the whole batch
+            slots = positions[:, 0] % self.window
+            for i in self.text.kv_layers:
+                dest = slots if i in self.sliding_layers else lengths
+                for part, store in (("key", self.keys), ("value", self.values)):
+                    store[i][row_index, :, dest] = presents[f"present.{i}.{part}"][:, :, 0]
+            self.ring_positions[row_index, slots] = positions[:, 0]
+            self.lengths[start : start + n] += 1
+            return
+        counts = np.full(n, seq, dtype=np.int64) if valid is None else np.asarray(valid, dtype=np.int64)
+        for r in range(n):
+            count = int(counts[r])
+            if count == 0:
+                continue
+            keep = min(count, self.window)  # a sliding layer keeps only the last window positions
+            kept = positions[r, count - keep : count]
+            slots = kept % self.window
+            length = int(lengths[r])
+            for i in self.text.kv_layers:
+                for part, store in (("key", self.keys), ("value", self.values)):
+                    new = presents[f"present.{i}.{part}"][r]  # [kvH, S, D]
+                    if i in self.sliding_layers:
+                        store[i][start + r, :, slots] = np.moveaxis(new[:, count - keep : count], 1, 0)
                     else:
-                        length = int(lengths[r])
-                        store[i][start + r, :, length : length + seq] = new[r, :, -seq:]
-        self.ring_positions[row_index[:, None], slots] = positions[:, -keep:]
-        self.lengths[start : start + n] += seq
+                        store[i][start + r, :, length : length + count] = new[:, :count]
+            self.ring_positions[start + r, slots] = kept
+        self.lengths[start : start + n] += counts
+
+    def permute_rows(self, start: int, order: Sequence[int]) -> None:
+        """Rows ``start + j`` take the state of rows ``start + order[j]`` (a permutation of ``0..k-1``)."""
+        order = np.asarray(order, dtype=np.int64)
+        if np.array_equal(order, np.arange(order.size)):
+            return
+        src, dst = start + order, slice(start, start + order.size)
+        for i in self.text.kv_layers:
+            self.keys[i][dst] = self.keys[i][src]  # fancy indexing copies first: no aliasing
+            self.values[i][dst] = self.values[i][src]
+        self.lengths[dst] = self.lengths[src]
+        self.ring_positions[dst] = self.ring_positions[src]
 
     # --------------------------------------------------------------- snapshots
     def snapshot(self, row: int) -> RowSnapshot:

@@ -1,0 +1,160 @@
+"""The engine's batched prefill: prompts of different lengths prefilled together in padded runs.
+
+Real ONNX Runtime sessions on the tiny bundle, no server: requests are queued before the engine
+starts so that they are admitted together, and every output is compared with its solo run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
+from gemma_mesh.decoder.kv_cache import BatchKVCache
+from gemma_mesh.decoder.settings import DecoderSettings
+
+WORDS = "the lighthouse keeper found a bottle on the shore and read the letter inside twice".split()
+
+
+def _engine(bundle, **overrides) -> Engine:
+    settings = DecoderSettings(providers=["CPUExecutionProvider"], **{"max_batch_size": 8, **overrides})
+    return Engine(bundle, settings)
+
+
+def _prompt(bundle, words: int, salt: int) -> np.ndarray:
+    text = " ".join(WORDS[(salt + i) % len(WORDS)] for i in range(words))
+    return bundle.prompt_builder.build([{"role": "user", "content": text}]).input_ids
+
+
+def _submit_together(engine: Engine, requests: list[GenerationRequest]) -> list:
+    """Queue every request at once (holding the engine's lock), so they are admitted together."""
+    with engine._cond:
+        return [engine.submit(r) for r in requests]
+
+
+def _collect(handles) -> tuple[list[list[int]], list[Finished]]:
+    ids, finished = [], []
+    for handle in handles:
+        tokens: list[int] = []
+        for event in handle.iter_events(timeout_s=120):
+            if isinstance(event, Finished):
+                finished.append(event)
+            else:
+                tokens += event.token_ids
+        ids.append(tokens)
+    return ids, finished
+
+
+def _run(engine: Engine, requests: list[GenerationRequest]) -> tuple[list[list[int]], list[Finished]]:
+    """Start the engine, run ``requests`` together, stop it."""
+    engine.start()
+    try:
+        return _collect(_submit_together(engine, requests))
+    finally:
+        engine.stop()
+
+
+def _spy_runs(engine: Engine) -> list[tuple[int, int]]:
+    """Record the ``[rows, tokens]`` shape of every decoder run (the real run still happens)."""
+    shapes: list[tuple[int, int]] = []
+    real = engine._run_step
+
+    def spy(rows, embeds, per_layer, positions, valid=None):
+        shapes.append(positions.shape)
+        return real(rows, embeds, per_layer, positions, valid)
+
+    engine._run_step = spy
+    return shapes
+
+
+@pytest.mark.parametrize("chunk", [256, 24])
+def test_prompts_of_different_lengths_prefilled_together_equal_their_solo_runs(tiny_bundle, chunk):
+    # 5 ... 40 words: with a 24-token budget the long ones need several chunks while the short
+    # ones finish and decode; max_tokens 1 retires a row at its first token, inside the prefill.
+    lengths, max_tokens = [5, 40, 12, 3, 25, 8], [6, 9, 1, 7, 5, 8]
+    requests = [
+        GenerationRequest(f"r{i}", _prompt(tiny_bundle, n, i), max_tokens=m, ignore_eos=True)
+        for i, (n, m) in enumerate(zip(lengths, max_tokens, strict=True))
+    ]
+    solo = [_run(_engine(tiny_bundle, prefix_cache_bytes=0), [r])[0][0] for r in requests]
+    engine = _engine(tiny_bundle, prefill_chunk_tokens=chunk, prefix_cache_bytes=0)
+    shapes = _spy_runs(engine)
+    together, finished = _run(engine, requests)
+    assert together == solo
+    assert [len(t) for t in together] == max_tokens
+    assert [f.prompt_tokens for f in finished] == [len(r.input_ids) for r in requests]
+    prefill_runs = [s for s in shapes if s[1] > 1]
+    assert prefill_runs[0][0] == len(requests)  # the first run prefilled every prompt at once
+    assert all(rows * tokens <= max(chunk, rows) for rows, tokens in prefill_runs)  # the budget holds
+    assert len({tuple(t) for t in solo}) > 1
+
+
+def test_prefix_cache_hits_inside_a_batched_prefill(tiny_bundle):
+    """Two rounds of the same prompts: the second restores cached prefixes of different lengths per
+    row and prefills only the rest, still equal to the first round's output."""
+    requests = [
+        GenerationRequest(f"r{i}", _prompt(tiny_bundle, n, 0), max_tokens=5, ignore_eos=True)
+        for i, n in enumerate([30, 18, 44])
+    ]
+    engine = _engine(tiny_bundle, prefill_chunk_tokens=256, prefix_block_tokens=8)
+    engine.start()
+    try:
+        first, cold = _collect(_submit_together(engine, requests))
+        again, warm = _collect(_submit_together(engine, requests))
+    finally:
+        engine.stop()
+    assert again == first
+    assert [f.cached_prompt_tokens for f in cold] == [0, 0, 0]
+    assert all(f.cached_prompt_tokens >= 8 for f in warm)
+    assert len({f.cached_prompt_tokens for f in warm}) > 1  # rows restore prefixes of different lengths
+
+
+def test_a_request_cancelled_while_prefilling_leaves_the_others_exact(tiny_bundle):
+    requests = [
+        GenerationRequest(f"r{i}", _prompt(tiny_bundle, n, i), max_tokens=6, ignore_eos=True)
+        for i, n in enumerate([20, 40, 10])
+    ]
+    solo = [_run(_engine(tiny_bundle), [r])[0][0] for r in (requests[0], requests[2])]
+    engine = _engine(tiny_bundle, prefill_chunk_tokens=12)
+    engine.start()
+    try:
+        handles = _submit_together(engine, requests)
+        deadline = time.monotonic() + 60  # 12 tokens per run over 3 rows: 40 words take many runs
+        while not any(seq.handle is handles[1] for seq in engine._prefilling):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        handles[1].cancel()  # while it prefills; dropped at the next step boundary
+        outputs, _ = _collect([handles[0], handles[2]])
+    finally:
+        engine.stop()
+    assert outputs == solo
+    assert not engine._prefilling and not engine._decoding
+
+
+def test_commit_stores_only_the_valid_tokens_of_each_row(tiny_bundle):
+    """A padded two-row commit equals committing each row's real tokens alone."""
+    text = tiny_bundle.manifest.text
+    rng = np.random.default_rng(0)
+    window = text.sliding_window
+    seq, valid = window + 3, np.array([window + 3, 2])
+    presents = {}
+    for i in text.kv_layers:
+        shape = (2, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
+        presents[f"present.{i}.key"] = rng.standard_normal(shape).astype(np.float32)
+        presents[f"present.{i}.value"] = rng.standard_normal(shape).astype(np.float32)
+    positions = np.arange(seq)[None].repeat(2, 0)
+    batched = BatchKVCache(text, 2, np.float32, 64)
+    batched.commit(slice(0, 2), positions, presents, valid)
+    for r in range(2):
+        alone = BatchKVCache(text, 1, np.float32, 64)
+        n = int(valid[r])
+        alone.commit(
+            slice(0, 1), positions[r : r + 1, :n], {k: v[r : r + 1, :, :n] for k, v in presents.items()}
+        )
+        assert batched.lengths[r] == alone.lengths[0] == n
+        np.testing.assert_array_equal(batched.ring_positions[r], alone.ring_positions[0])
+        for i in text.kv_layers:
+            np.testing.assert_array_equal(batched.keys[i][r], alone.keys[i][0])
+            np.testing.assert_array_equal(batched.values[i][r], alone.values[i][0])
