@@ -3,7 +3,8 @@
 
 For each model size (the tiny model and a ~100M-parameter "small" random Gemma 4):
 - TTFT and single-stream decode tokens/s, ours (in-process engine) and transformers', same prompt;
-- aggregate decode tokens/s through the gRPC server at concurrency 1, 4, 16 and 64;
+- aggregate decode tokens/s through the gRPC server (its own process, as deployed) at concurrency
+  1, 4, 16 and 64;
 - for the small model: the batch-1 decode step time over the bandwidth bound (bytes of decoder
   weights read per step / memory bandwidth measured here with a numpy copy).
 
@@ -16,11 +17,13 @@ Checkpoints and bundles are built once under ``--work-dir``. Prints a table, the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,44 +124,80 @@ def engine_single_stream(bundle: ModelBundle, prompt_ids: np.ndarray, tokens: in
     }
 
 
-def aggregate_through_grpc(bundle: ModelBundle, concurrency: list[int], tokens: int) -> dict[int, float]:
-    """Decode tokens/s summed over ``c`` concurrent gRPC clients (each runs 2 requests of ``tokens``)."""
+def aggregate_through_grpc(bundle_dir: Path, concurrency: list[int], tokens: int) -> dict[int, float]:
+    """Decode tokens/s summed over ``c`` concurrent streams (each client runs 2 requests of ``tokens``).
+
+    The decoder runs as it is deployed: ``gemma-mesh serve decoder`` in its own process; the clients
+    are one grpc.aio event loop in this process (as the gateway calls it), so client-side Python
+    does not compete with the engine for the server's GIL.
+    """
+    return asyncio.run(_aggregate(bundle_dir, concurrency, tokens))
+
+
+async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> dict[int, float]:
     import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    sys.path.insert(0, str(ROOT))
     from gemma_mesh.common.grpc_server import message_options
-    from gemma_mesh.decoder.server import start_decoder
     from gemma_mesh.proto.v1 import decoder_pb2, decoder_pb2_grpc
-    from tests.grpc_helpers import ServerThread
+    from gemma_mesh.up import free_port
 
-    settings = DecoderSettings(
-        port=0,
-        max_batch_size=max(concurrency),
-        max_queue_size=4 * max(concurrency),
-        providers=["CPUExecutionProvider"],
-    )
+    port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "GEMMA_MESH_DECODER_MAX_BATCH_SIZE": str(max(concurrency)),
+        "GEMMA_MESH_DECODER_MAX_QUEUE_SIZE": str(4 * max(concurrency)),
+        "GEMMA_MESH_DECODER_PROVIDERS": '["CPUExecutionProvider"]',
+    }
+    argv = [sys.executable, "-m", "gemma_mesh.cli", "--log-level", "WARNING", "serve", "decoder"]
+    argv += ["--bundle", str(bundle_dir), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--metrics-port", str(metrics_port)]
+    server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
     out: dict[int, float] = {}
-    with ServerThread(lambda: start_decoder(settings, bundle)) as srv:
-        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}", options=message_options(64 << 20))
-        stub = decoder_pb2_grpc.DecoderStub(channel)
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=message_options(64 << 20)
+        ) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 180
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the decoder server exited with {server.returncode}")
+                try:
+                    reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.2)
+            stub = decoder_pb2_grpc.DecoderStub(channel)
 
-        def one(i: int) -> int:
-            msg = decoder_pb2.Message(role="user", content=[decoder_pb2.ContentPart(text=f"{PROMPT} ({i})")])
-            req = decoder_pb2.GenerateRequest(messages=[msg], max_tokens=tokens, ignore_eos=True)
-            n = 0
-            for response in stub.Generate(req, timeout=1200):
-                if response.HasField("finished"):
-                    n = response.finished.usage.completion_tokens
-            return n
+            async def one(i: int) -> int:
+                part = decoder_pb2.ContentPart(text=f"{PROMPT} ({i})")
+                req = decoder_pb2.GenerateRequest(
+                    messages=[decoder_pb2.Message(role="user", content=[part])],
+                    max_tokens=tokens,
+                    ignore_eos=True,
+                )
+                n = 0
+                async for response in stub.Generate(req, timeout=1200):
+                    if response.HasField("finished"):
+                        n = response.finished.usage.completion_tokens
+                return n
 
-        one(0)  # warm-up
-        for c in concurrency:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(max_workers=c) as pool:
-                generated = sum(pool.map(one, range(2 * c)))
-            out[c] = generated / (time.perf_counter() - t0)
-            log(f"  concurrency {c:>3}: {out[c]:8.1f} tokens/s")
-        channel.close()
+            async def client(i: int) -> int:  # one client: two requests back to back
+                return await one(2 * i) + await one(2 * i + 1)
+
+            await one(0)  # warm-up
+            for c in concurrency:
+                t0 = time.perf_counter()
+                generated = sum(await asyncio.gather(*(client(i) for i in range(c))))
+                out[c] = generated / (time.perf_counter() - t0)
+                log(f"  concurrency {c:>3}: {out[c]:8.1f} tokens/s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     return out
 
 
@@ -188,7 +227,7 @@ def main() -> int:
         log(f"[{size}] gemma-mesh engine, single stream")
         ours = engine_single_stream(bundle, prompt_ids, args.tokens)
         log(f"[{size}] gemma-mesh through gRPC, concurrency {concurrency}")
-        agg = aggregate_through_grpc(bundle, concurrency, args.tokens)
+        agg = aggregate_through_grpc(bundle_dir, concurrency, args.tokens)
         p = f"{size}_"
         figures.update(
             {
