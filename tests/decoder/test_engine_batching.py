@@ -1,7 +1,9 @@
-"""The engine's batched prefill: prompts of different lengths prefilled together in padded runs.
+"""The engine's batched prefill and its KV storage (host numpy or device OrtValues).
 
-Real ONNX Runtime sessions on the tiny bundle, no server: requests are queued before the engine
-starts so that they are admitted together, and every output is compared with its solo run.
+Real ONNX Runtime sessions on the tiny bundle, no server: requests are queued together so that
+they are admitted together, and every output is compared with its solo run. ``kv_storage="device"``
+runs the device-resident cache's code (OrtValues updated in place by ONNX graphs) on the CPU
+provider; on a GPU the same code runs with ``device="cuda"``.
 """
 
 from __future__ import annotations
@@ -12,15 +14,22 @@ import numpy as np
 import pytest
 
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
-from gemma_mesh.decoder.kv_cache import BatchKVCache
+from gemma_mesh.decoder.kv_cache import EMPTY, BatchKVCache
 from gemma_mesh.decoder.settings import DecoderSettings
 
 WORDS = "the lighthouse keeper found a bottle on the shore and read the letter inside twice".split()
 
 
-def _engine(bundle, **overrides) -> Engine:
-    settings = DecoderSettings(providers=["CPUExecutionProvider"], **{"max_batch_size": 8, **overrides})
-    return Engine(bundle, settings)
+STORAGES = pytest.mark.parametrize("storage", ["host", "device"])
+
+
+def _engine(bundle, storage: str = "host", **overrides) -> Engine:
+    settings = DecoderSettings(
+        providers=["CPUExecutionProvider"], kv_storage=storage, **{"max_batch_size": 8, **overrides}
+    )
+    engine = Engine(bundle, settings)
+    assert type(engine.kv).__name__ == {"host": "BatchKVCache", "device": "DeviceKVCache"}[storage]
+    return engine
 
 
 def _prompt(bundle, words: int, salt: int) -> np.ndarray:
@@ -69,8 +78,9 @@ def _spy_runs(engine: Engine) -> list[tuple[int, int]]:
     return shapes
 
 
+@STORAGES
 @pytest.mark.parametrize("chunk", [256, 24])
-def test_prompts_of_different_lengths_prefilled_together_equal_their_solo_runs(tiny_bundle, chunk):
+def test_prompts_of_different_lengths_prefilled_together_equal_their_solo_runs(tiny_bundle, chunk, storage):
     # 5 ... 40 words: with a 24-token budget the long ones need several chunks while the short
     # ones finish and decode; max_tokens 1 retires a row at its first token, inside the prefill.
     lengths, max_tokens = [5, 40, 12, 3, 25, 8], [6, 9, 1, 7, 5, 8]
@@ -79,7 +89,9 @@ def test_prompts_of_different_lengths_prefilled_together_equal_their_solo_runs(t
         for i, (n, m) in enumerate(zip(lengths, max_tokens, strict=True))
     ]
     solo = [_run(_engine(tiny_bundle, prefix_cache_bytes=0), [r])[0][0] for r in requests]
-    engine = _engine(tiny_bundle, prefill_chunk_tokens=chunk, prefix_cache_bytes=0)
+    engine = _engine(
+        tiny_bundle, storage, prefill_chunk_tokens=chunk, prefix_cache_bytes=0, kv_initial_tokens=16
+    )
     shapes = _spy_runs(engine)
     together, finished = _run(engine, requests)
     assert together == solo
@@ -91,14 +103,15 @@ def test_prompts_of_different_lengths_prefilled_together_equal_their_solo_runs(t
     assert len({tuple(t) for t in solo}) > 1
 
 
-def test_prefix_cache_hits_inside_a_batched_prefill(tiny_bundle):
+@STORAGES
+def test_prefix_cache_hits_inside_a_batched_prefill(tiny_bundle, storage):
     """Two rounds of the same prompts: the second restores cached prefixes of different lengths per
     row and prefills only the rest, still equal to the first round's output."""
     requests = [
         GenerationRequest(f"r{i}", _prompt(tiny_bundle, n, 0), max_tokens=5, ignore_eos=True)
         for i, n in enumerate([30, 18, 44])
     ]
-    engine = _engine(tiny_bundle, prefill_chunk_tokens=256, prefix_block_tokens=8)
+    engine = _engine(tiny_bundle, storage, prefill_chunk_tokens=256, prefix_block_tokens=8)
     engine.start()
     try:
         first, cold = _collect(_submit_together(engine, requests))
@@ -111,13 +124,14 @@ def test_prefix_cache_hits_inside_a_batched_prefill(tiny_bundle):
     assert len({f.cached_prompt_tokens for f in warm}) > 1  # rows restore prefixes of different lengths
 
 
-def test_a_request_cancelled_while_prefilling_leaves_the_others_exact(tiny_bundle):
+@STORAGES
+def test_a_request_cancelled_while_prefilling_leaves_the_others_exact(tiny_bundle, storage):
     requests = [
         GenerationRequest(f"r{i}", _prompt(tiny_bundle, n, i), max_tokens=6, ignore_eos=True)
         for i, n in enumerate([20, 40, 10])
     ]
     solo = [_run(_engine(tiny_bundle), [r])[0][0] for r in (requests[0], requests[2])]
-    engine = _engine(tiny_bundle, prefill_chunk_tokens=12)
+    engine = _engine(tiny_bundle, storage, prefill_chunk_tokens=12)
     engine.start()
     try:
         handles = _submit_together(engine, requests)
@@ -158,3 +172,68 @@ def test_commit_stores_only_the_valid_tokens_of_each_row(tiny_bundle):
         for i in text.kv_layers:
             np.testing.assert_array_equal(batched.keys[i][r], alone.keys[i][0])
             np.testing.assert_array_equal(batched.values[i][r], alone.values[i][0])
+
+
+def test_device_cache_operations_equal_the_host_cache(tiny_bundle):
+    """Commit (decode and padded prefill, past the window), growth, row moves, permutations,
+    snapshot and restore on the device cache leave exactly the host cache's contents."""
+    from gemma_mesh.decoder.device_kv import DeviceKVCache
+
+    text = tiny_bundle.manifest.text
+    rng = np.random.default_rng(1)
+    host = BatchKVCache(text, 4, np.float32, 8)
+    device = DeviceKVCache(text, 4, np.float32, 8, device="cpu", providers=["CPUExecutionProvider"])
+
+    def step(rows: slice, seq: int, valid=None) -> None:
+        n = rows.stop - rows.start
+        positions = host.lengths[rows, None] + np.arange(seq)[None]
+        presents = {}
+        for i in text.kv_layers:
+            shape = (n, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
+            for part in ("key", "value"):
+                presents[f"present.{i}.{part}"] = rng.standard_normal(shape).astype(np.float32)
+        need = int(host.lengths[rows].max()) + seq
+        host.reserve(need)
+        device.reserve(need)
+        host.commit(rows, positions, presents, valid)
+        import onnxruntime as ort
+
+        on_device = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in presents.items()}
+        device.commit(rows, positions, on_device, valid)
+
+    def assert_same() -> None:
+        assert device.capacity == host.capacity and device.ring == host.ring
+        np.testing.assert_array_equal(device.lengths, host.lengths)
+        np.testing.assert_array_equal(device.ring_positions, host.ring_positions)
+        # Every slot a mask can expose: full layers below each row's length, ring slots in use
+        # (a restore leaves stale keys past the snapshot on the host and zeros on the device).
+        for i in text.kv_layers:
+            for part, store in (("key", host.keys), ("value", host.values)):
+                actual = device.stores[f"{i}.{part}"].numpy()
+                for row in range(4):
+                    if i in host.sliding_layers:
+                        used = np.flatnonzero(host.ring_positions[row, : host.ring] != EMPTY)
+                    else:
+                        used = np.arange(host.lengths[row])
+                    assert used.size > 0 or host.lengths[row] == 0
+                    np.testing.assert_array_equal(actual[row][:, used], store[i][row][:, used])
+
+    step(slice(0, 3), 40, np.array([40, 5, 17]))  # padded prefill past the window; grows 8 -> 64
+    step(slice(0, 3), 1)  # a decode step
+    assert_same()
+    for cache in (host, device):
+        cache.permute_rows(0, [2, 0, 1])
+        cache.move_row(2, 3)
+    assert_same()
+    snap_host, snap_device = host.snapshot(0), device.snapshot(0)
+    assert snap_device.length == snap_host.length
+    for i in text.kv_layers:
+        layers = snap_host.full if i in snap_host.full else snap_host.ring
+        other = snap_device.full if i in snap_device.full else snap_device.ring
+        np.testing.assert_array_equal(other[i][0], layers[i][0])
+    step(slice(0, 4), 30)  # more growth (64 -> 128), then restore the old row 0 into row 1
+    for cache, snap in ((host, snap_host), (device, snap_device)):
+        cache.reset_row(1)
+        cache.restore(1, snap)
+    assert_same()
+    assert device.nbytes() == host.nbytes()

@@ -27,12 +27,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.decoder.kv_cache import BatchKVCache
+from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.output import Channel, Delta, FinishReason, OutputProcessor
 from gemma_mesh.decoder.prefix_cache import PrefixCache, snapshot_lengths, token_keys
@@ -142,6 +143,27 @@ class RequestHandle:
                 return
 
 
+# ORT device names of the execution providers that keep tensors in their own memory.
+_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda"}
+
+
+def make_kv_cache(session: Any, manifest: Any, settings: DecoderSettings, dtype: np.dtype) -> BatchKVCache:
+    """The engine's KV cache: on the session's device (``DeviceKVCache``) when ``kv_storage`` is
+    ``device``, or ``auto`` and the decoder runs on a GPU provider; numpy arrays otherwise."""
+    provider = session.get_providers()[0]
+    device = _PROVIDER_DEVICES.get(provider, "cpu")
+    storage = settings.kv_storage
+    if storage == "auto":
+        storage = "device" if device != "cpu" else "host"
+    args = (manifest.text, settings.max_batch_size, dtype, settings.kv_initial_tokens)
+    if storage == "host":
+        return BatchKVCache(*args)
+    from gemma_mesh.decoder.device_kv import DeviceKVCache
+
+    log.info("KV cache on the device", device=device, provider=provider)
+    return DeviceKVCache(*args, device=device, device_id=0, providers=session.get_providers())
+
+
 def _deliver(items: list[tuple[asyncio.Queue, object, threading.Event]]) -> None:
     """Runs on the callers' event loop: one step's events, in order."""
     for target, event, _ in items:
@@ -204,9 +226,7 @@ class Engine:
         manifest = bundle.manifest
         self.session = bundle.session("decoder_model_merged")
         self._scratch: dict[str, np.ndarray] = {}  # I/O-binding output buffers, by output name
-        self.kv = BatchKVCache(
-            manifest.text, settings.max_batch_size, bundle.float_dtype, settings.kv_initial_tokens
-        )
+        self.kv = make_kv_cache(self.session, manifest, settings, bundle.float_dtype)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, settings.prefix_block_tokens)
         tokens = manifest.special_tokens
         self.channel_ids = (
@@ -425,43 +445,29 @@ class Engine:
                 if valid is None
                 else np.maximum(valid - 1, 0).astype(np.int64)[:, None]
             ),
-            **self.kv.feeds(rows),
         }
-        named = self._run_bound(feeds, rows, seq)
-        self.kv.commit(rows, positions, named, valid)
+        presents, logits = self._run_bound(feeds, rows, seq)
+        self.kv.commit(rows, positions, presents, valid)
         self.steps += 1
-        return named["logits"][:, 0]
+        return logits[:, 0]
 
-    def _output_shapes(self, n: int, seq: int) -> dict[str, tuple[int, ...]]:
-        text = self.bundle.manifest.text
-        shapes = {"logits": (n, 1, text.vocab_size)}
-        for i in text.kv_layers:  # ``present`` holds the step's own keys/values only
-            shape = (n, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
-            shapes[f"present.{i}.key"] = shapes[f"present.{i}.value"] = shape
-        return shapes
-
-    def _run_bound(self, feeds: dict[str, np.ndarray], rows: slice, seq: int) -> dict[str, np.ndarray]:
-        """Run the decoder with I/O binding: inputs are bound zero-copy from numpy, outputs are written
-        into reusable scratch buffers (grown on demand) instead of freshly allocated arrays."""
+    def _run_bound(self, feeds: dict[str, np.ndarray], rows: slice, seq: int) -> tuple[dict, np.ndarray]:
+        """Run the decoder with I/O binding: host inputs are bound zero-copy from numpy, the KV cache
+        binds its own buffers (host arrays, or OrtValues on the device), logits go into a reusable
+        host buffer. Returns ``(presents, logits [n, 1, V])``."""
         n = rows.stop - rows.start
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        out: dict[str, np.ndarray] = {}
-        for name, shape in self._output_shapes(n, seq).items():
-            size = int(np.prod(shape))
-            scratch = self._scratch.get(name)
-            if scratch is None or scratch.size < size:
-                scratch = self._scratch[name] = np.empty(
-                    max(size, 2 * (scratch.size if scratch is not None else 0)), self.kv.dtype
-                )
-            array = scratch[:size].reshape(shape)
-            binding.bind_output(
-                name, "cpu", element_type=array.dtype, shape=shape, buffer_ptr=array.ctypes.data
-            )
-            out[name] = array
+        self.kv.bind_past(binding, rows)
+        bound = self.kv.bind_presents(binding, n, seq)
+        shape = (n, 1, self.bundle.manifest.text.vocab_size)
+        logits = scratch_buffer(self._scratch, "logits", shape, self.kv.dtype)
+        binding.bind_output(
+            "logits", "cpu", element_type=logits.dtype, shape=shape, buffer_ptr=logits.ctypes.data
+        )
         self.session.run_with_iobinding(binding)
-        return out
+        return self.kv.presents(binding, bound), logits
 
     def _prefill_batch(self) -> None:
         """One run over every prefilling row: ``S = prefill_chunk_tokens // k`` tokens each (at most

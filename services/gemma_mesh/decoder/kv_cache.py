@@ -63,6 +63,7 @@ class BatchKVCache:
         self.window = text.sliding_window
         self.full_layers = [i for i in text.kv_layers if text.layers[i].type != "sliding_attention"]
         self.sliding_layers = [i for i in text.kv_layers if text.layers[i].type == "sliding_attention"]
+        self._present_scratch: dict[str, np.ndarray] = {}
         self.capacity = 0
         self.ring = 0  # slots of the sliding layers: min(window, capacity)
         self.keys: dict[int, np.ndarray] = {}
@@ -139,6 +140,30 @@ class BatchKVCache:
             out[f"past_key_values.{i}.key"] = self.keys[i][rows]
             out[f"past_key_values.{i}.value"] = self.values[i][rows]
         return out
+
+    def bind_past(self, binding, rows: slice) -> None:
+        """Bind ``past_key_values.*`` of ``rows`` to an ONNX Runtime IOBinding (zero-copy views)."""
+        for name, value in self.feeds(rows).items():
+            binding.bind_cpu_input(name, value)
+
+    def bind_presents(self, binding, n: int, seq: int) -> dict[str, np.ndarray]:
+        """Bind each ``present.*`` output (``[n, kvH, seq, D]``) to a reusable host buffer -> the buffers."""
+        out = {}
+        for i in self.text.kv_layers:
+            layer = self.text.layers[i]
+            shape = (n, layer.num_key_value_heads, seq, layer.head_dim)
+            for part in ("key", "value"):
+                name = f"present.{i}.{part}"
+                array = scratch_buffer(self._present_scratch, name, shape, self.dtype)
+                binding.bind_output(
+                    name, "cpu", element_type=self.dtype, shape=shape, buffer_ptr=array.ctypes.data
+                )
+                out[name] = array
+        return out
+
+    def presents(self, binding, bound: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The step's ``present.*`` values after the run (``bound``: what ``bind_presents`` returned)."""
+        return bound
 
     def masks(self, rows: slice, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks for queries at ``positions [n, S]`` (each row's next positions, in order).
@@ -242,3 +267,14 @@ class BatchKVCache:
             self.values[i][row, :, : v.shape[1]] = v
         self.ring_positions[row] = snap.ring_positions
         self.lengths[row] = snap.length
+
+
+def scratch_buffer(
+    buffers: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    """A ``shape`` view of a reusable buffer (doubled when too small)."""
+    size = int(np.prod(shape))
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[name] = np.empty(max(size, 2 * (buffer.size if buffer is not None else 0)), dtype)
+    return buffer[:size].reshape(shape)

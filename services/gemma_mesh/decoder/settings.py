@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -30,5 +32,13 @@ class DecoderSettings(GrpcServiceSettings):
     )
     max_context_tokens: int = Field(
         0, ge=0, description="Prompt + max_tokens limit; 0 = the model's max_position_embeddings"
+    )
+    kv_storage: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description=(
+            "Where the KV cache lives: 'device' = OrtValues on the decoder's device, updated in place "
+            "by ONNX graphs (no host<->device copies per step); 'host' = numpy arrays; 'auto' = device "
+            "when the decoder runs on a GPU provider, else host"
+        ),
     )
     max_stop_strings: int = Field(16, ge=0, description="Stop strings per request")
