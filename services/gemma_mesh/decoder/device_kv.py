@@ -80,14 +80,11 @@ class DeviceKVCache(BatchKVCache):
                 zeros = np.zeros(self._shape(i, size), dtype=self.dtype)
                 self.stores[name] = ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id)
         else:
-            pads = {
-                "full": np.array([0, 0, 0, 0, 0, 0, capacity - self.capacity, 0], dtype=np.int64),
-                "sliding": np.array([0, 0, 0, 0, 0, 0, ring - self.ring, 0], dtype=np.int64),
+            pads = {  # ONNX Pad: [begin of each axis..., end of each axis...]; axis 2 grows
+                "pads_full": np.array([0, 0, 0, 0, 0, 0, capacity - self.capacity, 0], dtype=np.int64),
+                "pads_sliding": np.array([0, 0, 0, 0, 0, 0, ring - self.ring, 0], dtype=np.int64),
             }
-            self.stores = self._graphs.run(
-                "grow", self.stores, {"pads_full": pads["full"], "pads_sliding": pads["sliding"]},
-                self, in_place=False,
-            )  # fmt: skip
+            self.stores = self._graphs.run("grow", self.stores, pads, self, in_place=False)
         self.capacity, self.ring = capacity, ring
 
     def nbytes(self) -> int:
@@ -139,6 +136,7 @@ class DeviceKVCache(BatchKVCache):
         return names
 
     def presents(self, binding, bound: list[str]) -> dict[str, Any]:
+        binding.synchronize_outputs()  # the next graph may run on another session's stream
         return dict(zip(bound, binding.get_outputs()[: len(bound)], strict=True))
 
     # ----------------------------------------------------------------- commit
@@ -337,6 +335,7 @@ class _UpdateGraphs:
             else:
                 binding.bind_output(f"out.{key}", "cpu" if to_host else cache.device, cache.device_id)
         sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the decoder's session reads these buffers next
         if in_place:
             return stores
         values = binding.get_outputs()
