@@ -161,14 +161,11 @@ class DeviceKVCache(BatchKVCache):
                 count = int(counts[r])
                 if count == 0:
                     continue
+                tokens, slots = self.step_destinations(
+                    positions[r], count, int(lengths[r]), sliding=kind == "sliding"
+                )
                 if kind == "sliding":
-                    keep = min(count, self.window)
-                    tokens = np.arange(count - keep, count)
-                    slots = positions[r, tokens] % self.window
                     ring_updates.append((start + r, slots, positions[r, tokens]))
-                else:
-                    tokens = np.arange(count)
-                    slots = lengths[r] + tokens
                 src.append(np.stack([np.full_like(tokens, r), tokens], axis=1))
                 dst_rows.append(np.full_like(tokens, start + r))
                 dst_slots.append(slots)

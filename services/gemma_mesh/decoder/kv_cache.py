@@ -217,19 +217,31 @@ class BatchKVCache:
             count = int(counts[r])
             if count == 0:
                 continue
-            keep = min(count, self.window)  # a sliding layer keeps only the last window positions
-            kept = positions[r, count - keep : count]
-            slots = kept % self.window
-            length = int(lengths[r])
+            ring_tokens, slots = self.step_destinations(positions[r], count, int(lengths[r]), sliding=True)
+            _, full_slots = self.step_destinations(positions[r], count, int(lengths[r]), sliding=False)
             for i in self.text.kv_layers:
                 for part, store in (("key", self.keys), ("value", self.values)):
                     new = presents[f"present.{i}.{part}"][r]  # [kvH, S, D]
                     if i in self.sliding_layers:
-                        store[i][start + r, :, slots] = np.moveaxis(new[:, count - keep : count], 1, 0)
+                        store[i][start + r, :, slots] = np.moveaxis(new[:, ring_tokens], 1, 0)
                     else:
-                        store[i][start + r, :, length : length + count] = new[:, :count]
-            self.ring_positions[start + r, slots] = kept
+                        store[i][start + r, :, full_slots] = np.moveaxis(new[:, :count], 1, 0)
+            self.ring_positions[start + r, slots] = positions[r, ring_tokens]
         self.lengths[start : start + n] += counts
+
+    def step_destinations(
+        self, positions: np.ndarray, count: int, length: int, *, sliding: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which of a row's first ``count`` step tokens (``positions [S]``) a layer stores, and where.
+
+        Full layers keep all of them after the row's ``length``; sliding layers keep only the last
+        ``window`` (ring slot ``position % window``). Returns ``(token indices, slots)``, int64.
+        """
+        if sliding:
+            tokens = np.arange(count - min(count, self.window), count)
+            return tokens, positions[tokens] % self.window
+        tokens = np.arange(count)
+        return tokens, length + tokens
 
     def permute_rows(self, start: int, order: Sequence[int]) -> None:
         """Rows ``start + j`` take the state of rows ``start + order[j]`` (a permutation of ``0..k-1``)."""
