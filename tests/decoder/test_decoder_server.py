@@ -112,6 +112,34 @@ def test_greedy_text_parity_with_transformers(stub, tiny_bundle, torch_reference
     assert finished.timings.ttft_ms > 0 and finished.usage.prompt_tokens > 10
 
 
+def test_predicted_outputs_keep_transformers_greedy_output_and_report_usage(
+    stub, tiny_bundle, torch_reference
+):
+    """A prediction that is right for 6 tokens (as ids), then one given as text: the answer is
+    transformers' greedy ``generate()`` either way; usage says how much of each was accepted."""
+    messages = [_text("user", "Describe the sea in winter.")]
+    expected = reference_generate(
+        torch_reference,
+        _prompt_ids(tiny_bundle, [{"role": "user", "content": "Describe the sea in winter."}]),
+        18,
+    )
+    wrong = [*expected[:6], (expected[6] + 1) % tiny_bundle.manifest.text.vocab_size, *expected[7:]]
+    ids, _, _, finished = _collect(
+        stub, _request(messages, max_tokens=18, prediction=decoder_pb2.Prediction(token_ids=wrong))
+    )
+    assert ids == expected
+    assert finished.usage.accepted_prediction_tokens == 6
+    assert finished.usage.rejected_prediction_tokens == 17 - 6
+    text = tiny_bundle.tokenizer.decode(expected, skip_special_tokens=False)
+    ids, _, _, finished = _collect(
+        stub, _request(messages, max_tokens=18, prediction=decoder_pb2.Prediction(text=text))
+    )
+    assert ids == expected
+    retokenized = tiny_bundle.tokenizer.encode(text, add_special_tokens=False).ids
+    same = next((i for i, (a, b) in enumerate(zip(retokenized, expected, strict=False)) if a != b), 17)
+    assert finished.usage.accepted_prediction_tokens == min(same, len(retokenized), 17)
+
+
 def test_greedy_multimodal_parity_with_transformers(stub, tiny_bundle, torch_reference, librivox_clips):
     import torch
 
@@ -313,6 +341,8 @@ def _soft(modality, n, hidden, frames=()):
         ("top_p 1.5", "top_p"),
         ("over the context", "context"),
         ("corrupt tensor", "bytes"),
+        ("prediction ids and text", "prediction"),
+        ("prediction id outside the vocabulary", "prediction.token_ids"),
     ],
 )
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, tiny_bundle, case, needle):
@@ -332,6 +362,10 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, tiny_b
         "corrupt tensor": _request(
             [decoder_pb2.Message(role="user", content=[decoder_pb2.ContentPart(soft_tokens=decoder_pb2.SoftTokens(
                 modality=common_pb2.IMAGE, tokens=common_pb2.Tensor(shape=[4, hidden], dtype=common_pb2.FLOAT32, data=b"x")))])]
+        ),
+        "prediction ids and text": _request(user, prediction=decoder_pb2.Prediction(token_ids=[5], text="a")),
+        "prediction id outside the vocabulary": _request(
+            user, prediction=decoder_pb2.Prediction(token_ids=[1, tiny_bundle.manifest.text.vocab_size])
         ),
     }[case]  # fmt: skip
     with pytest.raises(grpc.RpcError) as err:

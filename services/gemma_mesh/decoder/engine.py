@@ -12,6 +12,16 @@ One scheduler thread owns the session and the batch KV cache. Each iteration it:
 4. runs one decode step for every decoding sequence together (requests join and leave at step
    boundaries), samples each row with its own sampler and streams the text.
 
+**Predicted outputs** (OpenAI's ``prediction``; speculative decoding with a draft the caller
+supplies, as vLLM's n-gram proposer does with one found in the prompt): a request may carry the
+tokens it expects to generate, such as a live caption's previous hypothesis. They are prefilled
+after the prompt, with logits at every predicted position, and accepted while the row's own sampler
+picks exactly the predicted token; the first token it picks differently ends the prediction and the
+row decodes on from there. Keys and values are committed only for accepted tokens (a rejected token
+never enters the cache, nor overwrites a sliding-window slot still in use), and the sampler draws
+once per token as in plain decoding, so the output is the same as without a prediction, in one
+prefill run instead of one step per accepted token.
+
 Rows ``0 .. n_decoding-1`` decode; rows ``n_decoding ..`` are being prefilled. Each sequence sees
 only its own keys (the masks come from its own length and ring), so batched greedy output equals
 the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue).
@@ -22,11 +32,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,112 +42,17 @@ from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
 from gemma_mesh.decoder.metrics import DecoderMetrics
-from gemma_mesh.decoder.output import Channel, Delta, FinishReason, OutputProcessor
+from gemma_mesh.decoder.output import Channel, Delta, OutputProcessor
 from gemma_mesh.decoder.prefix_cache import PrefixCache, snapshot_lengths, token_keys
+from gemma_mesh.decoder.request import Finished, GenerationRequest, RequestHandle, deliver
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.model.bundle import ModelBundle
 from gemma_mesh.model.generation import embed_prompt
-from gemma_mesh.model.sampling import Sampler, SamplingParams
+from gemma_mesh.model.sampling import Sampler
+
+__all__ = ["Engine", "Finished", "GenerationRequest", "RequestHandle"]
 
 log = get_logger("decoder.engine")
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt to complete. ``soft_tokens`` are ``(placeholder_id, [n, H])`` in prompt order."""
-
-    request_id: str
-    input_ids: np.ndarray
-    soft_tokens: Sequence[tuple[int, np.ndarray]] = ()
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 64
-    stop: Sequence[str] = ()
-    enable_thinking: bool = False
-    prefix_cache_key: str = ""
-    ignore_eos: bool = False  # benchmarks: always generate max_tokens
-    priority: int = 0  # admitted lowest first, then in arrival order (vLLM's priority policy)
-
-
-@dataclass
-class Finished:
-    """The last event of a request."""
-
-    reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    ttft_s: float
-    decode_tokens_per_s: float
-    queue_s: float
-    total_s: float
-
-
-class RequestHandle:
-    """The caller's side of a request: ``events()`` (async) or ``iter_events()`` (sync), and ``cancel()``."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
-        self.request = request
-        self._engine = engine
-        self._cancelled = threading.Event()
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self._aqueue: asyncio.Queue = asyncio.Queue()
-        except RuntimeError:
-            self._loop = None
-        self._squeue: queue.SimpleQueue = queue.SimpleQueue()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating; the row is freed within one step."""
-        self._cancelled.set()
-        self._engine.wake()
-
-    def emit(self, event: Delta | Finished | MeshError) -> None:
-        """Queue ``event`` for the caller (engine thread only). Async callers get it at the end of the
-        engine step (``Engine._flush_events``): one event-loop wake-up per step for all its requests."""
-        if self._loop is not None:
-            self._engine._post(self._loop, self._aqueue, event, self._cancelled)
-        else:
-            self._squeue.put(event)
-
-    async def events(self) -> AsyncIterator[Delta | Finished]:
-        """Deltas, then one ``Finished``. Raises the request's ``MeshError`` if it failed.
-
-        Deltas already queued when the consumer asks are merged (same channel, in order), so a
-        consumer that fell behind (a busy event loop, a slow client) gets fewer, larger messages
-        instead of one per token; the text and token ids are unchanged.
-        """
-        pending = None
-        while True:
-            event = pending if pending is not None else await self._aqueue.get()
-            pending = None
-            if isinstance(event, MeshError):
-                raise event
-            if isinstance(event, Delta):
-                while not self._aqueue.empty():
-                    following = self._aqueue.get_nowait()
-                    if not isinstance(following, Delta) or following.channel != event.channel:
-                        pending = following
-                        break
-                    event = Delta(
-                        event.channel, event.text + following.text, [*event.token_ids, *following.token_ids]
-                    )
-            yield event
-            if isinstance(event, Finished):
-                return
-
-    def iter_events(self, timeout_s: float | None = None) -> Iterator[Delta | Finished]:
-        """Synchronous ``events()`` for callers without an event loop."""
-        while True:
-            event = self._squeue.get(timeout=timeout_s)
-            if isinstance(event, MeshError):
-                raise event
-            yield event
-            if isinstance(event, Finished):
-                return
 
 
 # ORT device names of the execution providers that keep tensors in their own memory.
@@ -164,12 +76,6 @@ def make_kv_cache(session: Any, manifest: Any, settings: DecoderSettings, dtype:
     return DeviceKVCache(*args, device=device, device_id=0, providers=session.get_providers())
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object, threading.Event]]) -> None:
-    """Runs on the callers' event loop: one step's events, in order."""
-    for target, event, _ in items:
-        target.put_nowait(event)
-
-
 class _Sequence:
     def __init__(self, handle: RequestHandle, engine: Engine) -> None:
         req = handle.request
@@ -177,6 +83,15 @@ class _Sequence:
         self.handle = handle
         self.req = req
         self.embeds, self.per_layer = embed_prompt(bundle, req.input_ids, req.soft_tokens)
+        # A prediction longer than what may be generated could never be accepted in full.
+        prediction = np.zeros(0, np.int64) if req.prediction is None else req.prediction
+        self.prediction = np.asarray(prediction, dtype=np.int64)[: max(req.max_tokens - 1, 0)]
+        if self.prediction.size:  # prefilled right after the prompt, so embedded with it
+            embeds, per_layer = bundle.embed(self.prediction[None])
+            self.embeds = np.concatenate([self.embeds, embeds[0]])
+            self.per_layer = np.concatenate([self.per_layer, per_layer[0]])
+        # Inputs known to be right: the prompt, then each predicted token once the sampler picked it.
+        self.confirmed = self.prompt_len
         media = []
         cursor: dict[int, int] = {}
         for placeholder, tokens in req.soft_tokens:
@@ -212,6 +127,15 @@ class _Sequence:
     @property
     def prompt_len(self) -> int:
         return int(self.req.input_ids.shape[0])
+
+    @property
+    def input_len(self) -> int:
+        """Tokens to prefill: the prompt, then the prediction."""
+        return self.prompt_len + int(self.prediction.shape[0])
+
+    @property
+    def accepted_prediction(self) -> int:
+        return self.confirmed - self.prompt_len
 
 
 class Engine:
@@ -311,7 +235,7 @@ class Engine:
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the callers' loop is closed: nobody listens any more
                 for _, _, cancelled in items:
                     cancelled.set()
@@ -423,15 +347,13 @@ class Engine:
         embeds: np.ndarray,
         per_layer: np.ndarray,
         positions: np.ndarray,
-        valid: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """One decoder run over ``rows``; returns the logits of each row's last real step token ``[n, V]``.
-
-        ``valid [n]``: real tokens per row (the rest is end padding); default all ``S``.
-        """
-        lengths = self.kv.lengths[rows]
-        n, seq = positions.shape
-        self.kv.reserve(int(lengths.max()) + seq)
+        logits_at: np.ndarray,
+    ) -> tuple[np.ndarray, dict]:
+        """One decoder run over ``rows`` -> (logits ``[n, K, V]`` at the step indices ``logits_at
+        [n, K]``, the step's presents). The caller commits the presents (``kv.commit``) before the
+        next run: only then does it know how many of each row's step tokens to keep."""
+        seq = positions.shape[1]
+        self.kv.reserve(int(self.kv.lengths[rows].max()) + seq)
         full, sliding = self.kv.masks(rows, positions)
         feeds = {
             "inputs_embeds": embeds,
@@ -439,29 +361,25 @@ class Engine:
             "attention_mask": full,
             "sliding_attention_mask": sliding,
             "position_ids": positions,
-            # Only the last real token's logits are sampled: a prefill skips the LM head elsewhere.
-            "logits_indices": (
-                np.full((n, 1), seq - 1, dtype=np.int64)
-                if valid is None
-                else np.maximum(valid - 1, 0).astype(np.int64)[:, None]
-            ),
+            # The LM head runs only where a token is sampled (a prefill skips it elsewhere).
+            "logits_indices": logits_at,
         }
-        presents, logits = self._run_bound(feeds, rows, seq)
-        self.kv.commit(rows, positions, presents, valid)
+        presents, logits = self._run_bound(feeds, rows, logits_at.shape[1])
         self.steps += 1
-        return logits[:, 0]
+        return logits, presents
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], rows: slice, seq: int) -> tuple[dict, np.ndarray]:
+    def _run_bound(self, feeds: dict[str, np.ndarray], rows: slice, k: int) -> tuple[dict, np.ndarray]:
         """Run the decoder with I/O binding: host inputs are bound zero-copy from numpy, the KV cache
         binds its own buffers (host arrays, or OrtValues on the device), logits go into a reusable
-        host buffer. Returns ``(presents, logits [n, 1, V])``."""
+        host buffer. Returns ``(presents, logits [n, k, V])``."""
         n = rows.stop - rows.start
+        seq = feeds["position_ids"].shape[1]
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.kv.bind_past(binding, rows)
         bound = self.kv.bind_presents(binding, n, seq)
-        shape = (n, 1, self.bundle.manifest.text.vocab_size)
+        shape = (n, k, self.bundle.manifest.text.vocab_size)
         logits = scratch_buffer(self._scratch, "logits", shape, self.kv.dtype)
         binding.bind_output(
             "logits", "cpu", element_type=logits.dtype, shape=shape, buffer_ptr=logits.ctypes.data
@@ -471,16 +389,18 @@ class Engine:
 
     def _prefill_batch(self) -> None:
         """One run over every prefilling row: ``S = prefill_chunk_tokens // k`` tokens each (at most
-        what is left, and stopping at prefix-cache snapshot lengths); rows that finish their prompt
-        sample their first token and move to the decoding rows."""
+        what is left of prompt and prediction, and stopping at prefix-cache snapshot lengths).
+
+        A row whose chunk reaches its prompt's last token samples from there on; with a prediction
+        it walks the predicted tokens (``_walk_prediction``). Rows whose walk ended move to the
+        decoding rows; a row whose whole chunk was accepted goes on prefilling its prediction.
+        """
         seqs = self._prefilling
         base, k = len(self._decoding), len(seqs)
-        step = max(
-            1, min(self.settings.prefill_chunk_tokens // k, max(s.prompt_len - s.cursor for s in seqs))
-        )
+        step = max(1, min(self.settings.prefill_chunk_tokens // k, max(s.input_len - s.cursor for s in seqs)))
         ends = []
         for seq in seqs:
-            end = min(seq.prompt_len, seq.cursor + step)
+            end = min(seq.input_len, seq.cursor + step)
             for point in seq.snapshots:  # stop exactly at snapshot lengths
                 if seq.cursor < point < end:
                     end = point
@@ -491,50 +411,95 @@ class Engine:
         hidden, per_layer_shape = seqs[0].embeds.shape[1], seqs[0].per_layer.shape[1:]
         embeds = np.zeros((k, width, hidden), dtype=seqs[0].embeds.dtype)
         per_layer = np.zeros((k, width, *per_layer_shape), dtype=seqs[0].per_layer.dtype)
+        # Logits from the prompt's last token on (the first is the first generated token's).
+        first = [max(seq.cursor, seq.prompt_len - 1) for seq in seqs]
+        wanted = [max(0, end - f) for f, end in zip(first, ends, strict=True)]
+        logits_at = np.zeros((k, max(1, *wanted)), dtype=np.int64)
         for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
             embeds[j, : end - seq.cursor] = seq.embeds[seq.cursor : end]
             per_layer[j, : end - seq.cursor] = seq.per_layer[seq.cursor : end]
+            if wanted[j]:
+                at = np.arange(first[j], end) - seq.cursor
+                logits_at[j] = np.concatenate([at, np.full(logits_at.shape[1] - at.size, at[-1])])
+            else:
+                logits_at[j] = valid[j] - 1
         # Padding continues each row's positions: real queries never see it (it comes after them),
         # and padded queries still see their own key (no all-masked softmax row, no NaN).
         positions = self.kv.lengths[base : base + k, None] + np.arange(width, dtype=np.int64)[None]
-        logits = self._run_step(slice(base, base + k), embeds, per_layer, positions, valid)
-        done = []
+        logits, presents = self._run_step(slice(base, base + k), embeds, per_layer, positions, logits_at)
+        # Sample before committing: only a predicted token the sampler picked is kept.
+        done, finished = [], set()
         for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
-            seq.cursor = end
+            if wanted[j]:
+                ended, fin = self._walk_prediction(seq, first[j], end, logits[j])
+                if ended:
+                    done.append(j)
+                if fin:
+                    finished.add(j)
+            valid[j] = min(end, seq.confirmed) - seq.cursor
+        self.kv.commit(slice(base, base + k), positions, presents, valid)
+        for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
+            seq.cursor += int(valid[j])
             if end in seq.snapshots and not self.prefix_cache.contains(
                 seq.req.prefix_cache_key, seq.keys[:end]
             ):
                 self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(base + j))
                 self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
-            if end == seq.prompt_len:
-                done.append(j)
         if not done:
             return
         # Finished rows first (they become decoding rows), the others keep prefilling after them.
         order = done + [j for j in range(k) if j not in done]
         self.kv.permute_rows(base, order)
         self._prefilling = [seqs[j] for j in order[len(done) :]]
-        first = len(self._decoding)
+        first_row = len(self._decoding)
         self._decoding += [seqs[j] for j in done]
         # Reversed, as in a decode step: a sequence done at its first token moves only later rows.
         for offset in reversed(range(len(done))):
             seq = seqs[done[offset]]
             self.metrics.prompt_tokens.inc(seq.prompt_len)
-            self._accept(first + offset, seq, logits[done[offset]])
+            if seq.prediction.size:
+                self.metrics.prediction_tokens.labels("accepted").inc(seq.accepted_prediction)
+                self.metrics.prediction_tokens.labels("rejected").inc(
+                    seq.prediction.size - seq.accepted_prediction
+                )
+            if done[offset] in finished:
+                self._retire(first_row + offset, seq)
+
+    def _walk_prediction(self, seq: _Sequence, first: int, end: int, logits: np.ndarray) -> tuple[bool, bool]:
+        """Sample ``seq``'s tokens at positions ``first .. end - 1`` (``logits [>= end - first, V]``)
+        while each picks the predicted token that follows; stream them. Returns ``(ended,
+        finished)``: ``ended`` when the walk stopped in this chunk (a token other than the predicted
+        one, the prediction used up, or the request finished), so the row decodes from here on;
+        ``finished`` when the request is complete. Advances ``seq.confirmed`` over accepted tokens.
+        """
+        for i, position in enumerate(range(first, end)):
+            token = seq.sampler(logits[i])
+            if self._push(seq, token):
+                return True, True
+            index = position + 1 - seq.prompt_len  # the prediction's token at position + 1
+            if index < seq.prediction.shape[0] and token == seq.prediction[index]:
+                seq.confirmed += 1
+                continue
+            return True, False
+        return False, False
 
     def _decode_step(self) -> None:
         n = len(self._decoding)
         tokens = np.array([[s.last_token] for s in self._decoding], dtype=np.int64)
         embeds, per_layer = self.bundle.embed(tokens)
         positions = self.kv.lengths[:n, None].copy()
-        logits = self._run_step(slice(0, n), embeds, per_layer, positions)
+        logits, presents = self._run_step(
+            slice(0, n), embeds, per_layer, positions, np.zeros((n, 1), dtype=np.int64)
+        )
+        self.kv.commit(slice(0, n), positions, presents)
         self.metrics.batch_size.observe(n)
         for row in reversed(range(n)):  # reversed: removing a finished row moves only later rows
-            self._accept(row, self._decoding[row], logits[row])
+            seq = self._decoding[row]
+            if self._push(seq, seq.sampler(logits[row, 0])):
+                self._retire(row, seq)
 
-    def _accept(self, row: int, seq: _Sequence, logits: np.ndarray) -> None:
-        """Sample the next token of ``seq`` (at ``row``), stream its text, retire it when finished."""
-        token = seq.sampler(logits)
+    def _push(self, seq: _Sequence, token: int) -> bool:
+        """Record ``token`` as ``seq``'s next token and stream its text -> True when ``seq`` is finished."""
         now = time.monotonic()
         if seq.first_token_at == 0.0:
             seq.first_token_at = now
@@ -546,11 +511,14 @@ class Engine:
         self.metrics.generated_tokens.inc()
         for delta in seq.processor.push(token):
             seq.handle.emit(delta)
+        # A cancelled request is dropped at the next step boundary (_drop_cancelled).
+        return seq.processor.finish_reason is not None
+
+    def _retire(self, row: int, seq: _Sequence) -> None:
+        """Send ``seq``'s ``Finished`` and free its decoding row ``row``."""
+        now = time.monotonic()
         reason = seq.processor.finish_reason
-        if reason is None and seq.handle.cancelled:
-            return  # dropped at the next step boundary
-        if reason is None:
-            return
+        assert reason is not None
         pending = seq.processor.pending_token_ids
         if pending:  # ids that produced no text (the stop token, thoughts dropped with thinking off)
             seq.handle.emit(Delta(Channel.ANSWER, "", pending))
@@ -566,6 +534,8 @@ class Engine:
                 decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0,
                 queue_s=seq.admitted - seq.arrival,
                 total_s=now - seq.arrival,
+                accepted_prediction_tokens=seq.accepted_prediction,
+                rejected_prediction_tokens=int(seq.prediction.shape[0]) - seq.accepted_prediction,
             )
         )
         self.metrics.requests.labels(reason.value).inc()

@@ -9,7 +9,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class DecoderMetrics:
-    """TTFT, inter-token latency, token counters, batch size, queue depth, prefix-cache hits, KV bytes."""
+    """TTFT, inter-token latency, token counters, batch size, queue depth, prefix-cache hits, KV bytes,
+    accepted and rejected predicted-output tokens."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -50,6 +51,12 @@ class DecoderMetrics:
         )
         self.kv_cache_bytes = Gauge(
             "gemma_mesh_decoder_kv_cache_bytes", "Bytes allocated for the batch KV cache", registry=r
+        )
+        self.prediction_tokens = Counter(
+            "gemma_mesh_decoder_prediction_tokens",
+            "Predicted-output tokens by outcome: accepted (generated in the prefill run) or rejected",
+            ["outcome"],
+            registry=r,
         )
         self.requests = Counter(
             "gemma_mesh_decoder_requests", "Finished requests by outcome", ["outcome"], registry=r

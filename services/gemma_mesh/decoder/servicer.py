@@ -121,6 +121,7 @@ def build_request(
         enable_thinking=pb.enable_thinking,
     )
     # The builder numbers media per kind in message order; embed_prompt fills each placeholder id in order.
+    prediction = prediction_from_pb(pb.prediction, bundle) if pb.HasField("prediction") else None
     return GenerationRequest(
         request_id=pb.request_id,
         input_ids=prompt.input_ids,
@@ -132,7 +133,31 @@ def build_request(
         prefix_cache_key=pb.prefix_cache_key,
         ignore_eos=pb.ignore_eos,
         priority=pb.priority,
+        prediction=prediction,
     )
+
+
+def prediction_from_pb(pb: decoder_pb2.Prediction, bundle: ModelBundle) -> np.ndarray | None:
+    """The predicted output's token ids (int64 ``[m]``): given, or the text tokenized without
+    special tokens. None when both are empty.
+
+    Raises:
+        InvalidRequest: both token ids and text, or a token id outside the vocabulary.
+    """
+    if pb.token_ids and pb.text:
+        raise InvalidRequest("prediction: give token_ids or text, not both", param="prediction")
+    if pb.text:
+        return np.asarray(bundle.tokenizer.encode(pb.text, add_special_tokens=False).ids, dtype=np.int64)
+    if not pb.token_ids:
+        return None
+    ids = np.asarray(pb.token_ids, dtype=np.int64)
+    vocab = bundle.manifest.text.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise InvalidRequest(
+            f"prediction.token_ids must be in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}",
+            param="prediction",
+        )
+    return ids
 
 
 def finished_pb(event: Finished) -> decoder_pb2.GenerateResponse:
@@ -141,6 +166,8 @@ def finished_pb(event: Finished) -> decoder_pb2.GenerateResponse:
         completion_tokens=event.completion_tokens,
         total_tokens=event.prompt_tokens + event.completion_tokens,
         cached_prompt_tokens=event.cached_prompt_tokens,
+        accepted_prediction_tokens=event.accepted_prediction_tokens,
+        rejected_prediction_tokens=event.rejected_prediction_tokens,
     )
     timings = decoder_pb2.Timings(
         ttft_ms=event.ttft_s * 1000,

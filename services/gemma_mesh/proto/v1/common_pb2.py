@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agemma_mesh/v1/common.proto\x12\rgemma_mesh.v1\"J\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.gemma_mesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\".\n\nMediaRange\x12\x10\n\x08start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x03\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\";\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*E\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\t\n\x05\x41UDIO\x10\x02\x12\t\n\x05VIDEO\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agemma_mesh/v1/common.proto\x12\rgemma_mesh.v1\"J\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.gemma_mesh.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\".\n\nMediaRange\x12\x10\n\x08start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x03\"\xb5\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\x12\"\n\x1a\x61\x63\x63\x65pted_prediction_tokens\x18\x05 \x01(\x05\x12\"\n\x1arejected_prediction_tokens\x18\x06 \x01(\x05\";\n\x0b\x45rrorDetail\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05param\x18\x03 \x01(\t*\\\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05*E\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\t\n\x05IMAGE\x10\x01\x12\t\n\x05\x41UDIO\x10\x02\x12\t\n\x05VIDEO\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gemma_mesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=341
-  _globals['_DTYPE']._serialized_end=433
-  _globals['_MODALITY']._serialized_start=435
-  _globals['_MODALITY']._serialized_end=504
+  _globals['_DTYPE']._serialized_start=414
+  _globals['_DTYPE']._serialized_end=506
+  _globals['_MODALITY']._serialized_start=508
+  _globals['_MODALITY']._serialized_end=577
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=119
   _globals['_MEDIARANGE']._serialized_start=121
   _globals['_MEDIARANGE']._serialized_end=167
-  _globals['_USAGE']._serialized_start=169
-  _globals['_USAGE']._serialized_end=278
-  _globals['_ERRORDETAIL']._serialized_start=280
-  _globals['_ERRORDETAIL']._serialized_end=339
+  _globals['_USAGE']._serialized_start=170
+  _globals['_USAGE']._serialized_end=351
+  _globals['_ERRORDETAIL']._serialized_start=353
+  _globals['_ERRORDETAIL']._serialized_end=412
 # @@protoc_insertion_point(module_scope)
