@@ -46,6 +46,7 @@ class Backends:
     decoder: str
     audio: str
     vision: str
+    decoder_server: object | None = None  # the in-process decoder (its engine's metrics), when started here
 
     def gateway_settings(self, **overrides) -> GatewaySettings:
         values = dict(
@@ -94,8 +95,8 @@ def start_backends(bundle, stack) -> Backends:
             bundle,
         )
 
-    ports = [stack.enter_context(ServerThread(start)).port for start in (decoder, audio, vision)]
-    return Backends(*(f"127.0.0.1:{p}" for p in ports))
+    started = [stack.enter_context(ServerThread(start)) for start in (decoder, audio, vision)]
+    return Backends(*(f"127.0.0.1:{s.port}" for s in started), decoder_server=started[0])
 
 
 class GatewayThread:

@@ -31,9 +31,10 @@ async def _compare(backends, clips) -> list[tuple[str, str, int, int]]:
                 piece = audio[: int(seconds * 16000)]
                 segments, _ = await client.encode_audio(pcm_f32=piece, sample_rate_hz=16000)
                 soft = [s.soft_tokens for s in segments]
-                caption, tokens = await caption_soft_tokens(
+                decoded = await caption_soft_tokens(
                     client, soft, seconds, config, MAX_TOKENS, tokens_per_audio_s=TOKENS_PER_S
                 )
+                caption, tokens = decoded.text, decoded.completion_tokens
                 # the same request decoded to its budget, without the early stop
                 budget = min(MAX_TOKENS, 8 + math.ceil(seconds * TOKENS_PER_S))
                 parts = [Part(soft_tokens=t) for t in soft] + [Part(text=transcription_instruction(None))]

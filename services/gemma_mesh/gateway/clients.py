@@ -64,6 +64,9 @@ class Sampling:
     enable_thinking: bool = False
     prefix_cache_key: str = ""
     priority: int = 0  # the decoder admits lower values first (PRIORITY_* below)
+    # Predicted output (decoder.proto Prediction): the expected answer's token ids, or its text.
+    prediction_ids: Sequence[int] = ()
+    prediction_text: str = ""
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -80,6 +83,15 @@ class Delta:
     text: str
     token_ids: list[int]
     channel: str
+
+
+@dataclass
+class Answer:
+    """The answer channel of one generation: its text, token ids and completion token count."""
+
+    text: str
+    token_ids: list[int]
+    completion_tokens: int
 
 
 @dataclass
@@ -371,6 +383,9 @@ class MeshClient:
             prefix_cache_key=sampling.prefix_cache_key,
             priority=sampling.priority,
         )
+        if sampling.prediction_ids or sampling.prediction_text:
+            request.prediction.token_ids.extend(sampling.prediction_ids)
+            request.prediction.text = sampling.prediction_text
         call = self._decoder.Generate(request, timeout=self.timeout_s)
         try:
             async for reply in call:
@@ -399,8 +414,8 @@ class MeshClient:
         *,
         until: Callable[[str, str], bool] | None = None,
         on_delta: Callable[[str, str], Awaitable[None]] | None = None,
-    ) -> tuple[str, int]:
-        """The answer channel of one generation -> (text, completion tokens).
+    ) -> Answer:
+        """The answer channel of one generation (its text, token ids and completion tokens).
 
         ``on_delta(delta, text)`` is awaited for every non-empty answer delta; when ``until(text,
         delta)`` turns True the generation ends there: the call is cancelled and the decoder frees
@@ -410,16 +425,17 @@ class MeshClient:
             as ``generate``.
         """
         text = ""
-        tokens = 0
+        token_ids: list[int] = []
+        completion_tokens = None
         stream = self.generate(messages, sampling)
         try:
             async for event in stream:
                 if isinstance(event, Done):
-                    tokens = event.completion_tokens
+                    completion_tokens = event.completion_tokens
                     continue
                 if event.channel != "answer":
                     continue
-                tokens += len(event.token_ids)
+                token_ids += event.token_ids
                 if not event.text:
                     continue
                 text += event.text
@@ -429,7 +445,7 @@ class MeshClient:
                     break
         finally:
             await stream.aclose()
-        return text, tokens
+        return Answer(text, token_ids, len(token_ids) if completion_tokens is None else completion_tokens)
 
     async def complete(self, messages: Sequence[ChatMessage], sampling: Sampling) -> tuple[str, Done]:
         """The whole answer of one generation (answer channel only) and its ``Done``."""

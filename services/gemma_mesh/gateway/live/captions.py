@@ -9,7 +9,10 @@ the ``VadSegmenter``; a decode loop runs, one call at a time per session:
   far, stabilised with LocalAgreement-2 (the committed prefix never changes).
 
 Each decode is AudioFrontend.Encode (soft tokens) + Decoder.Generate (thinking off, greedy) with
-the task's instruction (``prompts``). Backpressure: audio waiting beyond ``max_pending_audio_s``
+the task's instruction (``prompts``). Each decode of a segment passes the segment's previous
+hypothesis as its predicted output: successive hypotheses of a growing segment share most of their
+tokens, and the decoder verifies the shared ones in one prefill run instead of a decode step each
+(the text is the same as without the prediction). Backpressure: audio waiting beyond ``max_pending_audio_s``
 pauses partials and sends a ``backlog`` warning; beyond three times that, new audio is refused
 with an ``error`` event naming the refused span (explicit, never silent).
 """
@@ -20,7 +23,8 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,6 +70,16 @@ Emit = Callable[[object], Awaitable[None]]
 _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
 
 
+@dataclass
+class CaptionDecode:
+    """One caption decode: ``text`` (through the ``RepetitionGuard``), the answer's ``token_ids`` as
+    generated (a later decode's prediction), and the completion tokens it cost."""
+
+    text: str
+    token_ids: list[int]
+    completion_tokens: int
+
+
 async def transcribe(
     clients: MeshClient,
     audio: np.ndarray,
@@ -74,8 +88,9 @@ async def transcribe(
     *,
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
-) -> tuple[str, int]:
-    """One decode of 16 kHz float32 mono ``audio`` for the session's task -> (text, completion tokens).
+    prediction: Sequence[int] = (),
+) -> CaptionDecode:
+    """One decode of 16 kHz float32 mono ``audio`` for the session's task.
 
     The same call serves live finals and ``/v1/audio/transcriptions``, so both give the same text
     for the same audio; its output has been through the ``RepetitionGuard`` (loops cut; text
@@ -92,6 +107,7 @@ async def transcribe(
         max_tokens,
         tokens_per_audio_s=tokens_per_audio_s,
         priority=priority,
+        prediction=prediction,
     )
 
 
@@ -104,11 +120,14 @@ async def caption_soft_tokens(
     *,
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
-) -> tuple[str, int]:
-    """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> (text, tokens).
+    prediction: Sequence[int] = (),
+) -> CaptionDecode:
+    """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> caption.
 
     ``priority``: the decoder's scheduling priority (live captions first; the HTTP API passes
-    ``PRIORITY_REQUEST``); it orders admission only, never changes the text. A decode whose text
+    ``PRIORITY_REQUEST``); it orders admission only, never changes the text. ``prediction``: token
+    ids the answer is expected to start with (an earlier hypothesis of the same audio, grown
+    since); it saves decode steps where right and never changes the text. A decode whose text
     ends in a loop (``RepetitionGuard.ends_in_loop``) is stopped there, and its caption is the
     guard's cut of the text so far: the loop and everything after it would be cut anyway (only when
     loops nest, a longer loop that starts earlier but would finish later, can the whole decode's
@@ -120,13 +139,13 @@ async def caption_soft_tokens(
     else:
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
-    sampling = Sampling(max_tokens=budget, enable_thinking=False, priority=priority)
+    sampling = Sampling(
+        max_tokens=budget, enable_thinking=False, priority=priority, prediction_ids=list(prediction)
+    )
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
-    text, tokens = await clients.stream_answer(
-        [ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop
-    )
-    return _GUARD.clean(text.strip()), tokens
+    answer = await clients.stream_answer([ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop)
+    return CaptionDecode(_GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens)
 
 
 class CaptionPipeline:
@@ -180,6 +199,8 @@ class CaptionPipeline:
         self._received = 0  # samples received (relative to base_ms)
         self._covered = 0  # samples covered by a decode (or known to be non-speech)
         self._finals: deque[SegmentClosed] = deque()
+        # The latest hypothesis' token ids of each segment not yet finalised: the next decode's prediction.
+        self._hypotheses: dict[int, list[int]] = {}
         self._agreement: LocalAgreement | None = None
         self._partial_audio_end = 0  # samples of the open segment covered by the last partial
         self._stream: AudioEncodeStream | None = None  # the open segment's incremental encoding
@@ -336,32 +357,34 @@ class CaptionPipeline:
         self.metrics.warnings.labels(code).inc()
         await self.emit(WarningEvent(code=code, message=message, details={"pending_audio_s": self.pending_s}))
 
-    async def _decode(self, audio: np.ndarray, soft_tokens: SoftTokens | None = None) -> str | None:
+    async def _decode(
+        self, segment_id: int, audio: np.ndarray, soft_tokens: SoftTokens | None = None
+    ) -> str | None:
+        """Caption ``audio`` of segment ``segment_id`` (from its soft tokens when given), predicting
+        the segment's previous hypothesis; None after sending the error event of a failed decode."""
+        options = dict(
+            tokens_per_audio_s=self.tokens_per_audio_s, prediction=self._hypotheses.get(segment_id, ())
+        )
         try:
             if soft_tokens is None:
-                text, tokens = await transcribe(
-                    self.clients,
-                    audio,
-                    self.config,
-                    self.max_tokens,
-                    tokens_per_audio_s=self.tokens_per_audio_s,
-                )
+                decoded = await transcribe(self.clients, audio, self.config, self.max_tokens, **options)
             else:
-                text, tokens = await caption_soft_tokens(
+                decoded = await caption_soft_tokens(
                     self.clients,
                     [soft_tokens],
                     audio.shape[0] / RATE_HZ,
                     self.config,
                     self.max_tokens,
-                    tokens_per_audio_s=self.tokens_per_audio_s,
+                    **options,
                 )
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.warning("caption decode failed", code=error.code, error=error.message)
             await self.emit(Error(code=error.code, message=error.message, param=error.param))
             return None
-        self.metrics.tokens_generated.inc(tokens)
-        return text
+        self._hypotheses[segment_id] = decoded.token_ids
+        self.metrics.tokens_generated.inc(decoded.completion_tokens)
+        return decoded.text
 
     async def _partial(self, segment) -> None:
         audio = segment.audio
@@ -377,7 +400,7 @@ class CaptionPipeline:
             if stream.covered_ms > 0 and not stream.failed:
                 soft_tokens = stream.soft_tokens()
                 audio = audio[: stream.covered_ms * RATE_HZ // 1000]
-        text = await self._decode(audio, soft_tokens)
+        text = await self._decode(segment.segment_id, audio, soft_tokens)
         if text is None or self._agreement is None or self.segmenter.open_segment is None:
             return
         if self.segmenter.open_segment.segment_id != segment.segment_id:
@@ -405,7 +428,8 @@ class CaptionPipeline:
             await self.emit(CaptionPartial(**common))
 
     async def _final(self, segment: SegmentClosed) -> None:
-        text = await self._decode(segment.audio)
+        text = await self._decode(segment.segment_id, segment.audio)
+        self._hypotheses.pop(segment.segment_id, None)
         closed_at = self._closed_at.pop(segment.segment_id, time.monotonic())
         self.next_segment_id = self.segment_offset + segment.segment_id + 1
         if text:

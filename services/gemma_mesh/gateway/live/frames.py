@@ -187,13 +187,14 @@ class FramePipeline:
                 )
 
             # A degenerate answer is ended at its loop instead of running to max_tokens.
-            text, tokens = await self.clients.stream_answer(
+            answer = await self.clients.stream_answer(
                 [message],
                 Sampling(max_tokens=self.max_tokens, enable_thinking=False, priority=PRIORITY_FRAME_ANALYSIS),
                 until=_LOOPS.ends_in_loop,
                 on_delta=on_delta,
             )
-            self.metrics.tokens_generated.inc(tokens)
+            text = answer.text
+            self.metrics.tokens_generated.inc(answer.completion_tokens)
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.warning("frame analysis failed", code=error.code, error=error.message)

@@ -187,7 +187,7 @@ class OpenAIServingTranscription:
 
         async def one(audio: np.ndarray) -> str:
             async with limit:
-                text, tokens = await transcribe(
+                decoded = await transcribe(
                     self.clients,
                     audio,
                     config,
@@ -195,7 +195,7 @@ class OpenAIServingTranscription:
                     tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
                     priority=PRIORITY_REQUEST,
                 )
-            self.metrics.tokens_generated.inc(tokens)
-            return text
+            self.metrics.tokens_generated.inc(decoded.completion_tokens)
+            return decoded.text
 
         return await gather_or_cancel(*(one(audio) for _, _, audio in spans))
