@@ -251,9 +251,16 @@ def test_growing_audio_reuses_the_previous_prompts_kv(tiny_bundle, librivox_clip
             channel.close()
     assert [r[0] for r in results["on"]] == [r[0] for r in results["off"]]
     cached = [r[3].usage.cached_prompt_tokens for r in results["on"]]
-    # Each later prompt reuses at least the previous audio's tokens (block-aligned down).
-    assert cached[0] == 0
-    assert cached[1] >= lengths[0] - 16 and cached[2] >= lengths[1] - 16, cached
+    # Each later prompt reuses exactly the prompt up to the previous audio's end.
+    audio_at = (
+        tiny_bundle.prompt_builder.build(
+            [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Transcribe this."}]}],
+            audio_soft_tokens=[lengths[0]],
+        )
+        .input_ids.tolist()
+        .index(tiny_bundle.manifest.token_id("audio"))
+    )
+    assert cached == [0, audio_at + lengths[0], audio_at + lengths[1]]
 
 
 def _exact_length_prompt(bundle, length: int) -> list[dict]:

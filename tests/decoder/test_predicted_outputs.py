@@ -37,16 +37,9 @@ def _corrupt(tokens: list[int], at: int, vocab: int) -> list[int]:
     return out
 
 
-def _runs(engine: Engine) -> list[tuple[int, int]]:
-    shapes: list[tuple[int, int]] = []
-    real = engine._run_step
-
-    def spy(rows, embeds, per_layer, positions, logits_at):
-        shapes.append(positions.shape)
-        return real(rows, embeds, per_layer, positions, logits_at)
-
-    engine._run_step = spy
-    return shapes
+def _decode_steps(engine: Engine) -> int:
+    """Decode steps the engine ran (each observes its batch size; prefill runs do not)."""
+    return int(engine.metrics.registry.get_sample_value("gemma_mesh_decoder_batch_size_count") or 0)
 
 
 @STORAGES
@@ -122,13 +115,12 @@ def test_a_stop_string_inside_an_accepted_prediction_ends_the_request_there(tiny
     solo = _solo(tiny_bundle, stopped)
     assert len(solo) < 24  # the stop string ended the plain run early
     engine = _engine(tiny_bundle, prefix_cache_bytes=0)
-    shapes = _runs(engine)
     out, finished = _run(
         engine, [GenerationRequest(**{**stopped.__dict__, "prediction": np.asarray(tokens)})]
     )
     assert out[0] == solo
     assert finished[0].reason.value == "stop"
-    assert not [s for s in shapes if s[1] == 1]  # no decode step: it ended in the prefill run
+    assert _decode_steps(engine) == 0  # it ended in the prefill run
 
 
 def test_seeded_sampling_draws_the_same_tokens_with_a_prediction(tiny_bundle):
@@ -151,19 +143,18 @@ def test_a_right_prediction_replaces_decode_steps_with_one_run(tiny_bundle, with
     request = _request(tiny_bundle, 10, 4, max_tokens=16, ignore_eos=True)
     solo = _solo(tiny_bundle, request)
     engine = _engine(tiny_bundle, prefix_cache_bytes=(64 << 20) if with_cache else 0)
-    shapes = _runs(engine)
     engine.start()
     try:
+        before = 0
         if with_cache:  # the prompt's KV from a first round: the prediction is all that is prefilled
             _collect(_submit_together(engine, [request]))
-            shapes.clear()
+            before = _decode_steps(engine)
         predicted = GenerationRequest(**{**request.__dict__, "prediction": np.asarray(solo[:10])})
         out, finished = _collect(_submit_together(engine, [predicted]))
     finally:
         engine.stop()
     assert out[0] == solo
-    decode_steps = [s for s in shapes if s[1] == 1]
-    assert len(decode_steps) == 16 - 11  # 10 accepted + the bonus token come from the prefill
+    assert _decode_steps(engine) - before == 16 - 11  # 10 accepted + the bonus token come from the prefill
     assert finished[0].cached_prompt_tokens > 0 if with_cache else finished[0].cached_prompt_tokens == 0
     metrics = engine.metrics.registry
     assert (

@@ -2,9 +2,11 @@
 
 A prefix's key is a digest of its *token keys*: the token ids, except that every soft-token
 position gets a value derived from a digest of that media's soft tokens (so two prompts with the
-same placeholders but different images never share a cache). Snapshots are taken at block-aligned
-lengths (``block_tokens``) so that prompts sharing a long system prompt or conversation history
-reuse it even when their tails differ. Pure: no model, no clock.
+same placeholders but different images never share a cache). Snapshots are taken where later
+prompts diverge: exactly at turn starts and at the first and one-past-the-last token of each
+media item (a live caption's next partial decode extends the audio exactly there), and at the
+block-aligned length (``block_tokens``) before the prompt's last token. A lookup hashes the prompt
+once, incrementally, for every cached length. Pure: no model, no clock.
 """
 
 from __future__ import annotations
@@ -48,12 +50,11 @@ def token_keys(input_ids: np.ndarray, media: Sequence[tuple[np.ndarray, np.ndarr
 
 
 def snapshot_lengths(num_tokens: int, boundaries: Sequence[int], block_tokens: int) -> list[int]:
-    """Prefix lengths worth snapshotting for a prompt: the block boundary at or before each of
-    ``boundaries`` (turn starts, the first and one-past-the-last media token: where later prompts
-    diverge) and before the final token (at least one token is always left to prefill, so the
-    request gets logits)."""
-    points = {((num_tokens - 1) // block_tokens) * block_tokens}
-    points.update((b // block_tokens) * block_tokens for b in boundaries)
+    """Prefix lengths worth snapshotting for a prompt: each of ``boundaries`` exactly (turn starts,
+    the first and one-past-the-last media token: where later prompts diverge) and the block
+    boundary before the final token (at least one token is always left to prefill, so the request
+    gets logits)."""
+    points = {((num_tokens - 1) // block_tokens) * block_tokens, *boundaries}
     return sorted(p for p in points if 0 < p < num_tokens)
 
 
@@ -85,20 +86,35 @@ class PrefixCache:
         self.stats = PrefixCacheStats()
 
     @staticmethod
-    def _key(namespace: str, keys: np.ndarray) -> bytes:
+    def _hasher(namespace: str) -> hashlib.blake2b:
         h = hashlib.blake2b(digest_size=16)
         h.update(namespace.encode())
         h.update(b"\0")
+        return h
+
+    @classmethod
+    def _key(cls, namespace: str, keys: np.ndarray) -> bytes:
+        h = cls._hasher(namespace)
         h.update(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
         return h.digest()
 
     def lookup(self, namespace: str, keys: np.ndarray) -> RowSnapshot | None:
-        """The snapshot of the longest cached prefix shorter than ``keys`` (None on a miss)."""
+        """The snapshot of the longest cached prefix shorter than ``keys`` (None on a miss).
+
+        The prompt is hashed once: the digest of each cached length comes from one incremental
+        pass (the same digest ``_key`` gives that prefix), so a lookup costs the prompt's length
+        plus one digest per distinct cached length, however many there are.
+        """
         if self.max_bytes <= 0:
             return None
         self.stats.lookups += 1
-        for length in sorted((n for n in self._lengths if n < keys.shape[0]), reverse=True):
-            key = self._key(namespace, keys[:length])
+        data = np.ascontiguousarray(keys, dtype=np.int64)
+        h, done, candidates = self._hasher(namespace), 0, []
+        for length in sorted(n for n in self._lengths if n < data.shape[0]):
+            h.update(data[done:length].tobytes())
+            done = length
+            candidates.append((length, h.copy().digest()))
+        for length, key in reversed(candidates):
             snap = self._entries.get(key)
             if snap is not None:
                 self._entries.move_to_end(key)
