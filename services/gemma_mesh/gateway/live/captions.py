@@ -48,6 +48,7 @@ from gemma_mesh.gateway.clients import (
     Sampling,
     SoftTokens,
 )
+from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import StreamVad, VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
@@ -158,6 +159,8 @@ class CaptionPipeline:
         first_segment_id: segment ids continue across reconnects.
         on_final: called after each final (the session saves its durable audio clock then).
         vad_batcher: the gateway's shared VAD (batched across sessions); None = a VAD of its own.
+        latency_monitor: the gateway's ``CaptionLatencyMonitor`` (partial latencies of all sessions);
+            its target is this pipeline's latency objective too. None = no objective.
         vad_settings, partial_interval_ms, max_tokens, max_pending_audio_s: from ``GatewaySettings``.
     """
 
@@ -177,6 +180,7 @@ class CaptionPipeline:
         first_segment_id: int = 0,
         on_final: Callable[[], Awaitable[None]] | None = None,
         vad_batcher: VadBatcher | None = None,
+        latency_monitor: CaptionLatencyMonitor | None = None,
     ) -> None:
         self.clients = clients
         self.config = config
@@ -189,6 +193,7 @@ class CaptionPipeline:
         self.base_ms = base_ms
         self.segment_offset = first_segment_id
         self._vad_batcher = vad_batcher
+        self.latency_monitor = latency_monitor
         if vad_batcher is not None:
             self._vad_stream = vad_batcher.new_stream()
             self.segmenter = VadSegmenter(StreamVad(self._vad_stream), vad_settings)
@@ -232,8 +237,14 @@ class CaptionPipeline:
         self._close_stream()
 
     def behind(self) -> bool:
-        """True while the recogniser lags by more than two partial intervals (frames then wait)."""
-        return self.pending_s > 2 * self.partial_interval_s + 1.0
+        """True while captions miss their latency objective, so camera-frame analyses wait: the
+        session's recogniser lags by more than the objective (or two partial intervals, when the
+        session asked for partials that far apart), or the gateway's recent partial latency across
+        sessions misses it (their frames and these captions share the decoder and the CPU)."""
+        monitor = self.latency_monitor
+        if monitor is None:
+            return self.pending_s > 2 * self.partial_interval_s + 1.0
+        return self.pending_s > max(monitor.target_s, 2 * self.partial_interval_s) or monitor.over_target()
 
     @property
     def pending_s(self) -> float:
@@ -387,6 +398,13 @@ class CaptionPipeline:
         return decoded.text
 
     async def _partial(self, segment) -> None:
+        """A partial decode of the open ``segment``'s audio so far, stabilised with LocalAgreement-2.
+
+        A segment that closes while its partial decodes still gets that partial (clipped to the
+        segment's end): its final comes next from this same loop, so the order holds, and the audio
+        the partial covers is not left waiting for the final (VAD close plus a whole decode).
+        """
+        agreement = self._agreement  # this segment's: the next one may start while this decodes
         audio = segment.audio
         soft_tokens = None
         stream = self._stream
@@ -401,19 +419,27 @@ class CaptionPipeline:
                 soft_tokens = stream.soft_tokens()
                 audio = audio[: stream.covered_ms * RATE_HZ // 1000]
         text = await self._decode(segment.segment_id, audio, soft_tokens)
-        if text is None or self._agreement is None or self.segmenter.open_segment is None:
+        if text is None or agreement is None:
             return
-        if self.segmenter.open_segment.segment_id != segment.segment_id:
-            return  # the segment closed meanwhile: its final follows
-        self._partial_audio_end = audio.shape[0]
-        result = self._agreement.update(text)
+        still_open = self.segmenter.open_segment
+        end_sample = segment.start_sample + audio.shape[0]
+        if still_open is not None and still_open.segment_id == segment.segment_id:
+            self._partial_audio_end = audio.shape[0]
+        else:  # closed meanwhile: the partial covers no more than the segment does
+            closed = next((c for c in self._finals if c.segment_id == segment.segment_id), None)
+            if closed is None:
+                return  # its final was sent already
+            end_sample = min(end_sample, closed.end_sample)
+        result = agreement.update(text)
         if not result.committed and not result.tentative:
             return
-        end_sample = segment.start_sample + audio.shape[0]
         self._covered = max(self._covered, end_sample)
         now = time.monotonic()
         while self._arrivals and self._arrivals[0][0] <= end_sample:
-            self.metrics.partial_latency.observe(now - self._arrivals.popleft()[1])
+            latency = now - self._arrivals.popleft()[1]
+            self.metrics.partial_latency.observe(latency)
+            if self.latency_monitor is not None:
+                self.latency_monitor.observe(latency)
         common = dict(
             segment_id=self.segment_offset + segment.segment_id,
             start_ms=self._ms(segment.start_sample),
