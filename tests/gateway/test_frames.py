@@ -1,5 +1,6 @@
-"""Frame analysis policy: captions first. While a session's captions lag, frames wait (the newest
-replaces the waiting one, counted as dropped); when captions catch up, the newest frame is analysed."""
+"""Frame analysis policy: captions first. While captions miss their latency objective, frames wait
+(the newest replaces the waiting one, counted as dropped; the session is warned once); when
+captions catch up, the newest frame is analysed."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from gemma_mesh.gateway.clients import MeshClient
 from gemma_mesh.gateway.live.frames import FramePipeline
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import FrameAnalysis, VideoConfig
+from gemma_mesh.gateway.protocol import Warning as WarningEvent
 
 
 def jpeg(seed: int) -> bytes:
@@ -53,13 +55,20 @@ async def test_frames_wait_while_captions_are_behind(backends):
         for i in range(3):
             assert frames.push(jpeg(i), timestamp_ms=1000 + 250 * i)
             await asyncio.sleep(0.3)
-        assert events == [] and frames.dropped == 2  # each newer frame replaced the waiting one
+        # each newer frame replaced the waiting one; one warning for the whole wait
+        assert frames.dropped == 2
+        assert [(type(e), e.code) for e in events] == [(WarningEvent, "frames_deferred")]
         behind = False
         async with asyncio.timeout(30):
-            while not any(e.done for e in events):
+            while not any(isinstance(e, FrameAnalysis) and e.done for e in events):
                 await asyncio.sleep(0.05)
-        done = [e for e in events if e.done]
+        done = [e for e in events if isinstance(e, FrameAnalysis) and e.done]
         assert [e.frame_ms for e in done] == [1500]  # the newest frame
+        behind = True  # behind again after an analysis ran: warned again
+        frames.push(jpeg(9), timestamp_ms=3000)
+        async with asyncio.timeout(5):
+            while sum(isinstance(e, WarningEvent) for e in events) < 2:
+                await asyncio.sleep(0.05)
     finally:
         frames.cancel()
         await clients.close()

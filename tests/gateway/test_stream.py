@@ -312,7 +312,9 @@ async def test_first_message_must_be_session_start(gateway_url):
         assert event["type"] == "error" and "session.start" in event["message"]
 
 
-async def test_live_final_equals_the_offline_transcription_of_the_same_audio(gateway_url, backends, clip, tmp_path):
+async def test_live_final_equals_the_offline_transcription_of_the_same_audio(
+    gateway_url, backends, clip, tmp_path
+):
     """The segment's audio, cut from what was streamed by the final's timestamps, through
     /v1/audio/transcriptions gives the final caption's text exactly (the same decode). The live
     decodes predict each segment's previous hypothesis and the API's do not: the prediction saves
@@ -321,9 +323,12 @@ async def test_live_final_equals_the_offline_transcription_of_the_same_audio(gat
     import soundfile as sf
 
     registry = backends.decoder_server.engine.metrics.registry
-    accepted = lambda: registry.get_sample_value(  # noqa: E731
-        "gemma_mesh_decoder_prediction_tokens_total", {"outcome": "accepted"}
-    ) or 0.0
+    def accepted() -> float:
+        sample = registry.get_sample_value(
+            "gemma_mesh_decoder_prediction_tokens_total", {"outcome": "accepted"}
+        )
+        return sample or 0.0
+
     before = accepted()
     result = await stream(StreamOptions(audio=clip, url=gateway_url, speed=4.0))
     assert accepted() > before

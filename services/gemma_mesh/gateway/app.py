@@ -26,6 +26,7 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.sessions import SessionStore, open_store
@@ -49,6 +50,7 @@ class GatewayState:
     vad_settings: VadSettings
     leases: SessionLeases
     vad_batcher: VadBatcher
+    caption_latency: CaptionLatencyMonitor
 
 
 async def _check_store(store: SessionStore) -> None:
@@ -107,7 +109,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         leases = open_leases(settings.redis_url)
         vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
-            settings, clients, store, metrics, Authenticator(settings), vad_settings, leases, vad_batcher
+            settings,
+            clients,
+            store,
+            metrics,
+            Authenticator(settings),
+            vad_settings,
+            leases,
+            vad_batcher,
+            CaptionLatencyMonitor(settings.caption_latency_target_ms / 1000),
         )
         log.info(
             "gateway ready",

@@ -79,6 +79,13 @@ class GatewaySettings(BaseSettings):
 
     # --- captioning and frame analysis defaults (a session may override within the limits) ---
     partial_interval_ms: int = Field(700, ge=100, description="Default interval between partial decodes")
+    caption_latency_target_ms: int = Field(
+        1000,
+        ge=100,
+        description="Objective for partial caption latency (audio arrival to the first partial covering "
+        "it): camera-frame analyses wait while a session's recogniser lags by more than this (or twice "
+        "its partial interval) or the gateway's p95 of the last seconds misses it",
+    )
     analysis_interval_ms: int = Field(2000, ge=200, description="Default interval between frame analyses")
     max_caption_tokens: int = Field(96, ge=1, description="Most tokens generated per caption decode")
     caption_tokens_per_audio_s: float = Field(

@@ -319,6 +319,7 @@ class StreamConnection:
                 first_segment_id=int(state.get("next_segment_id", 0)),
                 on_final=self._save_state,
                 vad_batcher=self.state.vad_batcher,
+                latency_monitor=self.state.caption_latency,
             )
             self.captions.start()
         self._next_analysis_id = int(state.get("next_analysis_id", 0))
@@ -387,7 +388,10 @@ class StreamConnection:
             default_interval_ms=self.settings.analysis_interval_ms,
             max_tokens=self.settings.max_analysis_tokens,
             first_analysis_id=first_id,
-            captions_behind=self.captions.behind if self.captions is not None else None,
+            # A camera-only session yields to the other sessions' captions too.
+            captions_behind=self.captions.behind
+            if self.captions is not None
+            else self.state.caption_latency.over_target,
         )
         self.frames.start()
 

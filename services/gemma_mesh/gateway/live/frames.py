@@ -24,6 +24,7 @@ from gemma_mesh.gateway.captioning import RepetitionGuard
 from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, MeshClient, Part, Sampling
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
+from gemma_mesh.gateway.protocol import Warning as WarningEvent
 
 log = get_logger(__name__)
 _LOOPS = RepetitionGuard()  # stateless: one for every analysis
@@ -72,8 +73,10 @@ class FramePipeline:
         default_interval_ms: ``GatewaySettings.analysis_interval_ms``.
         max_tokens: tokens per analysis.
         first_analysis_id: analysis ids continue across reconnects.
-        captions_behind: True while the session's captions lag; analyses wait (the waiting frame
-            keeps being replaced, and counted as dropped) so the mesh catches up on speech first.
+        captions_behind: True while captions miss their latency objective (``CaptionPipeline.behind``);
+            analyses wait (the waiting frame keeps being replaced, and counted as dropped) so the mesh
+            catches up on speech first. The session gets a ``frames_deferred`` warning when analyses
+            start waiting (once until one runs again).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class FramePipeline:
         self.next_analysis_id = first_analysis_id
         self.dropped = 0
         self._waiting: tuple[bytes, int] | None = None
+        self._deferred = False  # analyses are waiting for the captions (warning sent)
         self._last_accepted_ms: int | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -163,7 +167,18 @@ class FramePipeline:
             if not self._closing and self.captions_behind is not None and self.captions_behind():
                 # Captions come first: retry after another interval with whatever frame is newest.
                 last = time.monotonic()
+                if not self._deferred:
+                    self._deferred = True
+                    self.metrics.warnings.labels("frames_deferred").inc()
+                    await self.emit(
+                        WarningEvent(
+                            code="frames_deferred",
+                            message="captions are behind their latency objective: frame analyses wait "
+                            "(the newest frame is analysed once they catch up; older ones are dropped)",
+                        )
+                    )
                 continue
+            self._deferred = False
             frame, timestamp_ms = self._waiting
             self._waiting = None
             last = time.monotonic()
