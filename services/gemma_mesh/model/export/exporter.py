@@ -307,6 +307,12 @@ def export_bundle(
             expected = _torch_outputs(spec)
             bar.update(task, advance=1, stage="exporting")
             path = g.export_graph(spec, out_dir)
+            entry: dict[str, Any] = {}
+            if name == "decoder_model_merged":  # verified below, fused, against PyTorch
+                from gemma_mesh.model.export.fusions import fuse_decoder
+
+                bar.update(task, stage="fusing")
+                entry["fusions"] = fuse_decoder(path)
             last = name == graphs[-1]
             if last:  # nothing else needs the PyTorch weights: free them before ONNX Runtime loads the graph
                 _free_torch_model(model)
@@ -317,7 +323,6 @@ def export_bundle(
             bar.update(task, advance=1, stage="verifying")
             session = _open_session(path)
             max_diff = _verify(spec, session, expected, tolerance, relative=dtype != "float32")
-            entry: dict[str, Any] = {}
             if weights == "int4" and name == "decoder_model_merged":
                 bar.update(task, stage="int4")
                 from gemma_mesh.model.export.quantize import quantize_int4
