@@ -55,6 +55,27 @@ def _joined(messages) -> np.ndarray:
     return np.concatenate([from_tensor_pb(m.soft_tokens) for m in messages])
 
 
+def _assembled(messages) -> np.ndarray:
+    """Tokens of a stream whose end message rewound it: each response replaces from its first_token."""
+    tokens = np.zeros((0, from_tensor_pb(messages[0].soft_tokens).shape[1]), np.float32)
+    for m in messages:
+        tokens = np.concatenate([tokens[: m.first_token], from_tensor_pb(m.soft_tokens)])
+    return tokens
+
+
+async def _stream_with_end(stub, pcm: bytes, chunk_bytes: int, end_samples: int, rate=RATE, after=None):
+    async def requests():
+        config = audio_pb2.AudioStreamConfig(encoding=audio_pb2.S16LE, sample_rate_hz=rate, channels=1)
+        yield audio_pb2.AudioStreamRequest(config=config)
+        for i in range(0, len(pcm), chunk_bytes):
+            yield audio_pb2.AudioStreamRequest(pcm=pcm[i : i + chunk_bytes])
+        yield audio_pb2.AudioStreamRequest(end=audio_pb2.AudioStreamEnd(samples=end_samples))
+        if after is not None:
+            yield after
+
+    return [m async for m in stub.EncodeStream(requests())]
+
+
 async def test_health_and_reflection(audio_server):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{audio_server.port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -214,6 +235,47 @@ async def test_bad_streams_are_invalid_argument(audio_stub):
     for requests, message in [(no_config, "config"), (zero_channels, "zero channels"), (nan_chunk, "NaN")]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             [m async for m in audio_stub.EncodeStream(requests())]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    assert len(_joined(await _stream(audio_stub, s16(np.zeros(3_200, np.float32)), 640))) == 5
+
+
+@pytest.mark.parametrize("overshoot_ms", [0, 300, 900])
+async def test_a_stream_ended_before_its_last_samples_equals_encoding_the_shorter_clip(
+    audio_stub, tiny_bundle, speech, overshoot_ms
+):
+    """A live segment ends in the silence after its speech, after partials streamed past that end."""
+    pcm = s16(np.resize(speech, 6 * RATE))  # the clip is 3 s: repeated to 6 s
+    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768  # what the server decodes
+    end = 4 * RATE + 333
+    messages = await _stream_with_end(audio_stub, pcm[: 2 * (end + 16 * overshoot_ms)], 3_200, end)
+    expected = tiny_bundle.encode_audio(audio[:end])
+    tokens = _assembled(messages)
+    assert tokens.shape == expected.shape
+    assert np.abs(tokens - expected).max() <= 1e-4
+    assert messages[-1].range.end_ms == round(end / 16)
+    assert [m.first_token for m in messages[:3]] == list(
+        np.cumsum([0] + [m.num_soft_tokens for m in messages[:2]])
+    )
+
+
+async def test_a_stream_at_48k_ends_at_its_own_sample_count(audio_stub, tiny_bundle, speech):
+    wav48 = resample(speech[: int(2.9 * RATE)], RATE, 48_000)
+    messages = await _stream_with_end(audio_stub, s16(wav48), 9_600, 2 * 48_000, rate=48_000)
+    whole = await audio_stub.Encode(_pcm_request(s16(wav48[: 2 * 48_000]), rate=48_000))
+    assert _assembled(messages).shape[0] == whole.segments[0].num_soft_tokens == 50
+
+
+async def test_bad_stream_ends_are_invalid_argument(audio_stub, speech):
+    pcm = s16(np.resize(speech, 5 * RATE).astype(np.float32))
+    extra = audio_pb2.AudioStreamRequest(pcm=b"\x00\x00")
+    for end, after, message in [
+        (-1, None, ">= 0"),
+        (5 * RATE + 16, None, "samples were inserted"),
+        (2 * RATE, None, "kept for rewinding"),  # 3 s back, over stream_rewind_ms
+        (5 * RATE, extra, "nothing may follow"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _stream_with_end(audio_stub, pcm, 16_000, end, after=after)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
     assert len(_joined(await _stream(audio_stub, s16(np.zeros(3_200, np.float32)), 640))) == 5
 

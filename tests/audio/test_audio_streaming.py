@@ -155,3 +155,53 @@ def test_window_must_exceed_the_left_context(tiny_bundle, field, encode):
         IncrementalAudioEncoder(
             field, tiny_bundle.log_mel, encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=40
         )
+
+
+def _assemble(blocks) -> np.ndarray:
+    """Tokens from blocks that may start again before the end of the ones before them (a rewind)."""
+    tokens: list[np.ndarray] = []
+    for block in blocks:
+        kept = np.concatenate(tokens)[: block.first_token] if tokens else np.zeros((0, block.tokens.shape[1]))
+        tokens = [kept, block.tokens]
+    return np.concatenate(tokens)
+
+
+@pytest.mark.parametrize("overshoot_ms", [0, 37, 200, 640, 1000])
+def test_finish_at_an_earlier_sample_equals_the_shorter_whole_clip(
+    tiny_bundle, field, encode, speech, overshoot_ms
+):
+    """A segment that ends 3.2 s in, streamed ``overshoot_ms`` further in 100 ms chunks (a partial
+    fed the encoder past the end): finishing at the end re-encodes the tail like the shorter clip."""
+    end = 51_213  # 3.2 s, not on a frame or token boundary
+    wav = speech[: end + overshoot_ms * 16]
+    inc = IncrementalAudioEncoder(
+        field, tiny_bundle.log_mel, encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=375,
+        rewind_tokens=30,
+    )  # fmt: skip
+    blocks = []
+    for i in range(0, len(wav), 1600):
+        inc.insert(wav[i : i + 1600])
+        blocks += inc.step()
+    emitted = inc.emitted_tokens
+    tail = inc.finish(end)
+    tokens = _assemble(blocks + tail)
+    whole = tiny_bundle.encode_audio(speech[:end])
+    assert tokens.shape == whole.shape
+    assert np.abs(tokens - whole).max() <= 1e-4
+    if emitted > inc.final_tokens(inc.final_frames(end)):
+        assert tail[0].first_token < emitted  # tokens that had read past the end were sent again
+    if tail:
+        assert tail[-1].end_ms == round(end / 16)
+
+
+def test_finish_refuses_an_end_beyond_the_rewind_or_the_audio(tiny_bundle, field, encode, speech):
+    inc = IncrementalAudioEncoder(
+        field, tiny_bundle.log_mel, encode, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=375,
+        rewind_tokens=10,
+    )  # fmt: skip
+    inc.insert(speech[: 5 * RATE])
+    inc.step()
+    with pytest.raises(ValueError, match="samples were inserted"):
+        inc.finish(5 * RATE + 1)
+    with pytest.raises(ValueError, match="more than the 10 kept"):
+        inc.finish(3 * RATE)  # 2 s = 50 tokens back

@@ -318,20 +318,28 @@ async def test_live_final_equals_the_offline_transcription_of_the_same_audio(
     """The segment's audio, cut from what was streamed by the final's timestamps, through
     /v1/audio/transcriptions gives the final caption's text exactly (the same decode). The live
     decodes predict each segment's previous hypothesis and the API's do not: the prediction saves
-    decode steps (accepted tokens counted) without changing a caption."""
+    decode steps (accepted tokens counted) without changing a caption. The live finals take their
+    soft tokens from the segment's stream (AudioStreamEnd), the API from Encode: no Encode call
+    happens until the API is asked."""
     import httpx
     import soundfile as sf
+    from prometheus_client import REGISTRY
+
+    def encoded_s() -> float:
+        return REGISTRY.get_sample_value("gemma_mesh_audio_seconds_total", {"rpc": "Encode"}) or 0.0
 
     registry = backends.decoder_server.engine.metrics.registry
+
     def accepted() -> float:
         sample = registry.get_sample_value(
             "gemma_mesh_decoder_prediction_tokens_total", {"outcome": "accepted"}
         )
         return sample or 0.0
 
-    before = accepted()
+    before, encoded_before = accepted(), encoded_s()
     result = await stream(StreamOptions(audio=clip, url=gateway_url, speed=4.0))
     assert accepted() > before
+    assert encoded_s() == encoded_before
     finals = result.of_type("caption.final")
     assert finals and finals[0]["reason"] == "silence"
     audio = decode_audio(clip, RATE)

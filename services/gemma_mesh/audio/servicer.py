@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -72,6 +73,7 @@ def block_to_pb(block: TokenBlock) -> audio_pb2.AudioStreamResponse:
         soft_tokens=to_tensor_pb(block.tokens),
         num_soft_tokens=int(block.tokens.shape[0]),
         range=common_pb2.MediaRange(start_ms=block.start_ms, end_ms=block.end_ms),
+        first_token=block.first_token,
     )
 
 
@@ -80,15 +82,24 @@ STREAM_READ_AHEAD_MESSAGES = 64
 _END = object()
 
 
+@dataclass(frozen=True)
+class StreamEnd:
+    """An ``AudioStreamEnd`` message: the clip ends after ``samples`` input samples."""
+
+    samples: int
+
+
 async def coalesced_pcm(
     requests: AsyncIterator[audio_pb2.AudioStreamRequest], max_bytes: int
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[bytes | StreamEnd]:
     """The PCM of a stream's messages (after its config), joining whatever queued up while the encoder
     was busy, up to ``max_bytes`` per step. In real time that is one chunk per step; when behind, steps
-    grow, the fixed left-context cost per step is shared, and the stream catches up.
+    grow, the fixed left-context cost per step is shared, and the stream catches up. An end message
+    comes out as a ``StreamEnd`` after the PCM before it.
 
     Raises:
-        InvalidRequest: a second config message, or one chunk over ``max_bytes`` (in stream order).
+        InvalidRequest: a second config message, one chunk over ``max_bytes``, or a message after
+            the end message (in stream order).
     """
     queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_READ_AHEAD_MESSAGES)
 
@@ -110,7 +121,14 @@ async def coalesced_pcm(
         return item.pcm
 
     def joinable(item: Any, size: int) -> bool:
-        return isinstance(item, audio_pb2.AudioStreamRequest) and size + len(item.pcm) <= max_bytes
+        return (
+            isinstance(item, audio_pb2.AudioStreamRequest)
+            and item.WhichOneof("kind") == "pcm"
+            and size + len(item.pcm) <= max_bytes
+        )
+
+    def is_end(item: Any) -> bool:
+        return isinstance(item, audio_pb2.AudioStreamRequest) and item.WhichOneof("kind") == "end"
 
     reader = asyncio.create_task(read())
     held: Any = None
@@ -119,6 +137,13 @@ async def coalesced_pcm(
             item = held if held is not None else await queue.get()
             held = None
             if item is _END:
+                return
+            if is_end(item):
+                yield StreamEnd(int(item.end.samples))
+                if (after := await queue.get()) is not _END:
+                    if isinstance(after, BaseException):  # the reader's own error
+                        raise after
+                    raise InvalidRequest("nothing may follow a stream's end message", param="end")
                 return
             parts = [pcm_of(item)]
             size = len(parts[0])
@@ -230,8 +255,12 @@ class AudioFrontendServicer(audio_pb2_grpc.AudioFrontendServicer):
             metrics.ACTIVE_STREAMS.inc()
             busy = 0.0
             try:
+                end_samples = None
                 async with aclosing(coalesced_pcm(requests, self.settings.max_stream_chunk_bytes)) as chunks:
                     async for data in chunks:
+                        if isinstance(data, StreamEnd):
+                            end_samples = data.samples
+                            continue
                         start = time.perf_counter()
                         blocks = await self._run(stream.push, data)
                         busy += time.perf_counter() - start
@@ -239,7 +268,7 @@ class AudioFrontendServicer(audio_pb2_grpc.AudioFrontendServicer):
                         for block in blocks:
                             yield block_to_pb(block)
                 start = time.perf_counter()
-                for block in await self._run(stream.finish):
+                for block in await self._run(stream.finish, end_samples):
                     yield block_to_pb(block)
                 busy += time.perf_counter() - start
             finally:

@@ -195,6 +195,7 @@ class AudioEngine:
             ms_per_token=self.ms_per_token,
             sample_rate_hz=self.rate_hz,
             max_window_tokens=self.settings.stream_window_tokens,
+            rewind_tokens=-(-self.settings.stream_rewind_ms // self.ms_per_token),
         )
         return AudioStream(self, decoder, encoder)
 
@@ -233,10 +234,24 @@ class AudioStream:
             raise InvalidRequest(f"the stream carries more than the limit of {max_s:g} s of audio")
         return self.encoder.step()
 
-    def finish(self) -> list[TokenBlock]:
-        """End of input: the remaining tokens, computed as for the whole clip."""
+    def finish(self, end_samples: int | None = None) -> list[TokenBlock]:
+        """End of input: the remaining tokens, computed as for the whole clip; the clip is the first
+        ``end_samples`` samples (at the stream's input rate) when given (``AudioStreamEnd``).
+
+        Raises:
+            InvalidRequest: ``end_samples`` negative, past the PCM sent, or further back than
+                ``stream_rewind_ms``.
+        """
         self.encoder.insert(self.decoder.flush())
-        return self.encoder.finish()
+        if end_samples is None:
+            return self.encoder.finish()
+        if end_samples < 0:
+            raise InvalidRequest(f"end.samples must be >= 0, got {end_samples}", param="end.samples")
+        model_samples = round(end_samples * self._engine.rate_hz / self.decoder.rate_hz)
+        try:
+            return self.encoder.finish(model_samples)
+        except ValueError as error:
+            raise InvalidRequest(f"end.samples: {error}", param="end.samples") from None
 
     def close(self) -> None:
         """Release the stream's slot (idempotent)."""

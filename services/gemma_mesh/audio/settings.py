@@ -39,6 +39,12 @@ class AudioSettings(GrpcServiceSettings):
         ge=64,
         description="Longest encoder window per streaming step, in soft tokens (left context included)",
     )
+    stream_rewind_ms: int = Field(
+        2000,
+        ge=0,
+        description="How far before the end of the PCM sent an AudioStreamEnd may end a stream, in ms "
+        "(the encoder keeps that much of its features to encode the tail again)",
+    )
     verify_streaming: bool = Field(
         True, description="Check at startup that incremental encoding equals whole-clip encoding"
     )

@@ -17,10 +17,14 @@ that starts ``left_context_tokens`` before the first new token, rounded down to 
 attention chunk (12 tokens, so the blocked attention sees the same block layout as the whole clip), and
 keeps only the new tokens: work per step is bounded by the window, never the whole utterance.
 ``finish`` encodes the tail the way the whole clip does (frames past the end zeroed and masked).
+``finish(num_samples)`` ends the clip earlier than the samples inserted (a live caption's segment
+ends in the silence after the speech, after its partials fed the encoder past that point): the
+tokens that read frames past the new end are encoded again, as the whole shorter clip would, which
+needs the features of their window; they are kept for ``rewind_tokens`` tokens behind the newest.
 `check_receptive_field` verifies all this against the real encoder at startup.
 
 API (whisper_streaming's push/pull): ``insert(samples)``, ``step() -> [TokenBlock]``,
-``finish() -> [TokenBlock]``, ``reset()``.
+``finish(num_samples=None) -> [TokenBlock]``, ``reset()``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ class IncrementalAudioEncoder:
         sample_rate_hz: rate of the inserted samples (the extractor's, 16 kHz).
         max_window_tokens: longest window passed to ``encode``; must exceed
             ``left_context_tokens + chunk_tokens``.
+        rewind_tokens: how many tokens before the newest ``finish(num_samples)`` may end the clip
+            (their window's features are kept: ``rewind_tokens`` x 4 more frames).
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class IncrementalAudioEncoder:
         ms_per_token: int,
         sample_rate_hz: int,
         max_window_tokens: int,
+        rewind_tokens: int = 0,
     ) -> None:
         if max_window_tokens <= field.left_context_tokens + field.chunk_tokens:
             raise ValueError(
@@ -141,6 +148,7 @@ class IncrementalAudioEncoder:
         self.ms_per_token = ms_per_token
         self.sample_rate_hz = sample_rate_hz
         self.max_window_tokens = max_window_tokens
+        self.rewind_tokens = rewind_tokens
         self.hop = log_mel.hop_length
         self.frame_length = log_mel.frame_length
         self.pad_left = log_mel.frame_length // 2
@@ -151,6 +159,7 @@ class IncrementalAudioEncoder:
         self.total_samples = 0
         self.emitted_tokens = 0
         self.max_window_frames = 0  # most frames passed to encode in one call (work per step)
+        self._width = 0  # the encoder's output width, once it has run
         self._samples = np.zeros(0, np.float32)
         self._sample0 = 0  # absolute index of _samples[0]
         self._features: np.ndarray | None = None
@@ -195,10 +204,51 @@ class IncrementalAudioEncoder:
         self._extend_features()
         return self._emit(self.final_tokens(self._frames), at_end=False)
 
-    def finish(self) -> list[TokenBlock]:
-        """End of stream: encode the remaining tokens as the whole clip would (frames past the end masked)."""
+    def finish(self, num_samples: int | None = None) -> list[TokenBlock]:
+        """End of stream: encode the remaining tokens as the whole clip would (frames past the end masked).
+
+        ``num_samples`` (at most the samples inserted) ends the clip there instead: tokens already
+        emitted that read frames past that end are emitted again, from their ``first_token`` (a
+        block may start before ``emitted_tokens``), and tokens past the shorter clip's last are
+        dropped (an empty block at that token says so when nothing is re-encoded). Keeping, for
+        each block, the tokens before its ``first_token`` and then its own gives the first
+        ``num_samples`` samples' whole-clip encoding.
+
+        Raises:
+            ValueError: ``num_samples`` beyond the samples inserted, or more than ``rewind_tokens``
+                tokens before the newest emitted one (their features were dropped).
+        """
         self._extend_features()
-        return self._emit(self.end_tokens(self._frames), at_end=True)
+        emitted = self.emitted_tokens
+        if num_samples is not None and num_samples != self.total_samples:
+            self._truncate(num_samples)
+        blocks = self._emit(self.end_tokens(self._frames), at_end=True)
+        if self.emitted_tokens < emitted and not blocks:  # tokens dropped, none re-encoded: say where it ends
+            end_ms = round(self.total_samples * 1000 / self.sample_rate_hz)
+            empty = np.zeros((0, self._width), np.float32)
+            blocks = [TokenBlock(empty, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)]
+        return blocks
+
+    def _truncate(self, num_samples: int) -> None:
+        if not 0 <= num_samples <= self.total_samples:
+            raise ValueError(
+                f"the stream cannot end at sample {num_samples}: {self.total_samples} samples were inserted"
+            )
+        frames = self.final_frames(num_samples)
+        keep = min(self.emitted_tokens, self.final_tokens(frames))  # tokens whose frames all precede the end
+        if (
+            keep < self.emitted_tokens
+            and self.field.frames_per_token * self.field.window_start(keep) < self._frame0
+        ):
+            raise ValueError(
+                f"the stream cannot end at sample {num_samples}: it is {self.emitted_tokens - keep} tokens "
+                f"before the newest, more than the {self.rewind_tokens} kept for rewinding"
+            )
+        if self._features is not None and frames < self._frames:
+            self._features = self._features[: max(0, frames - self._frame0)]
+        self._frames = min(self._frames, frames)
+        self.total_samples = num_samples
+        self.emitted_tokens = keep
 
     # ------------------------------------------------------------------------------ helpers
     def _extend_features(self) -> None:
@@ -235,6 +285,7 @@ class IncrementalAudioEncoder:
             mask[: hi - lo] = True
             self.max_window_frames = max(self.max_window_frames, frames.shape[0])
             out = self.encode(frames, mask)
+            self._width = int(out.shape[-1])
             new = out[self.emitted_tokens - s : e - s]
             if new.shape[0] != e - self.emitted_tokens:
                 raise RuntimeError(f"encoder returned {out.shape[0]} tokens for a {e - s}-token window")
@@ -251,9 +302,10 @@ class IncrementalAudioEncoder:
     def _trim_features(self) -> None:
         if self._features is None:
             return
-        keep_from = min(
-            self.field.frames_per_token * self.field.window_start(self.emitted_tokens), self._frames
-        )
+        oldest = max(
+            0, self.emitted_tokens - self.rewind_tokens
+        )  # finish(num_samples) may re-encode from there
+        keep_from = min(self.field.frames_per_token * self.field.window_start(oldest), self._frames)
         if keep_from > self._frame0:
             self._features = self._features[keep_from - self._frame0 :]
             self._frame0 = keep_from

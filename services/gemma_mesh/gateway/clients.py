@@ -142,14 +142,16 @@ class AudioEncodeStream:
 
     Tokens are final as soon as their 40 ms of audio has arrived (see docs/encoders.md) and equal
     whole-clip encoding to ~1e-6, so a growing segment costs one encoder pass per sample instead
-    of one per partial. ``failed`` turns True if the call breaks (callers fall back to ``Encode``).
+    of one per partial, and its final reuses them (``finish``). ``failed`` turns True if the call
+    breaks (callers fall back to ``Encode``).
     """
 
     def __init__(self, stub: audio_pb2_grpc.AudioFrontendStub, sample_rate_hz: int, timeout_s: float) -> None:
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[bytes | int | None] = asyncio.Queue()  # PCM, the end (samples), close
         self._sample_rate_hz = sample_rate_hz
         self._call = stub.EncodeStream(self._requests(), timeout=timeout_s)
         self._tokens: list[np.ndarray] = []
+        self._count = 0  # tokens held
         self.covered_ms = 0
         self.token_ms: float | None = None
         self.sent_ms = 0.0
@@ -163,12 +165,20 @@ class AudioEncodeStream:
         )
         yield audio_pb2.AudioStreamRequest(config=config)
         while (data := await self._queue.get()) is not None:
-            yield audio_pb2.AudioStreamRequest(pcm=data)
+            if isinstance(data, int):
+                yield audio_pb2.AudioStreamRequest(end=audio_pb2.AudioStreamEnd(samples=data))
+            else:
+                yield audio_pb2.AudioStreamRequest(pcm=data)
 
     async def _read(self) -> None:
         try:
             async for reply in self._call:
-                self._tokens.append(from_tensor_pb(reply.soft_tokens, param="soft_tokens"))
+                tokens = from_tensor_pb(reply.soft_tokens, param="soft_tokens")
+                if reply.first_token < self._count:  # the end rewound the stream: replace from there
+                    self._tokens = [np.concatenate(self._tokens)[: reply.first_token]]
+                    self._count = reply.first_token
+                self._tokens.append(tokens)
+                self._count += tokens.shape[0]
                 self.covered_ms = int(reply.range.end_ms)
                 if reply.num_soft_tokens > 0:  # the encoder's ms per token, from what it sends
                     self.token_ms = (reply.range.end_ms - reply.range.start_ms) / reply.num_soft_tokens
@@ -213,8 +223,23 @@ class AudioEncodeStream:
             self._tokens = [np.concatenate(self._tokens)]
         return SoftTokens(modality=common_pb2.AUDIO, tokens=to_tensor_pb(self._tokens[0]))
 
+    async def finish(self, samples: int, timeout_s: float) -> SoftTokens | None:
+        """End the clip after ``samples`` of the samples sent (``AudioStreamEnd``: the encoder redoes
+        the tokens that read past it, as ``Encode`` of those samples would) and return all its soft
+        tokens; None when the call fails or takes longer than ``timeout_s`` (then use ``Encode``)."""
+        self._queue.put_nowait(samples)
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout_s)
+        except TimeoutError:
+            self.failed = True
+        if self.failed:
+            self.cancel()
+            return None
+        return self.soft_tokens()
+
     def cancel(self) -> None:
-        """Stop the call (the segment closed; its final uses ``Encode`` on the whole segment)."""
+        """Stop the call (a segment's audio that nobody will finish)."""
         self._queue.put_nowait(None)
         self._call.cancel()
         self._reader.cancel()

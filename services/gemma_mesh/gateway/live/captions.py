@@ -8,8 +8,11 @@ the ``VadSegmenter``; a decode loop runs, one call at a time per session:
 * otherwise, every ``partial_interval_ms``, a **partial** decode of the open segment's audio so
   far, stabilised with LocalAgreement-2 (the committed prefix never changes).
 
-Each decode is AudioFrontend.Encode (soft tokens) + Decoder.Generate (thinking off, greedy) with
-the task's instruction (``prompts``). Each decode of a segment passes the segment's previous
+Each decode is audio soft tokens + Decoder.Generate (thinking off, greedy) with the task's
+instruction (``prompts``). A segment's soft tokens come from one AudioFrontend.EncodeStream: each
+partial feeds it the audio since the last, and the final ends it at the segment's last sample (the
+encoder redoes the few tokens that read past it), equal to Encode of the segment to ~1e-6; Encode
+is the fallback when the stream fails. Each decode of a segment passes the segment's previous
 hypothesis as its predicted output: successive hypotheses of a growing segment share most of their
 tokens, and the decoder verifies the shared ones in one prefill run instead of a decode step each
 (the text is the same as without the prediction). Backpressure: audio waiting beyond ``max_pending_audio_s``
@@ -66,6 +69,8 @@ log = get_logger(__name__)
 
 RATE_HZ = 16000
 DEFAULT_TOKENS_PER_AUDIO_S = 8.0
+# How long a final waits for its segment's stream to end before encoding the segment whole instead.
+FINAL_STREAM_TIMEOUT_S = 5.0
 _GUARD = RepetitionGuard()  # stateless: one for every decode
 Emit = Callable[[object], Awaitable[None]]
 _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
@@ -210,6 +215,8 @@ class CaptionPipeline:
         self._partial_audio_end = 0  # samples of the open segment covered by the last partial
         self._stream: AudioEncodeStream | None = None  # the open segment's incremental encoding
         self._stream_fed = 0  # samples of the open segment sent to it
+        # Closed segments' streams and the samples sent to each, until their finals end them.
+        self._final_streams: dict[int, tuple[AudioEncodeStream, int]] = {}
         self._arrivals: deque[tuple[int, float]] = deque()  # (end sample, arrival time) not yet covered
         self._closed_at: dict[int, float] = {}
         self._wake = asyncio.Event()
@@ -235,6 +242,9 @@ class CaptionPipeline:
         for task in self._tasks:
             task.cancel()
         self._close_stream()
+        for stream, _ in self._final_streams.values():
+            stream.cancel()
+        self._final_streams.clear()
 
     def behind(self) -> bool:
         """True while captions miss their latency objective, so camera-frame analyses wait: the
@@ -304,7 +314,9 @@ class CaptionPipeline:
                 elif isinstance(event, SegmentClosed):
                     self._closed_at[event.segment_id] = time.monotonic()
                     self._finals.append(event)
-                    self._close_stream()
+                    if self._stream is not None:  # its final ends it at the segment's last sample
+                        self._final_streams[event.segment_id] = (self._stream, self._stream_fed)
+                        self._stream = None
 
             if self.segmenter.open_segment is None and not self._finals:
                 self.durable_ms = self._ms(self.segmenter.samples_pushed)
@@ -453,8 +465,25 @@ class CaptionPipeline:
         else:
             await self.emit(CaptionPartial(**common))
 
+    async def _final_soft_tokens(self, segment: SegmentClosed) -> SoftTokens | None:
+        """The closed segment's soft tokens from its incremental encoding: the stream is sent what
+        partials did not feed it and ended at the segment's last sample (tokens that read the
+        silence after it are encoded again), equal to ``Encode`` of the segment to ~1e-6 and
+        bitwise equal to its partials' tokens up to there (the decoder reuses their KV). None when
+        the stream failed or ran further past the end than the audio service rewinds."""
+        handoff = self._final_streams.pop(segment.segment_id, None)
+        if handoff is None:
+            return None
+        stream, fed = handoff
+        if stream.failed:
+            stream.cancel()
+            return None
+        stream.send(segment.audio[fed:])
+        return await stream.finish(segment.audio.shape[0], timeout_s=FINAL_STREAM_TIMEOUT_S)
+
     async def _final(self, segment: SegmentClosed) -> None:
-        text = await self._decode(segment.segment_id, segment.audio)
+        soft_tokens = await self._final_soft_tokens(segment)
+        text = await self._decode(segment.segment_id, segment.audio, soft_tokens)
         self._hypotheses.pop(segment.segment_id, None)
         closed_at = self._closed_at.pop(segment.segment_id, time.monotonic())
         self.next_segment_id = self.segment_offset + segment.segment_id + 1

@@ -75,20 +75,30 @@ class AudioStreamConfig(_message.Message):
     channels: int
     def __init__(self, encoding: _Optional[_Union[PcmEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
+class AudioStreamEnd(_message.Message):
+    __slots__ = ("samples",)
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    def __init__(self, samples: _Optional[int] = ...) -> None: ...
+
 class AudioStreamRequest(_message.Message):
-    __slots__ = ("config", "pcm")
+    __slots__ = ("config", "pcm", "end")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     PCM_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     config: AudioStreamConfig
     pcm: bytes
-    def __init__(self, config: _Optional[_Union[AudioStreamConfig, _Mapping]] = ..., pcm: _Optional[bytes] = ...) -> None: ...
+    end: AudioStreamEnd
+    def __init__(self, config: _Optional[_Union[AudioStreamConfig, _Mapping]] = ..., pcm: _Optional[bytes] = ..., end: _Optional[_Union[AudioStreamEnd, _Mapping]] = ...) -> None: ...
 
 class AudioStreamResponse(_message.Message):
-    __slots__ = ("soft_tokens", "num_soft_tokens", "range")
+    __slots__ = ("soft_tokens", "num_soft_tokens", "range", "first_token")
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     soft_tokens: _common_pb2.Tensor
     num_soft_tokens: int
     range: _common_pb2.MediaRange
-    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_soft_tokens: _Optional[int] = ..., range: _Optional[_Union[_common_pb2.MediaRange, _Mapping]] = ...) -> None: ...
+    first_token: int
+    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_soft_tokens: _Optional[int] = ..., range: _Optional[_Union[_common_pb2.MediaRange, _Mapping]] = ..., first_token: _Optional[int] = ...) -> None: ...
