@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -25,7 +26,9 @@ def jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
-def pipeline(clients, emit, *, max_tokens=4, metrics=None, captions_behind=None, **video) -> FramePipeline:
+def pipeline(
+    clients, emit, *, max_tokens=4, metrics=None, captions_behind=None, slots=None, **video
+) -> FramePipeline:
     """A started ``FramePipeline`` analysing every 200 ms (``video`` overrides ``VideoConfig`` fields)."""
     frames = FramePipeline(
         clients=clients,
@@ -35,6 +38,7 @@ def pipeline(clients, emit, *, max_tokens=4, metrics=None, captions_behind=None,
         default_interval_ms=200,
         max_tokens=max_tokens,
         captions_behind=captions_behind,
+        slots=slots,
     )
     frames.start()
     return frames
@@ -132,3 +136,39 @@ async def test_a_budget_the_encoder_refuses_is_reported_against_the_session_conf
         await clients.close()
     assert [(e.type, e.param) for e in events] == [("error", "video.max_soft_tokens")]
     assert "frame at 500 ms" in events[0].message and "max_soft_tokens" in events[0].message
+
+
+@pytest.mark.asyncio
+async def test_sessions_share_the_gateways_analysis_slots():
+    """Two sessions, one slot (max_concurrent_analyses=1): their analyses never overlap, and a
+    session whose turn finds the slot busy analyses its newest frame at a later turn. The analysis
+    itself is a stand-in (this is the scheduling, not the mesh)."""
+    slots = asyncio.Semaphore(1)
+    running, most, analysed = 0, 0, {}
+
+    async def emit(event) -> None: ...
+
+    pipelines = [pipeline(None, emit, slots=slots) for _ in range(2)]
+    for index, frames in enumerate(pipelines):
+
+        async def analyse(frame, timestamp_ms, index=index) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.35)  # longer than the 200 ms interval: the other turn finds it busy
+            running -= 1
+            analysed.setdefault(index, []).append(timestamp_ms)
+
+        frames._analyse = analyse
+    try:
+        for step in range(8):
+            for frames in pipelines:
+                frames.push(jpeg(step), timestamp_ms=1000 + 250 * step)
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(0.8)
+    finally:
+        for frames in pipelines:
+            frames.cancel()
+    assert most == 1
+    assert set(analysed) == {0, 1}  # both sessions got analyses
+    assert all(b > a for times in analysed.values() for a, b in itertools.pairwise(times))

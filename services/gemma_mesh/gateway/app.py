@@ -51,6 +51,7 @@ class GatewayState:
     leases: SessionLeases
     vad_batcher: VadBatcher
     caption_latency: CaptionLatencyMonitor
+    analysis_slots: asyncio.Semaphore  # max_concurrent_analyses, shared by every session's frames
 
 
 async def _check_store(store: SessionStore) -> None:
@@ -118,6 +119,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             leases,
             vad_batcher,
             CaptionLatencyMonitor(settings.caption_latency_target_ms / 1000),
+            asyncio.Semaphore(settings.max_concurrent_analyses),
         )
         log.info(
             "gateway ready",

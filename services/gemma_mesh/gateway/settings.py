@@ -94,6 +94,13 @@ class GatewaySettings(BaseSettings):
         description="Caption token budget: 8 + this many per second of audio, up to max_caption_tokens",
     )
     max_analysis_tokens: int = Field(64, ge=1, description="Tokens generated per frame analysis")
+    max_concurrent_analyses: int = Field(
+        4,
+        ge=1,
+        description="Frame analyses in flight per gateway replica, all sessions together; a session "
+        "whose turn comes while all are busy waits another interval (its newest frame wins). Bounds "
+        "the decoder rows and prefill that camera analysis takes from captions at once",
+    )
     vad_model_path: str | None = Field(
         None, description="silero_vad.onnx; None = the file of the installed silero-vad wheel"
     )

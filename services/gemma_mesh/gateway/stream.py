@@ -392,6 +392,7 @@ class StreamConnection:
             captions_behind=self.captions.behind
             if self.captions is not None
             else self.state.caption_latency.over_target,
+            slots=self.state.analysis_slots,
         )
         self.frames.start()
 

@@ -11,6 +11,7 @@ last). An answer that falls into a loop (``RepetitionGuard.ends_in_loop``) is en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 import warnings
@@ -77,6 +78,10 @@ class FramePipeline:
             analyses wait (the waiting frame keeps being replaced, and counted as dropped) so the mesh
             catches up on speech first. The session gets a ``frames_deferred`` warning when analyses
             start waiting (once until one runs again).
+        slots: the gateway's analyses in flight (``max_concurrent_analyses``), shared by every
+            session in turn (first come, first served); a session waiting for one keeps replacing
+            its frame with newer ones and analyses the newest it has when its turn comes (no
+            warning: sharing the slots is normal operation).
     """
 
     def __init__(
@@ -90,9 +95,11 @@ class FramePipeline:
         max_tokens: int,
         first_analysis_id: int = 0,
         captions_behind: Callable[[], bool] | None = None,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.clients = clients
         self.captions_behind = captions_behind
+        self.slots = slots
         self.video = video
         self.emit = emit
         self.metrics = metrics
@@ -179,9 +186,16 @@ class FramePipeline:
                     )
                 continue
             self._deferred = False
+            # In turn with the other sessions for a slot (first come, first served).
+            async with self.slots if self.slots is not None else contextlib.nullcontext():
+                last = time.monotonic()
+                await self._analyse_newest()
+
+    async def _analyse_newest(self) -> None:
+        """Analyse the newest waiting frame (it may have been replaced while a slot was awaited)."""
+        if self._waiting is not None:
             frame, timestamp_ms = self._waiting
             self._waiting = None
-            last = time.monotonic()
             await self._analyse(frame, timestamp_ms)
 
     async def _analyse(self, frame: bytes, timestamp_ms: int) -> None:
