@@ -171,3 +171,33 @@ def test_finished_reports_prompt_tokens_without_the_prediction(tiny_bundle):
     assert isinstance(finished[0], Finished)
     assert finished[0].prompt_tokens == len(request.input_ids)
     assert len(out[0]) == 8
+
+
+def test_predictions_are_verified_block_by_block(tiny_bundle):
+    """``prediction_block_tokens`` 16: a prediction wrong at its 2nd token costs one block of prefill,
+    a right one of 40 tokens three runs (16, 16, 8) and no decode step; both give the plain output."""
+    request = _request(tiny_bundle, 9, 6, max_tokens=61, ignore_eos=True)
+    solo = _solo(tiny_bundle, request)
+    prompt_len = len(request.input_ids)
+    for prediction, most_prefilled, decode_steps in (
+        (_corrupt(solo, 1, tiny_bundle.manifest.text.vocab_size), prompt_len + 16, 61 - 2),
+        (solo[:40], prompt_len + 40, 61 - 41),
+    ):
+        engine = _engine(
+            tiny_bundle, prefix_cache_bytes=0, prefill_chunk_tokens=256, prediction_block_tokens=16
+        )
+        prefilled: list[int] = []
+        real = engine._run_step
+
+        def spy(rows, embeds, per_layer, positions, logits_at, prefilled=prefilled, real=real, engine=engine):
+            if engine._prefilling and rows.start == len(engine._decoding):  # a prefill run
+                prefilled.append(positions.shape[1])
+            return real(rows, embeds, per_layer, positions, logits_at)
+
+        engine._run_step = spy
+        out, _ = _run(
+            engine, [GenerationRequest(**{**request.__dict__, "prediction": np.asarray(prediction)})]
+        )
+        assert out[0] == solo
+        assert sum(prefilled) <= most_prefilled
+        assert _decode_steps(engine) == decode_steps

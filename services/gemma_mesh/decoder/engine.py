@@ -20,7 +20,7 @@ picks exactly the predicted token; the first token it picks differently ends the
 row decodes on from there. Keys and values are committed only for accepted tokens (a rejected token
 never enters the cache, nor overwrites a sliding-window slot still in use), and the sampler draws
 once per token as in plain decoding, so the output is the same as without a prediction, in one
-prefill run instead of one step per accepted token.
+prefill run per ``prediction_block_tokens`` accepted instead of one step per token.
 
 Rows ``0 .. n_decoding-1`` decode; rows ``n_decoding ..`` are being prefilled. Each sequence sees
 only its own keys (the masks come from its own length and ring), so batched greedy output equals
@@ -389,7 +389,8 @@ class Engine:
 
     def _prefill_batch(self) -> None:
         """One run over every prefilling row: ``S = prefill_chunk_tokens // k`` tokens each (at most
-        what is left of prompt and prediction, and stopping at prefix-cache snapshot lengths).
+        what is left of prompt and prediction, at most ``prediction_block_tokens`` predicted tokens,
+        and stopping at prefix-cache snapshot lengths).
 
         A row whose chunk reaches its prompt's last token samples from there on; with a prediction
         it walks the predicted tokens (``_walk_prediction``). Rows whose walk ended move to the
@@ -399,8 +400,10 @@ class Engine:
         base, k = len(self._decoding), len(seqs)
         step = max(1, min(self.settings.prefill_chunk_tokens // k, max(s.input_len - s.cursor for s in seqs)))
         ends = []
+        block = self.settings.prediction_block_tokens
         for seq in seqs:
-            end = min(seq.input_len, seq.cursor + step)
+            # A run verifies at most one block of the prediction: the next only once it was all accepted.
+            end = min(seq.input_len, seq.cursor + step, max(seq.cursor, seq.prompt_len) + block)
             for point in seq.snapshots:  # stop exactly at snapshot lengths
                 if seq.cursor < point < end:
                     end = point

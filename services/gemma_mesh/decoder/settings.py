@@ -42,3 +42,9 @@ class DecoderSettings(GrpcServiceSettings):
         ),
     )
     max_stop_strings: int = Field(16, ge=0, description="Stop strings per request")
+    prediction_block_tokens: int = Field(
+        16,
+        ge=1,
+        description="Predicted-output tokens verified per prefill run: the next block is verified only "
+        "if the whole block was accepted, so a prediction that goes wrong early costs at most one block",
+    )
