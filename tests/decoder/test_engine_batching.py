@@ -15,6 +15,7 @@ import pytest
 
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
 from gemma_mesh.decoder.kv_cache import EMPTY, BatchKVCache
+from gemma_mesh.decoder.prefix_cache import snapshot_lengths
 from gemma_mesh.decoder.settings import DecoderSettings
 
 WORDS = "the lighthouse keeper found a bottle on the shore and read the letter inside twice".split()
@@ -237,3 +238,133 @@ def test_device_cache_operations_equal_the_host_cache(tiny_bundle):
         cache.restore(1, snap)
     assert_same()
     assert device.nbytes() == host.nbytes()
+
+
+def _presents(text, rng, n: int, seq: int) -> dict[str, np.ndarray]:
+    presents = {}
+    for i in text.kv_layers:
+        shape = (n, text.layers[i].num_key_value_heads, seq, text.layers[i].head_dim)
+        for part in ("key", "value"):
+            presents[f"present.{i}.{part}"] = rng.standard_normal(shape).astype(np.float32)
+    return presents
+
+
+def _assert_rows_equal(a: BatchKVCache, row_a: int, b: BatchKVCache, row_b: int) -> None:
+    assert a.lengths[row_a] == b.lengths[row_b]
+    np.testing.assert_array_equal(a.ring_positions[row_a], b.ring_positions[row_b])
+    for i in a.text.kv_layers:
+        if i in a.sliding_layers:
+            used = np.flatnonzero(a.ring_positions[row_a, : a.ring] != EMPTY)
+        else:
+            used = np.arange(a.lengths[row_a])
+        for store_a, store_b in ((a.keys, b.keys), (a.values, b.values)):
+            np.testing.assert_array_equal(store_a[i][row_a][:, used], store_b[i][row_b][:, used])
+
+
+@pytest.mark.parametrize("cuts", [[3], [1, 2 + 1], [5, 9]])
+def test_a_step_committed_in_pieces_equals_the_prefix_committed_alone(tiny_bundle, cuts):
+    """The prefix cache snapshots a row in the middle of a prefill run: committing the run's tokens
+    in pieces (``first``), the state after each piece equals a cache that only ever saw that prefix,
+    and the last piece leaves the state of one whole commit. Past the sliding window too: the ring
+    after a piece still holds the window before it, not keys the rest of the run overwrote."""
+    text = tiny_bundle.manifest.text
+    window = text.sliding_window
+    rng = np.random.default_rng(2)
+    seq = window + 9
+    valid = np.array([seq, seq - 2])
+    points = [window + c for c in cuts]  # cuts inside the run, past the window
+    presents = _presents(text, rng, 2, seq)
+    positions = np.arange(seq)[None].repeat(2, 0)
+    whole = BatchKVCache(text, 2, np.float32, 8)
+    whole.reserve(seq)
+    whole.commit(slice(0, 2), positions, presents, valid)
+    pieces = BatchKVCache(text, 2, np.float32, 8)
+    pieces.reserve(seq)
+    done = np.zeros(2, dtype=np.int64)
+    for point in [*points, seq]:
+        cut = np.minimum(point, valid)
+        pieces.commit(slice(0, 2), positions, presents, cut - done, first=done)
+        for r in range(2):
+            alone = BatchKVCache(text, 1, np.float32, 8)
+            alone.reserve(seq)
+            n = int(cut[r])
+            alone.commit(
+                slice(0, 1), positions[r : r + 1, :n], {k: v[r : r + 1, :, :n] for k, v in presents.items()}
+            )
+            _assert_rows_equal(pieces, r, alone, 0)
+            snap = pieces.snapshot(r)
+            assert snap.length == n
+        done = cut
+    for r in range(2):
+        _assert_rows_equal(pieces, r, whole, r)
+
+
+def test_device_cache_commits_in_pieces_like_the_host_cache(tiny_bundle):
+    import onnxruntime as ort
+
+    from gemma_mesh.decoder.device_kv import DeviceKVCache
+
+    text = tiny_bundle.manifest.text
+    seq = text.sliding_window + 6
+    presents = _presents(text, np.random.default_rng(3), 2, seq)
+    positions = np.arange(seq)[None].repeat(2, 0)
+    host = BatchKVCache(text, 2, np.float32, 8)
+    device = DeviceKVCache(text, 2, np.float32, 8, device="cpu", providers=["CPUExecutionProvider"])
+    on_device = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in presents.items()}
+    for cache in (host, device):
+        cache.reserve(seq)
+    for counts, first in (([4, 0], [0, 0]), ([seq - 4, 7], [4, 0]), ([0, seq - 8], [seq, 7])):
+        host.commit(slice(0, 2), positions, presents, np.array(counts), first=np.array(first))
+        device.commit(slice(0, 2), positions, on_device, np.array(counts), first=np.array(first))
+    np.testing.assert_array_equal(device.lengths, host.lengths)
+    np.testing.assert_array_equal(device.ring_positions, host.ring_positions)
+    for i in text.kv_layers:
+        for part, store in (("key", host.keys), ("value", host.values)):
+            actual = device.stores[f"{i}.{part}"].numpy()
+            for row in range(2):
+                if i in host.sliding_layers:
+                    used = np.flatnonzero(host.ring_positions[row, : host.ring] != EMPTY)
+                else:
+                    used = np.arange(host.lengths[row])
+                np.testing.assert_array_equal(actual[row][:, used], store[i][row][:, used])
+
+
+@STORAGES
+def test_a_prompt_is_prefilled_in_one_run_through_its_snapshot_lengths(tiny_bundle, storage):
+    """A multi-turn prompt within the chunk budget takes one prefill run, however many snapshot
+    lengths (turn starts, block boundaries) it passes; every one of them is stored, and a later prompt
+    that shares a prefix up to one restores it and gives its solo output."""
+    builder = tiny_bundle.prompt_builder
+    turns = [{"role": "user", "content": " ".join(WORDS[:9])}, {"role": "assistant", "content": "yes"}]
+    first = GenerationRequest(
+        "a",
+        builder.build([*turns, {"role": "user", "content": "and then"}]).input_ids,
+        max_tokens=4,
+        ignore_eos=True,
+    )
+    second = GenerationRequest(
+        "b",
+        builder.build([*turns, {"role": "user", "content": "why twice"}]).input_ids,
+        max_tokens=4,
+        ignore_eos=True,
+    )
+    solo = _run(_engine(tiny_bundle, storage, prefix_cache_bytes=0), [second])[0][0]
+    engine = _engine(tiny_bundle, storage, prefill_chunk_tokens=256, prefix_block_tokens=8)
+    shapes = _spy_runs(engine)
+    engine.start()
+    try:
+        _collect(_submit_together(engine, [first]))
+        runs_first = [s for s in shapes if s[1] > 1]
+        lengths = sorted(snap.length for snap in engine.prefix_cache._entries.values())
+        out, finished = _collect(_submit_together(engine, [second]))
+    finally:
+        engine.stop()
+    assert runs_first == [(1, len(first.input_ids))]  # the whole prompt in one run
+    starts = np.flatnonzero(first.input_ids == engine.turn_start_id).tolist()
+    assert lengths == snapshot_lengths(len(first.input_ids), starts, 8) and len(lengths) >= 3
+    assert out[0] == solo
+    common = int(
+        np.argmax(first.input_ids[: len(second.input_ids)] != second.input_ids[: len(first.input_ids)])
+    )
+    assert starts[-2] < common < starts[-1]  # they share the last user turn's start, not its text
+    assert finished[0].cached_prompt_tokens == max(n for n in lengths if n <= common)

@@ -146,10 +146,14 @@ class DeviceKVCache(BatchKVCache):
         positions: np.ndarray,
         presents: dict[str, Any],
         valid: np.ndarray | None = None,
+        first: np.ndarray | None = None,
     ) -> None:
         start = rows.start or 0
         n, seq = positions.shape
         counts = np.full(n, seq, dtype=np.int64) if valid is None else np.asarray(valid, dtype=np.int64)
+        offsets = np.zeros(n, dtype=np.int64) if first is None else np.asarray(first, dtype=np.int64)
+        if not counts.any():
+            return
         lengths = self.lengths[start : start + n]
         feeds: dict[str, np.ndarray] = {}
         ring_updates = []
@@ -162,7 +166,7 @@ class DeviceKVCache(BatchKVCache):
                 if count == 0:
                     continue
                 tokens, slots = self.step_destinations(
-                    positions[r], count, int(lengths[r]), sliding=kind == "sliding"
+                    positions[r], count, int(lengths[r]), sliding=kind == "sliding", first=int(offsets[r])
                 )
                 if kind == "sliding":
                     ring_updates.append((start + r, slots, positions[r, tokens]))

@@ -389,8 +389,10 @@ class Engine:
 
     def _prefill_batch(self) -> None:
         """One run over every prefilling row: ``S = prefill_chunk_tokens // k`` tokens each (at most
-        what is left of prompt and prediction, at most ``prediction_block_tokens`` predicted tokens,
-        and stopping at prefix-cache snapshot lengths).
+        what is left of prompt and prediction, at most ``prediction_block_tokens`` predicted tokens).
+        The run goes through prefix-cache snapshot lengths: its keys/values are committed in pieces
+        that end there (``_commit_with_snapshots``), so a prompt is not cut into more runs than its
+        chunk budget needs.
 
         A row whose chunk reaches its prompt's last token samples from there on; with a prediction
         it walks the predicted tokens (``_walk_prediction``). Rows whose walk ended move to the
@@ -403,12 +405,7 @@ class Engine:
         block = self.settings.prediction_block_tokens
         for seq in seqs:
             # A run verifies at most one block of the prediction: the next only once it was all accepted.
-            end = min(seq.input_len, seq.cursor + step, max(seq.cursor, seq.prompt_len) + block)
-            for point in seq.snapshots:  # stop exactly at snapshot lengths
-                if seq.cursor < point < end:
-                    end = point
-                    break
-            ends.append(end)
+            ends.append(min(seq.input_len, seq.cursor + step, max(seq.cursor, seq.prompt_len) + block))
         valid = np.array([end - seq.cursor for seq, end in zip(seqs, ends, strict=True)], dtype=np.int64)
         width = int(valid.max())
         hidden, per_layer_shape = seqs[0].embeds.shape[1], seqs[0].per_layer.shape[1:]
@@ -440,14 +437,7 @@ class Engine:
                 if fin:
                     finished.add(j)
             valid[j] = min(end, seq.confirmed) - seq.cursor
-        self.kv.commit(slice(base, base + k), positions, presents, valid)
-        for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
-            seq.cursor += int(valid[j])
-            if end in seq.snapshots and not self.prefix_cache.contains(
-                seq.req.prefix_cache_key, seq.keys[:end]
-            ):
-                self.prefix_cache.store(seq.req.prefix_cache_key, seq.keys[:end], self.kv.snapshot(base + j))
-                self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
+        self._commit_with_snapshots(base, positions, presents, valid)
         if not done:
             return
         # Finished rows first (they become decoding rows), the others keep prefilling after them.
@@ -467,6 +457,42 @@ class Engine:
                 )
             if done[offset] in finished:
                 self._retire(first_row + offset, seq)
+
+    def _commit_with_snapshots(
+        self, base: int, positions: np.ndarray, presents: dict, valid: np.ndarray
+    ) -> None:
+        """Commit the first ``valid [k]`` step tokens of prefilling rows ``base ..`` and advance
+        their cursors, storing a prefix-cache snapshot at each snapshot length the step passes.
+
+        The step is committed in pieces: each piece ends at a row's next snapshot length (or its
+        last valid token), and a row that reached a snapshot length is snapshotted before the next
+        piece. A snapshot is therefore exactly the state after its prefix, as if the run had
+        stopped there (the sliding layers' ring still holds the window before it).
+        """
+        seqs = self._prefilling
+        k = len(seqs)
+        rows = slice(base, base + k)
+        starts = [seq.cursor for seq in seqs]
+        done = np.zeros(k, dtype=np.int64)  # step tokens committed so far, per row
+        while True:
+            cut = done.copy()
+            for j, seq in enumerate(seqs):
+                start, stop = starts[j] + int(done[j]), starts[j] + int(valid[j])
+                cut[j] = next((p for p in seq.snapshots if start < p < stop), stop) - starts[j]
+            if not (cut > done).any():
+                return
+            self.kv.commit(rows, positions, presents, cut - done, first=done)
+            for j, seq in enumerate(seqs):
+                seq.cursor = starts[j] + int(cut[j])
+                if cut[j] > done[j] and seq.cursor in seq.snapshots:
+                    self._store_snapshot(base + j, seq)
+            done = cut
+
+    def _store_snapshot(self, row: int, seq: _Sequence) -> None:
+        keys = seq.keys[: seq.cursor]
+        if not self.prefix_cache.contains(seq.req.prefix_cache_key, keys):
+            self.prefix_cache.store(seq.req.prefix_cache_key, keys, self.kv.snapshot(row))
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
 
     def _walk_prediction(self, seq: _Sequence, first: int, end: int, logits: np.ndarray) -> tuple[bool, bool]:
         """Sample ``seq``'s tokens at positions ``first .. end - 1`` (``logits [>= end - first, V]``)

@@ -193,17 +193,22 @@ class BatchKVCache:
         positions: np.ndarray,
         presents: dict[str, np.ndarray],
         valid: np.ndarray | None = None,
+        first: np.ndarray | None = None,
     ) -> None:
         """Store the step's new keys/values (each ``present`` output, ``[n, kvH, S, D]``).
 
-        ``valid [n]`` (default: all ``S``) is how many leading step tokens of each row are real; the
-        rest is padding of a batched prefill (rows of different chunk lengths) and is not stored.
+        ``valid [n]`` (default: all ``S``) is how many step tokens of each row to store, from step
+        index ``first [n]`` on (default 0); the rest is padding of a batched prefill (rows of
+        different chunk lengths) or is stored by a later call (a step committed in pieces, so the
+        prefix cache can snapshot a row between them). Pieces must be committed in order.
         """
         start = rows.start or 0
         n, seq = positions.shape
         row_index = np.arange(start, start + n)
         lengths = self.lengths[start : start + n]
-        if seq == 1 and valid is None:  # decode: one vectorised scatter per layer for the whole batch
+        if (
+            seq == 1 and valid is None and first is None
+        ):  # decode: one vectorised scatter per layer for the whole batch
             slots = positions[:, 0] % self.window
             for i in self.text.kv_layers:
                 dest = slots if i in self.sliding_layers else lengths
@@ -213,35 +218,42 @@ class BatchKVCache:
             self.lengths[start : start + n] += 1
             return
         counts = np.full(n, seq, dtype=np.int64) if valid is None else np.asarray(valid, dtype=np.int64)
+        offsets = np.zeros(n, dtype=np.int64) if first is None else np.asarray(first, dtype=np.int64)
         for r in range(n):
-            count = int(counts[r])
+            count, offset = int(counts[r]), int(offsets[r])
             if count == 0:
                 continue
-            ring_tokens, slots = self.step_destinations(positions[r], count, int(lengths[r]), sliding=True)
-            _, full_slots = self.step_destinations(positions[r], count, int(lengths[r]), sliding=False)
+            ring_tokens, slots = self.step_destinations(
+                positions[r], count, int(lengths[r]), sliding=True, first=offset
+            )
+            full_tokens, full_slots = self.step_destinations(
+                positions[r], count, int(lengths[r]), sliding=False, first=offset
+            )
             for i in self.text.kv_layers:
                 for part, store in (("key", self.keys), ("value", self.values)):
                     new = presents[f"present.{i}.{part}"][r]  # [kvH, S, D]
                     if i in self.sliding_layers:
                         store[i][start + r, :, slots] = np.moveaxis(new[:, ring_tokens], 1, 0)
                     else:
-                        store[i][start + r, :, full_slots] = np.moveaxis(new[:, :count], 1, 0)
+                        store[i][start + r, :, full_slots] = np.moveaxis(new[:, full_tokens], 1, 0)
             self.ring_positions[start + r, slots] = positions[r, ring_tokens]
         self.lengths[start : start + n] += counts
 
     def step_destinations(
-        self, positions: np.ndarray, count: int, length: int, *, sliding: bool
+        self, positions: np.ndarray, count: int, length: int, *, sliding: bool, first: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Which of a row's first ``count`` step tokens (``positions [S]``) a layer stores, and where.
+        """Which of a row's step tokens ``first .. first + count - 1`` (``positions [S]``) a layer
+        stores, and where.
 
         Full layers keep all of them after the row's ``length``; sliding layers keep only the last
         ``window`` (ring slot ``position % window``). Returns ``(token indices, slots)``, int64.
         """
+        end = first + count
         if sliding:
-            tokens = np.arange(count - min(count, self.window), count)
+            tokens = np.arange(end - min(count, self.window), end)
             return tokens, positions[tokens] % self.window
-        tokens = np.arange(count)
-        return tokens, length + tokens
+        tokens = np.arange(first, end)
+        return tokens, length + tokens - first
 
     def permute_rows(self, start: int, order: Sequence[int]) -> None:
         """Rows ``start + j`` take the state of rows ``start + order[j]`` (a permutation of ``0..k-1``)."""
