@@ -14,7 +14,9 @@ Figures, measured by the client:
 - frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session, CPU of
   every service and of this load generator (it shares the machine);
 - the work the decoder did: tokens generated and prefilled (prefix-cache misses) per second, mean
-  sequences per decode step.
+  sequences per decode step, predicted-output tokens accepted and rejected per second;
+- frame analyses completed per second (analyses wait while captions miss their latency objective,
+  at most ``max_concurrent_analyses`` at once: the frames' share is what captions leave).
 The same figures for one session, measured first in the same run, are the baseline (ratios).
 
     python bench/gateway_load.py                      # 32 sessions, 30 s, tiny bundle
@@ -254,6 +256,7 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         "audio_refused_messages": sum(s.refused for s in stats),
         "finals": sum(s.finals for s in stats),
         "frame_analyses": sum(s.analyses for s in stats),
+        "frame_analyses_per_s": round(sum(s.analyses for s in stats) / elapsed, 2),
         "frames_dropped": metric(after, "gemma_mesh_gateway_frames_dropped_total")
         - metric(before, "gemma_mesh_gateway_frames_dropped_total"),
         "errors": sorted({e for s in stats for e in s.errors})[:5],
@@ -277,6 +280,12 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         "decoder_mean_batch": round(decoder_delta("gemma_mesh_decoder_batch_size_sum") / steps, 1)
         if steps
         else None,
+        "decoder_prediction_tokens_accepted_per_s": round(
+            decoder_delta('gemma_mesh_decoder_prediction_tokens_total{outcome="accepted"}') / elapsed, 1
+        ),
+        "decoder_prediction_tokens_rejected_per_s": round(
+            decoder_delta('gemma_mesh_decoder_prediction_tokens_total{outcome="rejected"}') / elapsed, 1
+        ),
     }
 
 
@@ -292,8 +301,11 @@ def show(result: dict) -> None:
         f"{result['gateway_rss_mb_per_session']} MB/session\n    CPU (% of one core) by service: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_core_pct_by_service"].items())
         + f", load generator {result['load_generator_cpu_core_pct']}"
-        + f"\n    decoder: {result['decoder_generated_tokens_per_s']} tokens/s generated, "
+        + f"\n    decoder: {result['decoder_generated_tokens_per_s']} tokens/s generated "
+        f"({result['decoder_prediction_tokens_accepted_per_s']} of them accepted predictions, "
+        f"{result['decoder_prediction_tokens_rejected_per_s']} predicted tokens rejected), "
         f"{result['decoder_prefilled_tokens_per_s']} prefilled (not cached), mean batch {result['decoder_mean_batch']}"
+        f"\n    frames: {result['frame_analyses_per_s']} analyses/s completed, {result['frames_dropped']:.0f} dropped"
     )
 
 

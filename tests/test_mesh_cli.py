@@ -92,6 +92,10 @@ def test_supervisor_restarts_a_crashed_service_and_stops_everything():
                 text = httpx.get(mesh.urls()[f"{name}_metrics"], timeout=5).text
                 promtool_check(text)
                 assert f"gemma_mesh_{name}_" in text
+                # services sharing a host run one ORT thread per operator unless the user said otherwise
+                variable = f"GEMMA_MESH_{name.upper()}_INTRA_OP_THREADS"
+                environ = Path(f"/proc/{mesh.children[name].proc.pid}/environ").read_bytes().split(b"\0")
+                assert f"{variable}={os.environ.get(variable, '1')}".encode() in environ
             decoder = mesh.children["decoder"]
             old_pid = decoder.proc.pid
             decoder.proc.kill()

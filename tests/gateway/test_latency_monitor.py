@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
-from gemma_mesh.gateway.live.latency import MIN_SAMPLES, CaptionLatencyMonitor
+from gemma_mesh.gateway.live.latency import HEADROOM, MIN_SAMPLES, CaptionLatencyMonitor
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import SessionConfig
 
@@ -32,7 +32,12 @@ def test_recent_p95_over_the_window_against_the_target():
     assert monitor.recent() is None and not monitor.over_target()
     for i in range(100):
         monitor.observe(0.01 * i)  # 0 .. 0.99 s
-    assert abs(monitor.recent() - 0.9405) < 1e-9 and not monitor.over_target()
+    # p95 0.94 s meets the 1 s objective but not its headroom: best-effort work backs off already
+    assert abs(monitor.recent() - 0.9405) < 1e-9 and HEADROOM < 0.94 and monitor.over_target()
+    clock.now += 6.0
+    for i in range(100):
+        monitor.observe(0.007 * i)  # 0 .. 0.693 s
+    assert abs(monitor.recent() - 0.65835) < 1e-9 and not monitor.over_target()
 
 
 def _pipeline(monitor, partial_interval_ms=400) -> CaptionPipeline:

@@ -78,7 +78,7 @@ class GatewaySettings(BaseSettings):
     session_ttl_s: int = Field(3600, ge=10, description="How long an idle or ended session can be resumed")
 
     # --- captioning and frame analysis defaults (a session may override within the limits) ---
-    partial_interval_ms: int = Field(700, ge=100, description="Default interval between partial decodes")
+    partial_interval_ms: int = Field(500, ge=100, description="Default interval between partial decodes")
     caption_latency_target_ms: int = Field(
         1000,
         ge=100,
