@@ -159,6 +159,75 @@ def test_stream_equals_non_stream_and_ends_with_usage(client: openai.OpenAI, gat
     assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
 
 
+def _greedy_ids(decoder_target: str, prompt: str, max_tokens: int) -> list[int]:
+    """The decoder's greedy token ids for one user message (what the API's answer is made of)."""
+    import grpc
+
+    from gemma_mesh.proto.v1 import decoder_pb2, decoder_pb2_grpc
+
+    message = decoder_pb2.Message(role="user", content=[decoder_pb2.ContentPart(text=prompt)])
+    request = decoder_pb2.GenerateRequest(messages=[message], max_tokens=max_tokens)
+    with grpc.insecure_channel(decoder_target) as channel:
+        replies = decoder_pb2_grpc.DecoderStub(channel).Generate(request, timeout=120)
+        return [t for r in replies if r.HasField("delta") for t in r.delta.token_ids]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_predicted_output_gives_the_same_answer_and_counts_its_tokens(
+    client: openai.OpenAI, tiny_bundle, backends
+) -> None:
+    """OpenAI's ``prediction``: the answer never changes; usage says how many predicted tokens the
+    decoder accepted (each a decode step saved) and rejected. A predicted text is tokenized, so it
+    is accepted up to the first token its text does not tokenize back to (the random tiny model
+    emits byte-fallback tokens whose text is U+FFFD): the expected counts come from the decoder's
+    own token ids, for the prompt whose answer round-trips furthest."""
+    tokenizer = tiny_bundle.tokenizer
+    prompts = ["Say hello.", "Tell me a story.", "Count to ten."]
+    answers = {p: _greedy_ids(backends.decoder, p, 24) for p in prompts}
+    texts = {p: tokenizer.decode(ids, skip_special_tokens=True) for p, ids in answers.items()}
+    retokenized = {p: tokenizer.encode(texts[p], add_special_tokens=False).ids for p in prompts}
+    prompt = max(prompts, key=lambda p: _common_prefix(retokenized[p], answers[p]))
+    messages = [{"role": "user", "content": prompt}]
+    plain = chat(client, messages, max_tokens=24)
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # no thinking, no prediction: no details
+    right = chat(client, messages, max_tokens=24, prediction={"type": "content", "content": text})
+    assert right.choices[0].message.content == text
+    details = right.usage.completion_tokens_details
+    used = min(len(tokenizer.encode(text, add_special_tokens=False).ids), 24 - 1)  # capped at max_tokens - 1
+    accepted = min(
+        _common_prefix(tokenizer.encode(text, add_special_tokens=False).ids, answers[prompt]), used
+    )
+    assert accepted >= 1
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (
+        accepted,
+        used - accepted,
+    )
+    wrong = [{"type": "text", "text": "zebra quantum "}, {"type": "text", "text": "marmalade"}]
+    predicted = tokenizer.encode("zebra quantum marmalade", add_special_tokens=False).ids
+    chunks = list(
+        chat(
+            client,
+            messages,
+            max_tokens=24,
+            prediction={"type": "content", "content": wrong},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    details = chunks[-1].usage.completion_tokens_details
+    accepted = _common_prefix(predicted, answers[prompt])
+    assert (details.accepted_prediction_tokens, details.rejected_prediction_tokens) == (
+        accepted,
+        len(predicted) - accepted,
+    )
+    assert details.rejected_prediction_tokens >= 1
+
+
 def test_thinking_switch_gives_reasoning_content(client: openai.OpenAI, gateway_url: str) -> None:
     url = f"{gateway_url}/v1/chat/completions"
     for extra in ({"chat_template_kwargs": {"enable_thinking": True}}, {"reasoning_effort": "high"}):
@@ -352,6 +421,11 @@ def _audio_message(data: str, fmt: str) -> list[dict]:
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"temperature": "hot"}, "temperature"),
         ({"logprobs": True}, "logprobs"),
+        ({"prediction": {"type": "file", "content": "x"}}, "prediction.type"),
+        (
+            {"prediction": {"type": "content", "content": [{"type": "image_url"}]}},
+            "prediction.content.0.type",
+        ),
     ],
 )
 def test_bad_chat_requests_are_400_naming_the_field(client: openai.OpenAI, kwargs: dict, param: str) -> None:

@@ -104,6 +104,8 @@ class Done:
     cached_prompt_tokens: int
     ttft_ms: float
     total_ms: float
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
 
 @dataclass
@@ -426,6 +428,8 @@ class MeshClient:
                         f.usage.cached_prompt_tokens,
                         f.timings.ttft_ms,
                         f.timings.total_ms,
+                        f.usage.accepted_prediction_tokens,
+                        f.usage.rejected_prediction_tokens,
                     )
         except grpc.aio.AioRpcError as error:
             raise _mesh_error(error, "decoder") from None

@@ -285,16 +285,22 @@ class OpenAIServingChat:
         async for event in events:
             yield event
 
-    def _usage(self, done: Done, reasoning_tokens: int, thinking: bool) -> UsageInfo:
+    def _usage(self, done: Done, reasoning_tokens: int, request: ChatCompletionRequest) -> UsageInfo:
+        """Usage; ``completion_tokens_details`` when thinking was on or a prediction was given."""
         self.metrics.tokens_generated.inc(done.completion_tokens)
+        details = None
+        if request.enable_thinking or request.prediction is not None:
+            details = CompletionTokensDetails(
+                reasoning_tokens=reasoning_tokens,
+                accepted_prediction_tokens=done.accepted_prediction_tokens,
+                rejected_prediction_tokens=done.rejected_prediction_tokens,
+            )
         return UsageInfo(
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             total_tokens=done.prompt_tokens + done.completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_prompt_tokens),
-            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
-            if thinking
-            else None,
+            completion_tokens_details=details,
         )
 
     async def _full(
@@ -325,7 +331,7 @@ class OpenAIServingChat:
             id=request_id,
             model=self.settings.served_model_name,
             choices=[ChatCompletionResponseChoice(message=message, finish_reason=done.finish_reason)],
-            usage=self._usage(done, reasoning_tokens, thinking),
+            usage=self._usage(done, reasoning_tokens, request),
         )
 
     async def _stream(
@@ -356,7 +362,7 @@ class OpenAIServingChat:
                 async for event in self._events(first, events):
                     if isinstance(event, Done):
                         yield chunk(DeltaMessage(), event.finish_reason)
-                        usage = self._usage(event, reasoning_tokens, thinking)
+                        usage = self._usage(event, reasoning_tokens, request)
                         if request.include_usage:
                             final = ChatCompletionStreamResponse(
                                 id=request_id,
