@@ -92,16 +92,55 @@ async def test_sessions_per_key_limit(secured_gateway_url):
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_resume_of_another_keys_session_is_refused(secured_gateway_url):
-    started = await first_event(secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1")})
-    stolen = await first_event(
-        secured_gateway_url,
-        {"token": token_for(secured_gateway_url, "test-key-2"), "session_id": started["session_id"]},
-    )
-    assert stolen["code"] == "permission_error"
+    """A refused resume touches nothing: the owner's live connection stays attached (no takeover,
+    no wait), and no session lease is taken or left behind for a session that does not exist."""
+    import redis
+
+    owner = await websockets.connect(ws_url(secured_gateway_url))
+    try:
+        await owner.send(
+            json.dumps({"type": "session.start", "token": token_for(secured_gateway_url, "test-key-1")})
+        )
+        started = json.loads(await owner.recv())
+        assert started["type"] == "session.started"
+        stolen = await first_event(
+            secured_gateway_url,
+            {"token": token_for(secured_gateway_url, "test-key-2"), "session_id": started["session_id"]},
+        )
+        assert stolen["code"] == "permission_error"
+        ahead = await first_event(
+            secured_gateway_url,
+            {
+                "token": token_for(secured_gateway_url, "test-key-1"),
+                "session_id": started["session_id"],
+                "last_event_id": 10**6,
+            },
+        )
+        assert ahead["code"] == "invalid_request_error" and ahead["param"] == "last_event_id"
+        # the owner's connection is still served (not taken over): a bad message gets its error event
+        await owner.send(json.dumps({"type": "no.such.message"}))
+        reply = json.loads(await asyncio.wait_for(owner.recv(), 10))
+        assert reply["type"] == "error" and not reply["fatal"]
+    finally:
+        await owner.close()
     unknown = await first_event(
         secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1"), "session_id": "nope"}
     )
     assert unknown["code"] == "not_found_error"
+    await asyncio.sleep(0.3)
+    assert redis.Redis.from_url("redis://127.0.0.1:6379/0").keys("gemma-mesh:session:nope*") == []
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_sessions_without_media_stop_counting_when_they_detach(secured_gateway_url):
+    token = token_for(secured_gateway_url, "test-key-2")  # max_sessions_per_key = 2
+    for _ in range(3):
+        started = await first_event(
+            secured_gateway_url, {"token": token, "config": {"audio": None, "video": None}}
+        )
+        assert started["type"] == "session.started"
+        await asyncio.sleep(0.3)  # detach ends it
+    assert (await first_event(secured_gateway_url, {"token": token}))["type"] == "session.started"
 
 
 def test_tokens_expire_and_keys_are_never_in_tokens():

@@ -47,6 +47,7 @@ from gemma_mesh.gateway.protocol import (
     unpack_media,
 )
 from gemma_mesh.gateway.protocol import Warning as WarningEvent
+from gemma_mesh.gateway.sessions.base import SessionRecord
 
 log = get_logger(__name__)
 
@@ -134,7 +135,7 @@ class StreamConnection:
         self._coalesce_warned = False
         self._started_at = time.monotonic()
         self.holder = uuid.uuid4().hex  # this connection's id in the session lease
-        self._leased = False
+        self._leased: str | None = None  # the session id whose lease this connection holds
         self._keeper: asyncio.Task | None = None
         self._counted = False  # in the active-sessions gauge
         self._close_code: int | None = None  # set when the session ends: a normal close after the drain
@@ -255,20 +256,14 @@ class StreamConnection:
         settings = self.settings
         state: dict = {}
         if start.session_id:
+            # Checked before the lease is taken (a resume that is refused must not touch a session
+            # another connection holds), and again after: the previous connection may have logged
+            # more events while it let go. A client cannot have seen an event the store lacks.
+            self._check_resume(await self.store.get(start.session_id), start, owner)
             await self._claim(start.session_id)
-            record = await self.store.get(start.session_id)
-            if record is None:
-                raise NotFound(f"session {start.session_id} does not exist or expired", param="session_id")
-            if record.owner != owner:
-                raise PermissionDenied("this session belongs to another API key", param="session_id")
+            record = self._check_resume(await self.store.get(start.session_id), start, owner)
             config = SessionConfig.model_validate(record.config)
             state = dict(record.state)
-            if start.last_event_id > record.last_event_id:
-                raise InvalidRequest(
-                    f"last_event_id {start.last_event_id} is ahead of the session's last event "
-                    f"{record.last_event_id}",
-                    param="last_event_id",
-                )
             self.session_id = record.session_id
             ended = state.get("ended")
             if not ended:
@@ -345,6 +340,27 @@ class StreamConnection:
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
         return True
 
+    @staticmethod
+    def _check_resume(record: SessionRecord | None, start: SessionStart, owner: str) -> SessionRecord:
+        """The session a ``session.start`` resumes, if this key may resume it from ``last_event_id``.
+
+        Raises:
+            NotFound: no such session (or it expired).
+            PermissionDenied: it belongs to another API key.
+            InvalidRequest: ``last_event_id`` is past the session's last event.
+        """
+        if record is None:
+            raise NotFound(f"session {start.session_id} does not exist or expired", param="session_id")
+        if record.owner != owner:
+            raise PermissionDenied("this session belongs to another API key", param="session_id")
+        if start.last_event_id > record.last_event_id:
+            raise InvalidRequest(
+                f"last_event_id {start.last_event_id} is ahead of the session's last event "
+                f"{record.last_event_id}",
+                param="last_event_id",
+            )
+        return record
+
     async def _claim(self, session_id: str) -> None:
         """Take the session's lease; a previous connection still attached is asked to let go first
         (it finishes decoding what it received, so this one reads the final state and full log).
@@ -362,7 +378,7 @@ class StreamConnection:
                 )
             log.debug("waiting for the session's previous connection", session_id=session_id, holder=holder)
             await asyncio.sleep(0.1)
-        self._leased = True
+        self._leased = session_id
         self._keeper = asyncio.create_task(self._keep_lease(session_id))
 
     async def _keep_lease(self, session_id: str) -> None:
@@ -571,19 +587,20 @@ class StreamConnection:
 
     async def _detach(self) -> None:
         """The connection is gone: finish what was received (finals are logged for resume), then release."""
-        if self.session_id is None:
-            return
         try:
-            if self.captions is not None or self.frames is not None:
-                await self._flush()
+            if self.session_id is not None:
+                if self.captions is not None or self.frames is not None:
+                    await self._flush()
+                # Every session stops counting against max_sessions_per_key, media or not.
                 await self.store.end(self.session_id)
         except MeshError as error:
             log.warning("session detach failed", session_id=self.session_id, error=error.message)
         finally:
             if self._counted:
                 self.metrics.active_sessions.dec()
-            if self._leased:
+            if self._leased is not None:  # also when the session start failed after the claim
                 if self._keeper is not None:
                     self._keeper.cancel()
-                await self.state.leases.release(self.session_id, self.holder)
-            log.info("session detached", session_id=self.session_id)
+                await self.state.leases.release(self._leased, self.holder)
+            if self.session_id is not None:
+                log.info("session detached", session_id=self.session_id)
