@@ -422,6 +422,10 @@ def _audio_message(data: str, fmt: str) -> list[dict]:
         ({"temperature": "hot"}, "temperature"),
         ({"logprobs": True}, "logprobs"),
         ({"prediction": {"type": "file", "content": "x"}}, "prediction.type"),
+        ({"max_tokens": "5"}, "max_tokens"),  # no coercion: a string or a bool is not a count
+        ({"max_tokens": True}, "max_tokens"),
+        ({"extra_body": {"stream": "yes"}}, "stream"),
+        ({"extra_body": {"top_k": 10**12}}, "top_k"),  # past the decoder's int32
         (
             {"prediction": {"type": "content", "content": [{"type": "image_url"}]}},
             "prediction.content.0.type",
@@ -516,11 +520,25 @@ def test_disconnect_cancels_the_stream_and_frees_the_slot(limited_url: str) -> N
     assert _wait_until_free(limited_url).status_code == 200
 
 
+def _closed_requests(url: str) -> float:
+    """How many chat completions the gateway answered 499 (client closed request)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.search(
+        r'^gemma_mesh_gateway_http_requests_total\{route="/v1/chat/completions",status="499"\} (\S+)$',
+        text,
+        re.M,
+    )
+    return float(found.group(1)) if found else 0.0
+
+
 def test_disconnect_cancels_a_non_streamed_request(limited_url: str) -> None:
+    """The generation is cancelled and the request ends as a 499 (not an unhandled error)."""
+    before = _closed_requests(limited_url)
     body = {"messages": HELLO, "max_tokens": 4000, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{limited_url}/v1/chat/completions", json=body, timeout=1.0)
     assert _wait_until_free(limited_url).status_code == 200
+    assert _closed_requests(limited_url) == before + 1
 
 
 # --- serving without a mesh (mock backend) ---------------------------------------------------

@@ -119,11 +119,27 @@ async def test_librivox_captions_are_ordered_and_cover_the_speech(gateway_url, c
         committed = [p["committed"] for p in seg]
         assert all(b.startswith(a) for a, b in itertools.pairwise(committed))
         assert final["start_ms"] < final["end_ms"] and final["text"]
-    start_ms, end_ms = speech_bounds_ms(decode_audio(clip, RATE))
+    samples = decode_audio(clip, RATE)
+    start_ms, end_ms = speech_bounds_ms(samples)
     assert finals[0]["start_ms"] <= start_ms + 100
     assert finals[-1]["end_ms"] >= end_ms - 100
     ends = [f["end_ms"] for f in finals]
     assert ends == sorted(ends)
+    # The audio clock at the end counts every sample sent, trailing silence included.
+    sent = (
+        samples.shape[0] + RATE * StreamOptions(audio=clip).tail_silence_ms // 1000
+    )  # the client adds silence
+    assert result.events[-1]["audio_clock_ms"] == sent * 1000 // RATE
+
+
+async def test_the_audio_clock_at_the_end_counts_every_sample(gateway_url, clip):
+    """Ended mid-speech (no trailing silence: the flush closes the open segment), the clock still
+    covers all audio received, so a client comparing it with what it sent sees nothing lost."""
+    samples = decode_audio(clip, RATE)
+    result = await stream(StreamOptions(audio=clip, url=gateway_url, speed=8.0, tail_silence_ms=0))
+    ended = result.events[-1]
+    assert ended["type"] == "session.ended" and result.of_type("caption.final")
+    assert ended["audio_clock_ms"] == samples.shape[0] * 1000 // RATE
 
 
 async def test_silence_and_noise_give_no_captions(gateway_url, tmp_path):

@@ -7,11 +7,34 @@ pairs on a terminal. Library loggers (onnxruntime, grpc) go through the same pip
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import structlog
 
 _configured = False
+
+
+# Header lines third-party libraries log at DEBUG (the websockets handshake through uvicorn's
+# "uvicorn.error" logger: "< authorization: Bearer ..."): the value never reaches a log.
+_SECRET_HEADER = re.compile(
+    r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key)(\s*[:=]\s*)\S.*"
+)
+REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "httpx", "httpcore")
+
+
+class RedactSecrets(logging.Filter):
+    """Replace the value of credential headers in a log record's message with ``[redacted]``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = _SECRET_HEADER.sub(r"\1\2[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+_REDACT = RedactSecrets()
 
 
 def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
@@ -41,6 +64,11 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    # On the loggers that log headers (logger filters survive uvicorn's dictConfig) and on the root
+    # handlers (records of their child loggers, "websockets.server", pass there).
+    for target in [*(logging.getLogger(name) for name in REDACTED_LOGGERS), *logging.getLogger().handlers]:
+        if _REDACT not in target.filters:
+            target.addFilter(_REDACT)
     _configured = True
 
 

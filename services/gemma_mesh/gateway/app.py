@@ -211,7 +211,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.monotonic()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug of ours: Starlette answers 500; count it before it propagates
+            path = getattr(request.scope.get("route"), "path", "unmatched")
+            if path.startswith("/v1/"):
+                request.app.state.gw.metrics.http_requests.labels(path, "500").inc()
+            raise
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         if path.startswith("/v1/"):

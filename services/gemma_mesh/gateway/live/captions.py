@@ -505,6 +505,9 @@ class CaptionPipeline:
             self.durable_ms = self._ms(self._finals[0].start_sample)
         elif open_segment is not None:
             self.durable_ms = self._ms(open_segment.start_sample)
+        elif self._vad_done.is_set():  # end of stream: every sample is decided, the rest was silence
+            self.durable_ms = self._ms(self.segmenter.samples_pushed)
+            self._covered = max(self._covered, self.segmenter.samples_pushed)
         else:
             self.durable_ms = self._ms(segment.end_sample)
             self._covered = max(self._covered, self.segmenter.samples_pushed)

@@ -193,22 +193,24 @@ class ChatCompletionRequest(OpenAIBaseModel):
     audio: dict[str, Any] | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = False
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated by OpenAI for max_completion_tokens")
+    logprobs: bool | None = Field(False, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    max_tokens: int | None = Field(
+        None, ge=1, strict=True, description="Deprecated by OpenAI for max_completion_tokens"
+    )
     metadata: dict[str, str] | None = None
     modalities: list[str] | None = None
-    n: int | None = 1
+    n: int | None = Field(1, strict=True)
     parallel_tool_calls: bool | None = None
     prediction: PredictionContent | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, strict=True)
     service_tier: str | None = None
     stop: str | list[str] | None = None
     store: bool | None = False
-    stream: bool | None = False
+    stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     tool_choice: str | dict[str, Any] | None = None
@@ -217,7 +219,13 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
     # --8<-- [start:chat-completion-extra-params]
-    top_k: int | None = Field(None, ge=-1, description="Sample from the k most likely tokens; 0 or -1 = all")
+    top_k: int | None = Field(
+        None,
+        ge=-1,
+        le=2**31 - 1,
+        strict=True,
+        description="Sample from the k most likely tokens; 0 or -1 = all",
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
         None,
         description='Chat template variables; only {"enable_thinking": bool} (Gemma 4 thinking) is supported',

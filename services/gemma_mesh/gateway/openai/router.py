@@ -17,6 +17,7 @@ Errors are ``MeshError`` exceptions: the app's handlers turn them into OpenAI er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable
 from contextlib import ExitStack
@@ -99,6 +100,10 @@ async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Non
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # Let the cancellation finish (the decoder call is cancelled, its slot freed) before
+            # answering: a task asked to cancel is not yet done, and has no result to read.
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if task.cancelled():
         return None
     return task.result()
