@@ -27,8 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 # The main job: a real photo and a real speech recording through the model (embedded tiny bundle).
+# DEMO_ARGS: options of `gemma-mesh demo`, e.g. make demo DEMO_ARGS="--port 8100 --no-keep-running"
+DEMO_ARGS ?=
 demo: setup
-	$(VENV)/bin/gemma-mesh demo
+	$(VENV)/bin/gemma-mesh demo $(DEMO_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check services tests scripts bench deploy

@@ -145,7 +145,10 @@ async def stream(options: StreamOptions, on_event: Callable[[dict], None] | None
                 await ws.send(json.dumps(start))
                 started = json.loads(await ws.recv())
                 if started["type"] == "error":
-                    raise InvalidRequest(f"session refused: {started['message']}")
+                    hint = ""
+                    if started.get("code") == "authentication_error" and not options.api_key:
+                        hint = " (this gateway needs an API key: --api-key or GEMMA_MESH_API_KEY)"
+                    raise InvalidRequest(f"session refused: {started['message']}{hint}")
                 resume_ms = int(started.get("audio_clock_ms", 0))
                 result.session_id = started["session_id"]
                 last_event_id = _record(result, started, last_event_id, on_event)

@@ -195,3 +195,12 @@ async def test_backlog_warns_then_refuses_audio_explicitly(backends, librivox_cl
     assert refused and all("audio refused" in e["message"] and e["param"] == "audio" for e in refused)
     assert all(re.search(r"audio message at \d+ ms", e["message"]) for e in refused)  # which one
     assert [e for e in events if e["type"] == "caption.final"], "accepted audio is still captioned"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stream_client_without_a_key_is_told_how_to_give_one(secured_gateway_url, librivox_clips):
+    from gemma_mesh.common.errors import InvalidRequest
+    from gemma_mesh.stream_client import StreamOptions, stream
+
+    with pytest.raises(InvalidRequest, match="--api-key or GEMMA_MESH_API_KEY"):
+        await stream(StreamOptions(audio=librivox_clips[0], url=secured_gateway_url))

@@ -304,6 +304,14 @@ async def test_session_update_changes_the_camera_and_bad_updates_are_refused(gat
         await ws.send(update({"video": {"max_fps": 500}}))  # over the gateway's limit
         refused = await recv_until(ws, lambda e: e["type"] == "error")
         assert "max_fps" in refused[-1]["message"] and not refused[-1]["fatal"]
+        for bad, field in (
+            ({"partial_interval_ms": 10**12}, "partial_interval_ms"),  # would turn partials off
+            ({"video": {"prompt": ""}}, "video.prompt"),
+            ({"video": {"max_fps": 1e-300}}, "video.max_fps"),
+        ):
+            await ws.send(update(bad))
+            error = (await recv_until(ws, lambda e: e["type"] == "error"))[-1]
+            assert field in error["message"] and not error["fatal"], error
         await ws.send(update({"video": {"max_soft_tokens": 71}}))  # not a budget of the encoder
         wrong = (await recv_until(ws, lambda e: e["type"] == "error"))[-1]
         assert wrong["param"] == "video.max_soft_tokens" and "must be one of" in wrong["message"]
@@ -319,6 +327,13 @@ async def test_session_update_changes_the_camera_and_bad_updates_are_refused(gat
         await ws.send(json.dumps({"type": "session.end"}))
         tail = await recv_until(ws, lambda e: e["type"] == "session.ended")
         assert tail[-1]["reason"] == "client"
+
+
+async def test_last_event_id_without_a_session_is_refused(gateway_url):
+    async with websockets.connect(ws_url(gateway_url)) as ws:
+        await ws.send(json.dumps({"type": "session.start", "last_event_id": 7}))
+        event = json.loads(await ws.recv())
+        assert event["type"] == "error" and "session_id" in event["message"] and event["fatal"]
 
 
 async def test_first_message_must_be_session_start(gateway_url):

@@ -22,7 +22,7 @@ import struct
 from enum import IntEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from gemma_mesh.common.errors import InvalidRequest
 
@@ -78,12 +78,20 @@ class AudioConfig(_Strict):
     channels: int = Field(1, ge=1, le=8, description="Interleaved channels; mixed down to mono")
 
 
+# Bounds of a session's intervals and frame rate: a partial or an analysis less often than once a
+# minute, or a camera slower than a frame a minute, is a client bug, not a setting.
+MAX_INTERVAL_MS = 60_000
+MIN_FPS = 1 / 60
+
+
 class VideoConfig(_Strict):
     """Camera frames: at most ``max_fps`` per second; every ``analysis_interval_ms`` the newest is analysed."""
 
-    max_fps: float = Field(1.0, gt=0)
-    analysis_interval_ms: int | None = Field(None, ge=200, description="None = the gateway's default")
-    prompt: str = Field("Describe what you see in one sentence.", max_length=4000)
+    max_fps: float = Field(1.0, ge=MIN_FPS, description=f"At least {MIN_FPS} (one frame a minute)")
+    analysis_interval_ms: int | None = Field(
+        None, ge=200, le=MAX_INTERVAL_MS, description="None = the gateway's default"
+    )
+    prompt: str = Field("Describe what you see in one sentence.", min_length=1, max_length=4000)
     max_soft_tokens: int | None = Field(
         None,
         ge=1,
@@ -101,7 +109,9 @@ class SessionConfig(_Strict):
     target_language: str | None = Field(None, description="BCP-47 language to translate into")
     audio: AudioConfig | None = Field(default_factory=AudioConfig, description="None = no audio")
     video: VideoConfig | None = Field(None, description="None = no camera frames")
-    partial_interval_ms: int | None = Field(None, ge=100, description="None = the gateway's default")
+    partial_interval_ms: int | None = Field(
+        None, ge=100, le=MAX_INTERVAL_MS, description="None = the gateway's default"
+    )
 
 
 class SessionConfigUpdate(_Strict):
@@ -111,7 +121,7 @@ class SessionConfigUpdate(_Strict):
     source_language: str | None = None
     target_language: str | None = None
     video: VideoConfig | None = None
-    partial_interval_ms: int | None = Field(None, ge=100)
+    partial_interval_ms: int | None = Field(None, ge=100, le=MAX_INTERVAL_MS)
 
 
 # --- client -> gateway ----------------------------------------------------------------------
@@ -125,6 +135,12 @@ class SessionStart(_Strict):
     session_id: str | None = Field(None, max_length=128, description="Resume this session")
     last_event_id: int = Field(0, ge=0, description="On resume: the last event the client has")
     token: str | None = Field(None, max_length=4096, description="Browser session token (or use a header)")
+
+    @model_validator(mode="after")
+    def _resume_fields(self) -> SessionStart:
+        if self.last_event_id and not self.session_id:
+            raise ValueError("last_event_id is for a resume: give the session_id too")
+        return self
 
 
 class SessionUpdate(_Strict):

@@ -248,7 +248,7 @@ class StreamConnection:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise InvalidRequest(
-                f"bad control message: {where}: {first.get('msg')}", param=where or None
+                f"bad control message: {where + ': ' if where else ''}{first.get('msg')}", param=where or None
             ) from None
 
     async def _open(self, owner: str, start: SessionStart) -> bool:
