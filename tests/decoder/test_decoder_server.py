@@ -445,3 +445,17 @@ def test_waiting_requests_are_admitted_by_priority_then_arrival(tiny_bundle):
             thread.join(timeout=60)
         assert order == ["urgent", "late-a", "late-b", "late-c"]
         channel.close()
+
+
+def test_a_long_text_prediction_is_cut_to_what_can_be_used(tiny_bundle):
+    """A 9 MB predicted text with max_tokens 16: only its start is tokenized (the cut depends on
+    max_tokens, not on the text), giving the same first tokens as the whole text would."""
+    from gemma_mesh.decoder.servicer import max_token_chars, prediction_from_pb
+
+    text = "the lighthouse keeper read the letter twice. " * 200_000
+    ids = prediction_from_pb(decoder_pb2.Prediction(text=text), tiny_bundle, 16)
+    head = tiny_bundle.tokenizer.encode(text[:5000], add_special_tokens=False).ids
+    assert ids.tolist() == head[:16]
+    assert 16 * max_token_chars(tiny_bundle) < 5000 < len(text)
+    many = prediction_from_pb(decoder_pb2.Prediction(token_ids=[5] * 100_000), tiny_bundle, 16)
+    assert many.tolist() == [5] * 16

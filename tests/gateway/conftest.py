@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 
 import pytest
 
 from tests.gateway.mesh import Backends, GatewayThread, start_backends
+
+# The Redis key prefix of the secured gateway: per test run, so sessions an earlier run left in the
+# shared Redis (they live for session_ttl_s) never count against this run's per-key limits.
+SECURED_PREFIX = f"gemma-mesh-test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +34,7 @@ def secured_gateway_url(backends: Backends) -> str:
     settings = backends.gateway_settings(
         api_keys=["test-key-1", "test-key-2"],
         redis_url="redis://127.0.0.1:6379/0",
+        redis_key_prefix=SECURED_PREFIX,  # this run's own keys: nothing left by another run counts
         max_sessions_per_key=2,
         allowed_origins=["http://allowed.example"],
     )

@@ -16,6 +16,7 @@ from gemma_mesh.gateway.auth import Authenticator, key_id
 from gemma_mesh.gateway.protocol import MediaKind, pack_media
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.gateway.stream import Outbound
+from tests.gateway.conftest import SECURED_PREFIX
 from tests.gateway.mesh import GatewayThread
 
 
@@ -117,7 +118,10 @@ async def test_resume_of_another_keys_session_is_refused(secured_gateway_url):
             },
         )
         assert ahead["code"] == "invalid_request_error" and ahead["param"] == "last_event_id"
-        # the owner's connection is still served (not taken over): a bad message gets its error event
+        # the owner's connection still holds the lease (under the gateway's redis_key_prefix) ...
+        holder = f"{SECURED_PREFIX}:session:{started['session_id']}:holder"
+        assert redis.Redis.from_url("redis://127.0.0.1:6379/0").exists(holder)
+        # ... and is still served (not taken over): a bad message gets its error event
         await owner.send(json.dumps({"type": "no.such.message"}))
         reply = json.loads(await asyncio.wait_for(owner.recv(), 10))
         assert reply["type"] == "error" and not reply["fatal"]
@@ -128,7 +132,7 @@ async def test_resume_of_another_keys_session_is_refused(secured_gateway_url):
     )
     assert unknown["code"] == "not_found_error"
     await asyncio.sleep(0.3)
-    assert redis.Redis.from_url("redis://127.0.0.1:6379/0").keys("gemma-mesh:session:nope*") == []
+    assert redis.Redis.from_url("redis://127.0.0.1:6379/0").keys("*:session:nope*") == []  # under any prefix
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -204,3 +208,30 @@ async def test_stream_client_without_a_key_is_told_how_to_give_one(secured_gatew
 
     with pytest.raises(InvalidRequest, match="--api-key or GEMMA_MESH_API_KEY"):
         await stream(StreamOptions(audio=librivox_clips[0], url=secured_gateway_url))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_resume_counts_against_the_sessions_per_key_limit(secured_gateway_url):
+    token = token_for(secured_gateway_url, "test-key-2")  # max_sessions_per_key = 2
+    first = await first_event(secured_gateway_url, {"token": token})  # then detached
+    assert first["type"] == "session.started"
+    await asyncio.sleep(0.3)
+    sockets = []
+    try:
+        for _ in range(2):
+            ws = await websockets.connect(ws_url(secured_gateway_url))
+            await ws.send(json.dumps({"type": "session.start", "token": token}))
+            assert json.loads(await ws.recv())["type"] == "session.started"
+            sockets.append(ws)
+        resumed = await first_event(secured_gateway_url, {"token": token, "session_id": first["session_id"]})
+        assert resumed["code"] == "rate_limit_error" and "max_sessions_per_key" in resumed["message"]
+        await sockets.pop().close()
+        await asyncio.sleep(0.3)
+        again = await first_event(
+            secured_gateway_url,
+            {"token": token, "session_id": first["session_id"], "last_event_id": first["event_id"]},
+        )
+        assert again["type"] == "session.started" and again["resumed"]
+    finally:
+        for ws in sockets:
+            await ws.close()

@@ -426,6 +426,8 @@ def _audio_message(data: str, fmt: str) -> list[dict]:
         ({"max_tokens": True}, "max_tokens"),
         ({"extra_body": {"stream": "yes"}}, "stream"),
         ({"extra_body": {"top_k": 10**12}}, "top_k"),  # past the decoder's int32
+        ({"top_p": True}, "top_p"),
+        ({"temperature": "0.5"}, "temperature"),
         (
             {"prediction": {"type": "content", "content": [{"type": "image_url"}]}},
             "prediction.content.0.type",
@@ -520,15 +522,45 @@ def test_disconnect_cancels_the_stream_and_frees_the_slot(limited_url: str) -> N
     assert _wait_until_free(limited_url).status_code == 200
 
 
-def _closed_requests(url: str) -> float:
-    """How many chat completions the gateway answered 499 (client closed request)."""
+def _closed_requests(url: str, route: str = "/v1/chat/completions", status: str = "499") -> float:
+    """How many requests to ``route`` the gateway answered ``status`` (499: client closed request)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     found = re.search(
-        r'^gemma_mesh_gateway_http_requests_total\{route="/v1/chat/completions",status="499"\} (\S+)$',
+        rf'^gemma_mesh_gateway_http_requests_total\{{route="{re.escape(route)}",status="{status}"\}} (\S+)$',
         text,
         re.M,
     )
     return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize(
+    ("route", "content_type"),
+    [
+        ("/v1/chat/completions", "application/json"),
+        ("/v1/audio/transcriptions", "multipart/form-data; boundary=b"),
+    ],
+)
+def test_a_client_gone_while_sending_its_body_is_a_499(
+    gateway_url: str, route: str, content_type: str
+) -> None:
+    """Half a body, then the connection closes: a 499, not an unhandled error (500)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = (_closed_requests(gateway_url, route), _closed_requests(gateway_url, route, "500"))
+    host = urlsplit(gateway_url)
+    with socket.create_connection((host.hostname, host.port), timeout=10) as sock:
+        head = (
+            f"POST {route} HTTP/1.1\r\nHost: {host.netloc}\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 100000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"--b\r\n" + b"x" * 1000)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while _closed_requests(gateway_url, route) == before[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _closed_requests(gateway_url, route) == before[0] + 1
+    assert _closed_requests(gateway_url, route, "500") == before[1]
 
 
 def test_disconnect_cancels_a_non_streamed_request(limited_url: str) -> None:

@@ -307,6 +307,8 @@ async def test_session_update_changes_the_camera_and_bad_updates_are_refused(gat
         for bad, field in (
             ({"partial_interval_ms": 10**12}, "partial_interval_ms"),  # would turn partials off
             ({"video": {"prompt": ""}}, "video.prompt"),
+            ({"video": {"prompt": "   "}}, "video.prompt"),
+            ({"partial_interval_ms": "500"}, "partial_interval_ms"),  # a number, not a string
             ({"video": {"max_fps": 1e-300}}, "video.max_fps"),
         ):
             await ws.send(update(bad))

@@ -20,15 +20,19 @@ _configured = False
 _SECRET_HEADER = re.compile(
     r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key)(\s*[:=]\s*)\S.*"
 )
+# A browser session token inside a logged WebSocket frame ({"token": "..."}), even when cut short.
+_TOKEN_FIELD = re.compile(r'("token"\s*:\s*")[^"]*("?)')
+
 REDACTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "websockets", "httpx", "httpcore")
 
 
 class RedactSecrets(logging.Filter):
-    """Replace the value of credential headers in a log record's message with ``[redacted]``."""
+    """Replace the value of credential headers, and of a ``"token"`` field of a logged WebSocket
+    message, in a log record's message with ``[redacted]``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = _SECRET_HEADER.sub(r"\1\2[redacted]", message)
+        redacted = _TOKEN_FIELD.sub(r"\1[redacted]\2", _SECRET_HEADER.sub(r"\1\2[redacted]", message))
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True

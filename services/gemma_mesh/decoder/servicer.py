@@ -7,6 +7,8 @@ them to INVALID_ARGUMENT/RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -121,7 +123,9 @@ def build_request(
         enable_thinking=pb.enable_thinking,
     )
     # The builder numbers media per kind in message order; embed_prompt fills each placeholder id in order.
-    prediction = prediction_from_pb(pb.prediction, bundle) if pb.HasField("prediction") else None
+    prediction = (
+        prediction_from_pb(pb.prediction, bundle, int(pb.max_tokens)) if pb.HasField("prediction") else None
+    )
     return GenerationRequest(
         request_id=pb.request_id,
         input_ids=prompt.input_ids,
@@ -137,9 +141,23 @@ def build_request(
     )
 
 
-def prediction_from_pb(pb: decoder_pb2.Prediction, bundle: ModelBundle) -> np.ndarray | None:
-    """The predicted output's token ids (int64 ``[m]``): given, or the text tokenized without
-    special tokens. None when both are empty.
+@functools.lru_cache(maxsize=8)
+def max_token_chars(bundle: ModelBundle) -> int:
+    """The longest token's length in its vocabulary spelling (an upper bound of the characters any
+    one token decodes to: byte tokens ``<0x..>`` and byte-level symbols spell at least one
+    character per character they decode to)."""
+    return max(len(token) for token in bundle.tokenizer.get_vocab())
+
+
+def prediction_from_pb(pb: decoder_pb2.Prediction, bundle: ModelBundle, max_tokens: int) -> np.ndarray | None:
+    """The predicted output's token ids (int64 ``[m]``, at most ``max_tokens``): given, or the text
+    tokenized without special tokens. None when both are empty.
+
+    Only the first ``max_tokens - 1`` predicted tokens can ever be used, so a long text is cut to
+    ``max_tokens * max_token_chars`` characters before it is tokenized: the tokenizer's work is
+    bounded by the request's ``max_tokens``, not by the prediction's size (a 10 MB prediction took
+    seconds of the event loop every stream shares). Cutting can only change the tokens at the cut,
+    past the ones used; a prediction never changes the output anyway.
 
     Raises:
         InvalidRequest: both token ids and text, or a token id outside the vocabulary.
@@ -147,10 +165,12 @@ def prediction_from_pb(pb: decoder_pb2.Prediction, bundle: ModelBundle) -> np.nd
     if pb.token_ids and pb.text:
         raise InvalidRequest("prediction: give token_ids or text, not both", param="prediction")
     if pb.text:
-        return np.asarray(bundle.tokenizer.encode(pb.text, add_special_tokens=False).ids, dtype=np.int64)
+        text = pb.text[: max(max_tokens, 1) * max_token_chars(bundle)]
+        ids = bundle.tokenizer.encode(text, add_special_tokens=False).ids[: max(max_tokens, 1)]
+        return np.asarray(ids, dtype=np.int64)
     if not pb.token_ids:
         return None
-    ids = np.asarray(pb.token_ids, dtype=np.int64)
+    ids = np.asarray(pb.token_ids[: max(max_tokens, 1)], dtype=np.int64)
     vocab = bundle.manifest.text.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise InvalidRequest(
@@ -191,7 +211,9 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
         try:
-            gen = build_request(request, self.engine.bundle, self.settings)
+            # Off the event loop: rendering and tokenizing a long prompt must not stall the other
+            # streams this loop serves.
+            gen = await asyncio.to_thread(build_request, request, self.engine.bundle, self.settings)
             handle = self.engine.submit(gen)
         except Exception as exc:
             code = getattr(exc, "grpc_status", "INTERNAL")

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gemma_mesh.common.errors import MeshError
 from gemma_mesh.common.logging import get_logger
@@ -87,6 +88,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         metrics = GatewayMetrics()
         store = open_store(
             settings.redis_url,
+            prefix=settings.redis_key_prefix,
             max_events=settings.event_log_max_events,
             ttl_s=settings.session_ttl_s,
             observe=metrics.observe_store,
@@ -107,7 +109,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         from gemma_mesh.gateway.captioning import find_silero_model
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
-        leases = open_leases(settings.redis_url)
+        leases = open_leases(settings.redis_url, prefix=settings.redis_key_prefix)
         vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
             settings,
@@ -158,6 +160,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         wrapped.code = "invalid_request_error"
         request.app.state.gw.metrics.errors.labels(wrapped.code).inc()
         return JSONResponse(error_body(wrapped), status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+        """The client left while its body was still arriving: nginx's 499, nothing to answer."""
+        from gemma_mesh.gateway.openai.router import CLIENT_CLOSED_REQUEST
+
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -22,7 +22,7 @@ import struct
 from enum import IntEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from gemma_mesh.common.errors import InvalidRequest
 
@@ -74,8 +74,8 @@ class AudioConfig(_Strict):
     """The PCM the client sends. The gateway resamples to the model's rate (16 kHz) with soxr."""
 
     encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
-    sample_rate_hz: int = Field(16000, ge=8000, le=192000)
-    channels: int = Field(1, ge=1, le=8, description="Interleaved channels; mixed down to mono")
+    sample_rate_hz: int = Field(16000, ge=8000, le=192000, strict=True)
+    channels: int = Field(1, ge=1, le=8, strict=True, description="Interleaved channels; mixed down to mono")
 
 
 # Bounds of a session's intervals and frame rate: a partial or an analysis less often than once a
@@ -87,18 +87,28 @@ MIN_FPS = 1 / 60
 class VideoConfig(_Strict):
     """Camera frames: at most ``max_fps`` per second; every ``analysis_interval_ms`` the newest is analysed."""
 
-    max_fps: float = Field(1.0, ge=MIN_FPS, description=f"At least {MIN_FPS} (one frame a minute)")
+    max_fps: float = Field(
+        1.0, ge=MIN_FPS, strict=True, description=f"At least {MIN_FPS} (one frame a minute)"
+    )
     analysis_interval_ms: int | None = Field(
-        None, ge=200, le=MAX_INTERVAL_MS, description="None = the gateway's default"
+        None, ge=200, le=MAX_INTERVAL_MS, strict=True, description="None = the gateway's default"
     )
     prompt: str = Field("Describe what you see in one sentence.", min_length=1, max_length=4000)
     max_soft_tokens: int | None = Field(
         None,
         ge=1,
         le=2**31 - 1,  # an int32 on the wire
+        strict=True,
         description="Vision soft tokens per frame (70, 140, 280, 560 or 1120); None = the model's "
         "per-frame video budget (70 for Gemma 4)",
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("the prompt must contain text")
+        return prompt
 
 
 class SessionConfig(_Strict):
@@ -110,7 +120,7 @@ class SessionConfig(_Strict):
     audio: AudioConfig | None = Field(default_factory=AudioConfig, description="None = no audio")
     video: VideoConfig | None = Field(None, description="None = no camera frames")
     partial_interval_ms: int | None = Field(
-        None, ge=100, le=MAX_INTERVAL_MS, description="None = the gateway's default"
+        None, ge=100, le=MAX_INTERVAL_MS, strict=True, description="None = the gateway's default"
     )
 
 
@@ -121,7 +131,7 @@ class SessionConfigUpdate(_Strict):
     source_language: str | None = None
     target_language: str | None = None
     video: VideoConfig | None = None
-    partial_interval_ms: int | None = Field(None, ge=100, le=MAX_INTERVAL_MS)
+    partial_interval_ms: int | None = Field(None, ge=100, le=MAX_INTERVAL_MS, strict=True)
 
 
 # --- client -> gateway ----------------------------------------------------------------------
@@ -133,7 +143,7 @@ class SessionStart(_Strict):
     type: Literal["session.start"]
     config: SessionConfig = Field(default_factory=SessionConfig)
     session_id: str | None = Field(None, max_length=128, description="Resume this session")
-    last_event_id: int = Field(0, ge=0, description="On resume: the last event the client has")
+    last_event_id: int = Field(0, ge=0, strict=True, description="On resume: the last event the client has")
     token: str | None = Field(None, max_length=4096, description="Browser session token (or use a header)")
 
     @model_validator(mode="after")

@@ -26,6 +26,14 @@ class GatewaySettings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Session store; None = in-process store (one replica, no resume across replicas)"
     )
+    redis_key_prefix: str = Field(
+        "gemma-mesh",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Prefix of every Redis key (sessions, events, leases): meshes sharing one Redis "
+        "use different prefixes",
+    )
     served_model_name: str = Field("gemma-4-e4b-it", description="The model id of /v1/models")
     max_grpc_message_bytes: int = Field(64 * MiB, ge=MiB, description="Largest gRPC message to a backend")
     backend_timeout_s: float = Field(120.0, gt=0, description="Deadline of one backend call")

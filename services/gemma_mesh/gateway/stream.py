@@ -248,7 +248,9 @@ class StreamConnection:
             first = error.errors()[0]
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise InvalidRequest(
-                f"bad control message: {where + ': ' if where else ''}{first.get('msg')}", param=where or None
+                f"bad control message: {where + ': ' if where else ''}"
+                f"{str(first.get('msg', '')).removeprefix('Value error, ')}",
+                param=where or None,
             ) from None
 
     async def _open(self, owner: str, start: SessionStart) -> bool:
@@ -267,6 +269,9 @@ class StreamConnection:
             self.session_id = record.session_id
             ended = state.get("ended")
             if not ended:
+                # Detached sessions do not count (the previous connection, if any, let go above):
+                # resuming one opens it again, within the key's limit like a new one.
+                await self._check_session_limit(owner)
                 await self.store.reopen(self.session_id)
             # Replay exactly what the client missed, oldest first, before anything new. The stored
             # config applies (a resume's config is ignored; change it with session.update).
@@ -287,10 +292,7 @@ class StreamConnection:
         else:
             config = validate_config(start.config, settings)
             await self._check_video_budget(config)
-            if await self.store.count_active(owner) >= settings.max_sessions_per_key:
-                raise RateLimited(
-                    f"{settings.max_sessions_per_key} sessions already open for this key (max_sessions_per_key)"
-                )
+            await self._check_session_limit(owner)
             record = await self.store.create(owner, config.model_dump(mode="json"), settings.session_ttl_s)
             self.session_id = record.session_id
             await self._claim(record.session_id)
@@ -339,6 +341,12 @@ class StreamConnection:
         )
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
         return True
+
+    async def _check_session_limit(self, owner: str) -> None:
+        """Raises RateLimited when the key has ``max_sessions_per_key`` sessions open."""
+        limit = self.settings.max_sessions_per_key
+        if await self.store.count_active(owner) >= limit:
+            raise RateLimited(f"{limit} sessions already open for this key (max_sessions_per_key)")
 
     @staticmethod
     def _check_resume(record: SessionRecord | None, start: SessionStart, owner: str) -> SessionRecord:

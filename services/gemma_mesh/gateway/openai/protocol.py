@@ -153,7 +153,7 @@ ChatCompletionMessageParam = Annotated[
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class ResponseFormat(OpenAIBaseModel):
@@ -201,7 +201,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     metadata: dict[str, str] | None = None
     modalities: list[str] | None = None
     n: int | None = Field(1, strict=True)
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
     prediction: PredictionContent | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
@@ -209,14 +209,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63, strict=True)
     service_tier: str | None = None
     stop: str | list[str] | None = None
-    store: bool | None = False
+    store: bool | None = Field(False, strict=True)
     stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     user: str | None = None
     # --8<-- [start:chat-completion-extra-params]
     top_k: int | None = Field(

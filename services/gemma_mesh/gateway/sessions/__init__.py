@@ -60,7 +60,7 @@ __all__ = [
     "open_store",
 ]
 
-_MEMORY_ARGS = frozenset({"max_events", "ttl_s"})
+_MEMORY_ARGS = frozenset({"max_events", "ttl_s"})  # the others (prefix, observe, ...) are Redis-only
 
 
 def open_store(redis_url: str | None, **limits: Any) -> SessionStore:

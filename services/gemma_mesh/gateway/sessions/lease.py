@@ -141,6 +141,8 @@ class RedisSessionLeases(SessionLeases):
         await self._redis.aclose()
 
 
-def open_leases(redis_url: str | None, ttl_s: float = DEFAULT_TTL_S) -> SessionLeases:
-    """Redis leases when a URL is given, else in-process ones."""
-    return RedisSessionLeases(redis_url, ttl_s=ttl_s) if redis_url else SessionLeases(ttl_s)
+def open_leases(
+    redis_url: str | None, ttl_s: float = DEFAULT_TTL_S, *, prefix: str = "gemma-mesh"
+) -> SessionLeases:
+    """Redis leases (keys under ``prefix``) when a URL is given, else in-process ones."""
+    return RedisSessionLeases(redis_url, prefix=prefix, ttl_s=ttl_s) if redis_url else SessionLeases(ttl_s)
