@@ -275,7 +275,11 @@ def test_page_resumes_after_a_dropped_connection(
     # Audio captured while the socket was down waited in the ring and was sent from the gateway's
     # audio clock on: the page is caught up again.
     assert 0 <= resumed[0]["audio_clock_ms"] <= resumed[0]["captured_ms"], resumed
-    assert resumed[0]["captured_ms"] > before["audio"]["sentSamples"] / 16, (resumed, before["audio"])
+    if retry_in_ms is None:  # 250-500 ms down: audio was captured meanwhile (an at-once resume
+        # can finish within one capture quantum, so there it may have none to resend)
+        assert resumed[0]["captured_ms"] > before["audio"]["sentSamples"] / 16, (resumed, before["audio"])
+    else:
+        assert resumed[0]["captured_ms"] >= before["audio"]["sentSamples"] / 16, (resumed, before["audio"])
     assert after["audio"]["sentSamples"] == after["audio"]["capturedSamples"], after["audio"]
     assert_consecutive_ids(after, gateway_url)
     assert len(after["eventIds"]) > len(before["eventIds"])
