@@ -21,6 +21,7 @@ The same figures for one session, measured first in the same run, are the baseli
 
     python bench/gateway_load.py                      # 32 sessions, 30 s, tiny bundle
     python bench/gateway_load.py --sessions 8 --seconds 20 --bundle BUNDLE
+    python bench/gateway_load.py --repeat 5           # five load phases: the median run is judged
 
 The last line of stdout is one JSON object with every figure.
 """
@@ -315,7 +316,16 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--fps", type=float, default=1.0, help="camera frames per second (0 = no camera)")
     parser.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: embedded tiny)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="load phases to run (the p95 of one phase varies by +-15 %% on a shared VM; the target is "
+        "judged on the median run and every run's audio loss)",
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     configure_logging("WARNING")
     clips, frames = speech_stream(), photos()
     print(f"starting the mesh (bundle: {args.bundle or 'embedded tiny'}) ...", flush=True)
@@ -323,18 +333,43 @@ async def main() -> None:
         print(f"baseline: 1 session, {args.seconds:.0f} s", flush=True)
         baseline = await phase(mesh, 1, args.seconds, clips, frames, args.fps)
         show(baseline)
-        print(f"load: {args.sessions} sessions, {args.seconds:.0f} s", flush=True)
-        load = await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps)
-        show(load)
+        runs = []
+        for run in range(args.repeat):
+            which = f" (run {run + 1} of {args.repeat})" if args.repeat > 1 else ""
+            print(f"load: {args.sessions} sessions, {args.seconds:.0f} s{which}", flush=True)
+            runs.append(await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps))
+            show(runs[-1])
+    # The median run by p95 partial latency (a run without partials counts as the slowest).
+    ranked = sorted(
+        runs, key=lambda r: r["partial_p95_s"] if r["partial_p95_s"] is not None else float("inf")
+    )
+    load = ranked[(len(ranked) - 1) // 2]
+    if args.repeat > 1:
+        p95s = [r["partial_p95_s"] for r in runs]
+        print(
+            f"  partial p95 over {args.repeat} runs: " + ", ".join(f"{p:.3f} s" if p else "-" for p in p95s)
+        )
     ratio = None
     if baseline["partial_p95_s"] and load["partial_p95_s"]:
         ratio = load["partial_p95_s"] / baseline["partial_p95_s"]
-        print(f"  partial p95 at {args.sessions} sessions / 1 session: {ratio:.2f}x")
-    target = load["partial_p95_s"] is not None and load["partial_p95_s"] <= 1.0 and load["audio_lost_s"] == 0
+        print(f"  partial p95 at {args.sessions} sessions (median run) / 1 session: {ratio:.2f}x")
+    lost = sum(r["audio_lost_s"] for r in runs)
+    target = load["partial_p95_s"] is not None and load["partial_p95_s"] <= 1.0 and lost == 0
     print(
-        f"  target (p95 partial <= 1.0 s, no audio lost at {args.sessions} sessions): {'met' if target else 'NOT met'}"
+        f"  target (p95 partial <= 1.0 s in the median run, no audio lost in any, at {args.sessions} sessions): "
+        f"{'met' if target else 'NOT met'}"
     )
-    print(json.dumps({"baseline": baseline, "load": load, "partial_p95_ratio": ratio, "target_met": target}))
+    print(
+        json.dumps(
+            {
+                "baseline": baseline,
+                "load": load,
+                "load_runs": runs,
+                "partial_p95_ratio": ratio,
+                "target_met": target,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
