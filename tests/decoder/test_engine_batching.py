@@ -175,6 +175,25 @@ def test_commit_stores_only_the_valid_tokens_of_each_row(tiny_bundle):
             np.testing.assert_array_equal(batched.values[i][r], alone.values[i][0])
 
 
+def _assert_device_matches_host(device, host: BatchKVCache) -> None:
+    """The device cache holds exactly the host cache's state: lengths, ring positions, and every
+    slot a mask can expose (full layers below each row's length, ring slots in use; a restore
+    leaves stale keys past the snapshot on the host and zeros on the device)."""
+    assert device.capacity == host.capacity and device.ring == host.ring
+    np.testing.assert_array_equal(device.lengths, host.lengths)
+    np.testing.assert_array_equal(device.ring_positions, host.ring_positions)
+    for i in host.text.kv_layers:
+        for part, store in (("key", host.keys), ("value", host.values)):
+            actual = device.stores[f"{i}.{part}"].numpy()
+            for row in range(host.lengths.shape[0]):
+                if i in host.sliding_layers:
+                    used = np.flatnonzero(host.ring_positions[row, : host.ring] != EMPTY)
+                else:
+                    used = np.arange(host.lengths[row])
+                assert used.size > 0 or host.lengths[row] == 0
+                np.testing.assert_array_equal(actual[row][:, used], store[i][row][:, used])
+
+
 def test_device_cache_operations_equal_the_host_cache(tiny_bundle):
     """Commit (decode and padded prefill, past the window), growth, row moves, permutations,
     snapshot and restore on the device cache leave exactly the host cache's contents."""
@@ -203,21 +222,7 @@ def test_device_cache_operations_equal_the_host_cache(tiny_bundle):
         device.commit(rows, positions, on_device, valid)
 
     def assert_same() -> None:
-        assert device.capacity == host.capacity and device.ring == host.ring
-        np.testing.assert_array_equal(device.lengths, host.lengths)
-        np.testing.assert_array_equal(device.ring_positions, host.ring_positions)
-        # Every slot a mask can expose: full layers below each row's length, ring slots in use
-        # (a restore leaves stale keys past the snapshot on the host and zeros on the device).
-        for i in text.kv_layers:
-            for part, store in (("key", host.keys), ("value", host.values)):
-                actual = device.stores[f"{i}.{part}"].numpy()
-                for row in range(4):
-                    if i in host.sliding_layers:
-                        used = np.flatnonzero(host.ring_positions[row, : host.ring] != EMPTY)
-                    else:
-                        used = np.arange(host.lengths[row])
-                    assert used.size > 0 or host.lengths[row] == 0
-                    np.testing.assert_array_equal(actual[row][:, used], store[i][row][:, used])
+        _assert_device_matches_host(device, host)
 
     step(slice(0, 3), 40, np.array([40, 5, 17]))  # padded prefill past the window; grows 8 -> 64
     step(slice(0, 3), 1)  # a decode step
@@ -316,17 +321,7 @@ def test_device_cache_commits_in_pieces_like_the_host_cache(tiny_bundle):
     for counts, first in (([4, 0], [0, 0]), ([seq - 4, 7], [4, 0]), ([0, seq - 8], [seq, 7])):
         host.commit(slice(0, 2), positions, presents, np.array(counts), first=np.array(first))
         device.commit(slice(0, 2), positions, on_device, np.array(counts), first=np.array(first))
-    np.testing.assert_array_equal(device.lengths, host.lengths)
-    np.testing.assert_array_equal(device.ring_positions, host.ring_positions)
-    for i in text.kv_layers:
-        for part, store in (("key", host.keys), ("value", host.values)):
-            actual = device.stores[f"{i}.{part}"].numpy()
-            for row in range(2):
-                if i in host.sliding_layers:
-                    used = np.flatnonzero(host.ring_positions[row, : host.ring] != EMPTY)
-                else:
-                    used = np.arange(host.lengths[row])
-                np.testing.assert_array_equal(actual[row][:, used], store[i][row][:, used])
+    _assert_device_matches_host(device, host)
 
 
 @STORAGES

@@ -36,6 +36,15 @@ async def first_event(url: str, start: dict, **connect) -> dict:
         return json.loads(await ws.recv())
 
 
+async def open_sessions(url: str, token: str, n: int, sockets: list) -> None:
+    """Open ``n`` live sessions (appended to ``sockets``, which the caller closes)."""
+    for _ in range(n):
+        ws = await websockets.connect(ws_url(url))
+        sockets.append(ws)
+        await ws.send(json.dumps({"type": "session.start", "token": token}))
+        assert json.loads(await ws.recv())["type"] == "session.started"
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_token_is_required_and_checked(secured_gateway_url):
     missing = await first_event(secured_gateway_url, {})
@@ -72,11 +81,7 @@ async def test_sessions_per_key_limit(secured_gateway_url):
     token = token_for(secured_gateway_url, "test-key-2")
     sockets = []
     try:
-        for _ in range(2):
-            ws = await websockets.connect(ws_url(secured_gateway_url))
-            await ws.send(json.dumps({"type": "session.start", "token": token}))
-            assert json.loads(await ws.recv())["type"] == "session.started"
-            sockets.append(ws)
+        await open_sessions(secured_gateway_url, token, 2, sockets)
         third = await first_event(secured_gateway_url, {"token": token})
         assert third["code"] == "rate_limit_error" and "max_sessions_per_key" in third["message"]
         other_key = await first_event(
@@ -218,11 +223,7 @@ async def test_a_resume_counts_against_the_sessions_per_key_limit(secured_gatewa
     await asyncio.sleep(0.3)
     sockets = []
     try:
-        for _ in range(2):
-            ws = await websockets.connect(ws_url(secured_gateway_url))
-            await ws.send(json.dumps({"type": "session.start", "token": token}))
-            assert json.loads(await ws.recv())["type"] == "session.started"
-            sockets.append(ws)
+        await open_sessions(secured_gateway_url, token, 2, sockets)
         resumed = await first_event(secured_gateway_url, {"token": token, "session_id": first["session_id"]})
         assert resumed["code"] == "rate_limit_error" and "max_sessions_per_key" in resumed["message"]
         await sockets.pop().close()
