@@ -253,9 +253,15 @@ async def test_a_stream_ended_before_its_last_samples_equals_encoding_the_shorte
     assert tokens.shape == expected.shape
     assert np.abs(tokens - expected).max() <= 1e-4
     assert messages[-1].range.end_ms == round(end / 16)
-    assert [m.first_token for m in messages[:3]] == list(
-        np.cumsum([0] + [m.num_soft_tokens for m in messages[:2]])
-    )
+    # Blocks are contiguous (each starts where the previous ended) except at the end, which may
+    # rewind once (how many step blocks come first depends on how the server coalesced the chunks).
+    position, rewinds = 0, 0
+    for m in messages:
+        if m.first_token != position:
+            assert m.first_token < position, (m.first_token, position)
+            rewinds += 1
+        position = m.first_token + m.num_soft_tokens
+    assert rewinds <= 1 and position == expected.shape[0]
 
 
 async def test_a_stream_at_48k_ends_at_its_own_sample_count(audio_stub, tiny_bundle, speech):
