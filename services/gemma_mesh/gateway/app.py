@@ -220,17 +220,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.monotonic()
+
+        def count(status: int) -> str:
+            path = getattr(request.scope.get("route"), "path", "unmatched")
+            if path.startswith("/v1/"):
+                request.app.state.gw.metrics.http_requests.labels(path, str(status)).inc()
+            return path
+
         try:
             response = await call_next(request)
         except Exception:  # a bug of ours: Starlette answers 500; count it before it propagates
-            path = getattr(request.scope.get("route"), "path", "unmatched")
-            if path.startswith("/v1/"):
-                request.app.state.gw.metrics.http_requests.labels(path, "500").inc()
+            count(500)
             raise
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if path.startswith("/v1/"):
-            request.app.state.gw.metrics.http_requests.labels(path, str(response.status_code)).inc()
+        path = count(response.status_code)
         log.debug(
             "http", path=path, status=response.status_code, ms=round((time.monotonic() - started) * 1000)
         )
