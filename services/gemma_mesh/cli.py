@@ -196,7 +196,7 @@ def export(
     dtype: Annotated[str, typer.Option(help="float32 or float16")] = "float32",
     weights: Annotated[str, typer.Option(help="float, or int4 for 4-bit decoder MatMul weights")] = "float",
 ) -> None:
-    """Export a checkpoint to a model bundle: four ONNX graphs, tokenizer, template and manifest."""
+    """Export a checkpoint to a model bundle: five ONNX graphs, tokenizer, template and manifest."""
     from gemma_mesh.model.export.exporter import export_bundle
 
     with user_errors():

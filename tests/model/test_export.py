@@ -33,12 +33,20 @@ def torch_model(tiny_checkpoint: Path):
 
 def test_graph_names_follow_the_gemma4_onnx_layout(tiny_bundle):
     graphs = tiny_bundle.manifest.graphs
-    assert set(graphs) == {"embed_tokens", "audio_encoder", "vision_encoder", "decoder_model_merged"}
+    assert set(graphs) == {
+        "embed_tokens",
+        "audio_subsample",
+        "audio_conformer",
+        "vision_encoder",
+        "decoder_model_merged",
+    }
     names = lambda specs: [s.name for s in specs]  # noqa: E731
     assert names(graphs["embed_tokens"].inputs) == ["input_ids"]
     assert names(graphs["embed_tokens"].outputs) == ["inputs_embeds", "per_layer_inputs"]
-    assert names(graphs["audio_encoder"].inputs) == ["input_features", "input_features_mask"]
-    assert names(graphs["audio_encoder"].outputs) == ["audio_features"]
+    assert names(graphs["audio_subsample"].inputs) == ["input_features", "input_features_mask"]
+    assert names(graphs["audio_subsample"].outputs) == ["audio_embeddings", "audio_embeddings_mask"]
+    assert names(graphs["audio_conformer"].inputs) == ["audio_embeddings", "audio_embeddings_mask"]
+    assert names(graphs["audio_conformer"].outputs) == ["audio_features"]
     assert names(graphs["vision_encoder"].inputs) == ["pixel_values", "pixel_position_ids"]
     assert names(graphs["vision_encoder"].outputs) == ["image_features"]
 
@@ -122,6 +130,24 @@ def test_audio_encoder_matches_torch_on_real_speech(tiny_bundle, torch_model, li
     ref = out.pooler_output[0][out.attention_mask[0]].numpy()
     assert ours.shape == ref.shape and ours.shape[0] == tiny_bundle.log_mel.num_soft_tokens(wav.shape[0])
     assert np.max(np.abs(ours - ref)) <= FP32_BOUND
+
+
+def test_audio_subsample_graph_matches_the_towers_subsampling(tiny_bundle, torch_model, librivox_clips):
+    """The first of the two audio graphs alone: embeddings and token mask of the conformer's input."""
+    wav, _ = sf.read(librivox_clips[1], dtype="float32")
+    features, mask = tiny_bundle.log_mel(wav[: 3 * 16_000 + 123])
+    frames = features.shape[0] + -features.shape[0] % 4
+    padded = np.zeros((1, frames, features.shape[1]), np.float32)
+    padded_mask = np.zeros((1, frames), bool)
+    padded[0, : features.shape[0]], padded_mask[0, : mask.shape[0]] = features, mask
+    ours, ours_mask = tiny_bundle.audio_subsample(padded, padded_mask)
+    with torch.no_grad():
+        ref, ref_mask = torch_model.model.audio_tower.subsample_conv_projection(
+            torch.from_numpy(padded), torch.from_numpy(padded_mask)
+        )
+    assert ours.shape == tuple(ref.shape) and ours.shape[1] == frames // 4
+    assert (ours_mask == ref_mask.numpy()).all() and ours_mask.sum() == -(-int(mask.sum()) // 4)
+    assert np.max(np.abs(ours - ref.numpy())) <= FP32_BOUND
 
 
 def test_decoder_prefill_and_decode_match_torch_logits(tiny_bundle, torch_model):

@@ -21,6 +21,7 @@ from gemma_mesh.audio.streaming import (
     ReceptiveField,
     TokenBlock,
     check_receptive_field,
+    check_subsampling_field,
 )
 from gemma_mesh.common.errors import InvalidRequest, Overloaded
 from gemma_mesh.common.logging import get_logger
@@ -64,7 +65,8 @@ class AudioEngine:
     """Decoding, limits, whole-clip and incremental encoding on one bundle.
 
     Args:
-        bundle: a bundle with an ``audio_encoder`` graph and the checkpoint's ``config.json``.
+        bundle: a bundle with the ``audio_subsample`` and ``audio_conformer`` graphs and the
+            checkpoint's ``config.json``.
         settings: the service's `AudioSettings`.
 
     Raises:
@@ -73,8 +75,9 @@ class AudioEngine:
     """
 
     def __init__(self, bundle: ModelBundle, settings: AudioSettings) -> None:
-        if "audio_encoder" not in bundle.manifest.graphs:
-            raise ValueError(f"bundle {bundle.path} has no audio_encoder graph")
+        for graph in ("audio_subsample", "audio_conformer"):
+            if graph not in bundle.manifest.graphs:
+                raise ValueError(f"bundle {bundle.path} has no {graph} graph")
         config = json.loads((bundle.path / "config.json").read_text(encoding="utf-8"))
         if "audio_config" not in config:
             raise ValueError(f"bundle {bundle.path} config.json has no audio_config")
@@ -93,16 +96,15 @@ class AudioEngine:
         self._streams = 0
         self._lock = threading.Lock()
         # Session creation and the first run happen here, not in the first request.
-        err = (
-            check_receptive_field(
-                self.field,
-                self.encode_window,
-                audio.feature_size,
-                rel_tol=1e-3 if bundle.float_dtype == np.float32 else 3e-2,
+        err = None
+        if settings.verify_streaming:
+            rel_tol = 1e-3 if bundle.float_dtype == np.float32 else 3e-2
+            err = max(
+                check_subsampling_field(
+                    self.field, self.subsample_window, audio.feature_size, rel_tol=rel_tol
+                ),
+                check_receptive_field(self.field, self.encode_window, audio.feature_size, rel_tol=rel_tol),
             )
-            if settings.verify_streaming
-            else None
-        )
         log.info("audio engine ready", receptive_field=str(self.field), streaming_check_rel_err=err)
 
     # --------------------------------------------------------------------------- decoding
@@ -129,18 +131,32 @@ class AudioEngine:
         )
 
     # --------------------------------------------------------------------------- encoding
+    def subsample_window(self, features: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log-mel ``[T, F]`` + mask ``[T]`` (``T`` a multiple of 4) -> embeddings ``[T / 4, Ha]`` + mask
+        ``[T / 4]`` (the ``audio_subsample`` graph on one window)."""
+        embeddings, token_mask = self.bundle.audio_subsample(features[None], mask[None])
+        return embeddings[0], token_mask[0]
+
+    def conform_window(self, embeddings: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Embeddings ``[U, Ha]`` + mask ``[U]`` -> soft tokens ``[U, H]`` (the ``audio_conformer`` graph;
+        the window is padded with masked tokens to whole attention chunks, which changes no valid token)."""
+        tokens = embeddings.shape[0]
+        padded = tokens + -tokens % (self.bundle.manifest.audio.frames_multiple // 4)
+        batch = np.zeros((1, padded, embeddings.shape[1]), dtype=embeddings.dtype)
+        batch_mask = np.zeros((1, padded), dtype=bool)
+        batch[0, :tokens] = embeddings
+        batch_mask[0, :tokens] = mask
+        return self.bundle.audio_conformer(batch, batch_mask)[0, :tokens]
+
     def encode_window(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Log-mel ``[T, F]`` + mask ``[T]`` -> soft tokens ``[ceil(T / 4), H]`` (no 750-token cap)."""
         frames = features.shape[0]
         frames += -frames % self.bundle.manifest.audio.frames_multiple
-        batch = np.zeros((1, frames, features.shape[1]), dtype=self.bundle.float_dtype)
-        batch_mask = np.zeros((1, frames), dtype=bool)
-        batch[0, : features.shape[0]] = features
-        batch_mask[0, : mask.shape[0]] = mask
-        (out,) = self.bundle.session("audio_encoder").run(
-            None, {"input_features": batch, "input_features_mask": batch_mask}
-        )
-        return out[0, : -(-features.shape[0] // 4)]
+        batch = np.zeros((frames, features.shape[1]), dtype=self.bundle.float_dtype)
+        batch_mask = np.zeros(frames, dtype=bool)
+        batch[: features.shape[0]] = features
+        batch_mask[: mask.shape[0]] = mask
+        return self.conform_window(*self.subsample_window(batch, batch_mask))[: -(-features.shape[0] // 4)]
 
     def encode_clip(self, samples: np.ndarray, *, split_long_audio: bool = False) -> EncodedClip:
         """Mono 16 kHz float32 ``[n]`` -> soft tokens, split at the quietest points when asked.
@@ -191,7 +207,8 @@ class AudioEngine:
         encoder = IncrementalAudioEncoder(
             self.field,
             self.bundle.log_mel,
-            self.encode_window,
+            self.subsample_window,
+            self.conform_window,
             ms_per_token=self.ms_per_token,
             sample_rate_hz=self.rate_hz,
             max_window_tokens=self.settings.stream_window_tokens,

@@ -12,16 +12,24 @@ Why it works. The Gemma 4 audio tower (``transformers`` ``Gemma4AudioModel``) is
   ``conv_kernel_size - 1`` tokens (causal depthwise conv), and nothing on the right.
 
 So token ``u`` is final once frame ``4u + 3`` is, and it depends on at most ``left_context_tokens``
-earlier tokens (31 for the tiny model, 181 for E4B's 12 layers = 7.24 s). Each step encodes a window
-that starts ``left_context_tokens`` before the first new token, rounded down to a multiple of the
-attention chunk (12 tokens, so the blocked attention sees the same block layout as the whole clip), and
-keeps only the new tokens: work per step is bounded by the window, never the whole utterance.
+earlier tokens (31 for the tiny model, 181 for E4B's 12 layers = 7.24 s). The bundle exports the
+encoder as two graphs, so each step does two bounded pieces of work:
+
+- the subsampling (``audio_subsample``) runs on the new tokens' frames only, from one token before
+  the first new one (its left context), and the embeddings are cached;
+- the conformer (``audio_conformer``) runs on the cached embeddings of a window that starts
+  ``left_context_tokens`` before the first new token, rounded down to a multiple of the attention
+  chunk (12 tokens, so the blocked attention sees the same block layout as the whole clip), and
+  only the new tokens are kept.
+
+Work per step is bounded by the window, never the whole utterance; the convolutions, the costly
+part on small towers, are not recomputed for the window's left context.
 ``finish`` encodes the tail the way the whole clip does (frames past the end zeroed and masked).
 ``finish(num_samples)`` ends the clip earlier than the samples inserted (a live caption's segment
 ends in the silence after the speech, after its partials fed the encoder past that point): the
 tokens that read frames past the new end are encoded again, as the whole shorter clip would, which
 needs the features of their window; they are kept for ``rewind_tokens`` tokens behind the newest.
-`check_receptive_field` verifies all this against the real encoder at startup.
+`check_receptive_field` and `check_subsampling_field` verify all this against the real graphs at startup.
 
 API (whisper_streaming's push/pull): ``insert(samples)``, ``step() -> [TokenBlock]``,
 ``finish(num_samples=None) -> [TokenBlock]``, ``reset()``.
@@ -55,6 +63,10 @@ class LogMel(Protocol):
 
 # features float32 [T, F], mask bool [T] (T a multiple of 4) -> soft tokens float [T / 4, H]
 EncodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# features float32 [T, F], mask bool [T] (T a multiple of 4) -> embeddings [T / 4, Ha], mask bool [T / 4]
+SubsampleFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+# embeddings [U, Ha], mask bool [U] -> soft tokens float [U, H]
+ConformFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -117,20 +129,24 @@ class IncrementalAudioEncoder:
     Args:
         field: the encoder's `ReceptiveField`.
         log_mel: a ``LogMelExtractor`` (deterministic: ``dither`` must be 0).
-        encode: features ``[T, F]`` + mask ``[T]`` -> tokens ``[T / 4, H]`` (one clip, no cap).
+        subsample: features ``[T, F]`` + mask ``[T]`` (``T`` a multiple of 4) -> embeddings
+            ``[T / 4, Ha]`` + mask ``[T / 4]`` (the ``audio_subsample`` graph, one clip).
+        conform: embeddings ``[U, Ha]`` + mask ``[U]`` -> tokens ``[U, H]`` (the ``audio_conformer``
+            graph, one clip, any ``U``).
         ms_per_token: media milliseconds per soft token (manifest ``audio.ms_per_token``).
         sample_rate_hz: rate of the inserted samples (the extractor's, 16 kHz).
-        max_window_tokens: longest window passed to ``encode``; must exceed
-            ``left_context_tokens + chunk_tokens``.
+        max_window_tokens: most tokens passed to ``conform`` (and subsampled) in one call; must
+            exceed ``left_context_tokens + chunk_tokens``.
         rewind_tokens: how many tokens before the newest ``finish(num_samples)`` may end the clip
-            (their window's features are kept: ``rewind_tokens`` x 4 more frames).
+            (the embeddings of their window and the features of their tokens are kept).
     """
 
     def __init__(
         self,
         field: ReceptiveField,
         log_mel: LogMel,
-        encode: EncodeFn,
+        subsample: SubsampleFn,
+        conform: ConformFn,
         *,
         ms_per_token: int,
         sample_rate_hz: int,
@@ -144,7 +160,8 @@ class IncrementalAudioEncoder:
             )
         self.field = field
         self.log_mel = log_mel
-        self.encode = encode
+        self.subsample = subsample
+        self.conform = conform
         self.ms_per_token = ms_per_token
         self.sample_rate_hz = sample_rate_hz
         self.max_window_tokens = max_window_tokens
@@ -158,13 +175,18 @@ class IncrementalAudioEncoder:
         """Forget everything: the next sample is the start of a new stream."""
         self.total_samples = 0
         self.emitted_tokens = 0
-        self.max_window_frames = 0  # most frames passed to encode in one call (work per step)
+        # Work per step: the most frames subsampled and tokens conformed in one call.
+        self.max_subsample_frames = 0
+        self.max_conformer_tokens = 0
         self._width = 0  # the encoder's output width, once it has run
         self._samples = np.zeros(0, np.float32)
         self._sample0 = 0  # absolute index of _samples[0]
         self._features: np.ndarray | None = None
         self._frame0 = 0  # absolute index of _features[0]
         self._frames = 0  # final frames computed so far
+        self._embeddings: np.ndarray | None = None  # subsampled tokens [_token0, emitted_tokens)
+        self._embeddings_mask = np.zeros(0, bool)
+        self._token0 = 0  # absolute index of _embeddings[0]
 
     # ------------------------------------------------------------------------------ geometry
     def final_frames(self, num_samples: int) -> int:
@@ -188,8 +210,13 @@ class IncrementalAudioEncoder:
 
     @property
     def buffered_frames(self) -> int:
-        """Frames held for the next encoder window (bounded by the receptive field)."""
+        """Log-mel frames held for the next subsampling (bounded by a step plus the rewind)."""
         return 0 if self._features is None else int(self._features.shape[0])
+
+    @property
+    def buffered_tokens(self) -> int:
+        """Subsampled embeddings held for the next conformer window (bounded by the receptive field)."""
+        return 0 if self._embeddings is None else int(self._embeddings.shape[0])
 
     # ------------------------------------------------------------------------------- policy
     def insert(self, samples: np.ndarray) -> None:
@@ -236,9 +263,9 @@ class IncrementalAudioEncoder:
             )
         frames = self.final_frames(num_samples)
         keep = min(self.emitted_tokens, self.final_tokens(frames))  # tokens whose frames all precede the end
-        if (
-            keep < self.emitted_tokens
-            and self.field.frames_per_token * self.field.window_start(keep) < self._frame0
+        if keep < self.emitted_tokens and (
+            self.field.window_start(keep) < self._token0
+            or self.field.frames_per_token * max(0, keep - SUBSAMPLING_LEFT_TOKENS) < self._frame0
         ):
             raise ValueError(
                 f"the stream cannot end at sample {num_samples}: it is {self.emitted_tokens - keep} tokens "
@@ -246,6 +273,9 @@ class IncrementalAudioEncoder:
             )
         if self._features is not None and frames < self._frames:
             self._features = self._features[: max(0, frames - self._frame0)]
+        if self._embeddings is not None:  # embeddings that read frames past the new end go
+            self._embeddings = self._embeddings[: max(0, keep - self._token0)]
+            self._embeddings_mask = self._embeddings_mask[: max(0, keep - self._token0)]
         self._frames = min(self._frames, frames)
         self.total_samples = num_samples
         self.emitted_tokens = keep
@@ -271,20 +301,48 @@ class IncrementalAudioEncoder:
             self._samples = self._samples[keep_from - self._sample0 :]
             self._sample0 = keep_from
 
+    def _subsample(self, upto: int) -> None:
+        """Subsample the tokens after the cached ones, up to ``upto``, into the embedding cache, in pieces of at most
+        ``max_window_tokens``, each from one token before its first (the convolutions' left context:
+        the window's own zero padding then only reaches that discarded token). Frames past the final
+        ones are zeros and masked, as in the whole clip."""
+        fpt = self.field.frames_per_token
+        while self._token0 + self.buffered_tokens < upto:
+            a = self._token0 + self.buffered_tokens
+            b = min(upto, a + self.max_window_tokens)
+            first = max(0, a - SUBSAMPLING_LEFT_TOKENS)
+            assert self._features is not None  # upto > 0 implies at least one final frame
+            frames = np.zeros((fpt * (b - first), self._features.shape[1]), np.float32)
+            mask = np.zeros(fpt * (b - first), bool)
+            lo, hi = fpt * first, min(fpt * b, self._frames)
+            frames[: hi - lo] = self._features[lo - self._frame0 : hi - self._frame0]
+            mask[: hi - lo] = True
+            self.max_subsample_frames = max(self.max_subsample_frames, frames.shape[0])
+            embeddings, embeddings_mask = self.subsample(frames, mask)
+            embeddings, embeddings_mask = (
+                embeddings[a - first : b - first],
+                embeddings_mask[a - first : b - first],
+            )
+            if embeddings.shape[0] != b - a:
+                raise RuntimeError(
+                    f"subsampling returned {embeddings.shape[0] + a - first} tokens for {b - first}"
+                )
+            if self._embeddings is None or not self._embeddings.shape[0]:
+                self._embeddings, self._embeddings_mask, self._token0 = embeddings, embeddings_mask, a
+            else:
+                self._embeddings = np.concatenate([self._embeddings, embeddings])
+                self._embeddings_mask = np.concatenate([self._embeddings_mask, embeddings_mask])
+
     def _emit(self, upto: int, *, at_end: bool) -> list[TokenBlock]:
         blocks: list[TokenBlock] = []
-        fpt = self.field.frames_per_token
         while self.emitted_tokens < upto:
             s = self.field.window_start(self.emitted_tokens)
             e = min(upto, s + self.max_window_tokens)
-            assert self._features is not None  # upto > 0 implies at least one final frame
-            frames = np.zeros((fpt * (e - s), self._features.shape[1]), np.float32)
-            mask = np.zeros(fpt * (e - s), bool)
-            lo, hi = fpt * s, min(fpt * e, self._frames)
-            frames[: hi - lo] = self._features[lo - self._frame0 : hi - self._frame0]
-            mask[: hi - lo] = True
-            self.max_window_frames = max(self.max_window_frames, frames.shape[0])
-            out = self.encode(frames, mask)
+            self._subsample(e)
+            assert self._embeddings is not None
+            lo, hi = s - self._token0, e - self._token0
+            self.max_conformer_tokens = max(self.max_conformer_tokens, e - s)
+            out = self.conform(self._embeddings[lo:hi], self._embeddings_mask[lo:hi])
             self._width = int(out.shape[-1])
             new = out[self.emitted_tokens - s : e - s]
             if new.shape[0] != e - self.emitted_tokens:
@@ -296,19 +354,27 @@ class IncrementalAudioEncoder:
                 TokenBlock(new, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)
             )
             self.emitted_tokens = e
-        self._trim_features()
+        self._trim()
         return blocks
 
-    def _trim_features(self) -> None:
-        if self._features is None:
-            return
-        oldest = max(
-            0, self.emitted_tokens - self.rewind_tokens
-        )  # finish(num_samples) may re-encode from there
-        keep_from = min(self.field.frames_per_token * self.field.window_start(oldest), self._frames)
-        if keep_from > self._frame0:
-            self._features = self._features[keep_from - self._frame0 :]
-            self._frame0 = keep_from
+    def _trim(self) -> None:
+        """Drop embeddings and features no later window needs. ``finish(num_samples)`` may re-encode
+        from ``rewind_tokens`` before the newest token: its conformer window's embeddings and its
+        tokens' frames (one token of left context) are kept."""
+        oldest = max(0, self.emitted_tokens - self.rewind_tokens)
+        if self._embeddings is not None:
+            drop = min(self.field.window_start(oldest), self.emitted_tokens) - self._token0
+            if drop > 0:
+                self._embeddings = self._embeddings[drop:]
+                self._embeddings_mask = self._embeddings_mask[drop:]
+                self._token0 += drop
+        if self._features is not None:
+            keep_from = min(
+                self.field.frames_per_token * max(0, oldest - SUBSAMPLING_LEFT_TOKENS), self._frames
+            )
+            if keep_from > self._frame0:
+                self._features = self._features[keep_from - self._frame0 :]
+                self._frame0 = keep_from
 
 
 def check_receptive_field(
@@ -342,5 +408,44 @@ def check_receptive_field(
         raise ValueError(
             f"the audio encoder's receptive field is wider than {field} (relative error {err:.2e} > "
             f"{rel_tol:.0e}); incremental encoding would differ from whole-clip encoding"
+        )
+    return err
+
+
+def check_subsampling_field(
+    field: ReceptiveField, subsample: SubsampleFn, feature_size: int, *, rel_tol: float, seed: int = 1
+) -> float:
+    """Verify the subsampling's reach (``SUBSAMPLING_LEFT_TOKENS`` left, ``lookahead_frames`` right)
+    against the real ``audio_subsample`` graph; returns the largest relative error.
+
+    Subsamples ``2 * chunk + 3`` tokens whole and from one token before token ``u``, compares the
+    embeddings from ``u`` on, then perturbs the frame just left of that window and the first frame
+    past token ``u``'s lookahead and checks embedding ``u`` is unchanged.
+
+    Raises:
+        ValueError: the subsampling reaches further (the incremental encoder would differ).
+    """
+    rng = np.random.default_rng(seed)
+    fpt = field.frames_per_token
+    tokens = 2 * field.chunk_tokens + 3
+    feats = rng.standard_normal((fpt * tokens, feature_size)).astype(np.float32)
+    mask = np.ones(fpt * tokens, bool)
+    whole = np.asarray(subsample(feats, mask)[0], np.float32)
+    scale = float(np.abs(whole).max()) or 1.0
+    u = field.chunk_tokens + 1
+    first = u - SUBSAMPLING_LEFT_TOKENS
+    window = np.asarray(subsample(feats[fpt * first :], mask[fpt * first :])[0], np.float32)
+    err = float(np.abs(window[u - first :] - whole[u:]).max()) / scale
+    for frame in (fpt * first - 1, fpt * u + field.lookahead_frames + 1):
+        bumped = feats.copy()
+        bumped[frame] += 1.0
+        err = max(
+            err, float(np.abs(np.asarray(subsample(bumped, mask)[0], np.float32)[u] - whole[u]).max()) / scale
+        )
+    if err > rel_tol:
+        raise ValueError(
+            f"the audio subsampling reaches further than {SUBSAMPLING_LEFT_TOKENS} token left and "
+            f"{field.lookahead_frames} frames right (relative error {err:.2e} > {rel_tol:.0e}); "
+            "incremental encoding would differ from whole-clip encoding"
         )
     return err

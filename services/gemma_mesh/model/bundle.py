@@ -104,6 +104,9 @@ class ModelBundle:
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.settings = _processor_settings(self.path)
+        roles = ("image", "audio", "video")
+        self._multimodal_ids = [self.manifest.token_id(r) for r in roles if r in self.manifest.special_tokens]
+        self._pad_id = self.manifest.token_id("pad")
 
     @classmethod
     def from_settings(cls, settings: Any) -> ModelBundle:
@@ -211,13 +214,9 @@ class ModelBundle:
         Multimodal placeholder ids are embedded as the pad token (``Gemma4Model.forward`` does the
         same); callers then write soft tokens over those rows.
         """
-        ids = np.asarray(input_ids, dtype=np.int64)
-        mm_ids = [
-            self.manifest.token_id(r)
-            for r in ("image", "audio", "video")
-            if r in self.manifest.special_tokens
-        ]
-        ids = np.where(np.isin(ids, mm_ids), self.manifest.token_id("pad"), ids)
+        ids = np.array(input_ids, dtype=np.int64)  # a copy: the placeholders are overwritten
+        for placeholder in self._multimodal_ids:  # (3 ids: faster than np.isin on every decode step)
+            ids[ids == placeholder] = self._pad_id
         embeds, per_layer = self.session("embed_tokens").run(None, {"input_ids": ids})
         return embeds, per_layer
 
@@ -240,7 +239,9 @@ class ModelBundle:
         """Batch of log-mel clips (``[T_i, F]`` float32, ``[T_i]`` bool) -> soft tokens ``[n_i, H]`` each.
 
         Frames are padded (masked) to a common length that is a multiple of
-        ``manifest.audio.frames_multiple``; valid outputs are unaffected by that padding.
+        ``manifest.audio.frames_multiple``; valid outputs are unaffected by that padding. The two
+        audio graphs in turn: ``audio_subsample``, then ``audio_conformer`` (``Gemma4AudioModel`` +
+        ``embed_audio``, as ``Gemma4Model.get_audio_features`` computes it).
         """
         if not features:
             return []
@@ -252,11 +253,28 @@ class ModelBundle:
         for i, (f, m) in enumerate(zip(features, masks, strict=True)):
             batch[i, : f.shape[0]] = f
             batch_mask[i, : m.shape[0]] = m
-        (out,) = self.session("audio_encoder").run(
-            None, {"input_features": batch, "input_features_mask": batch_mask}
-        )
+        out = self.audio_conformer(*self.audio_subsample(batch, batch_mask))
         counts = [self._audio_tokens_from_mask(m) for m in masks]
         return [out[i, :n] for i, n in enumerate(counts)]
+
+    def audio_subsample(self, features: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ``audio_subsample`` graph: log-mel ``[B, T, F]`` + mask ``[B, T]`` bool (``T`` a multiple
+        of 4) -> embeddings ``[B, T/4, Ha]`` + token mask ``[B, T/4]`` bool
+        (``Gemma4AudioSubSampleConvProjection``: embedding ``u`` reads frames ``4u - 3 .. 4u + 3``)."""
+        embeddings, token_mask = self.session("audio_subsample").run(
+            None,
+            {"input_features": features.astype(self.float_dtype, copy=False), "input_features_mask": mask},
+        )
+        return embeddings, token_mask
+
+    def audio_conformer(self, embeddings: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The ``audio_conformer`` graph: embeddings ``[B, U, Ha]`` + mask ``[B, U]`` bool (``U`` a multiple
+        of ``frames_multiple / 4``; padding masked) -> soft tokens ``[B, U, H]`` (rows past the valid
+        count are padding)."""
+        (out,) = self.session("audio_conformer").run(
+            None, {"audio_embeddings": embeddings, "audio_embeddings_mask": mask}
+        )
+        return out
 
     def _audio_tokens_from_mask(self, mask: np.ndarray) -> int:
         # Gemma4Processor.replace_audio_token: two stride-2 subsamplings of the frame mask.

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # 2: the decoder's ``present.N.key/value`` outputs hold the step's keys/values only (1: past + step).
-BUNDLE_FORMAT_VERSION = 2
+BUNDLE_FORMAT_VERSION = 3
 
 # The text of Gemma 4's control tokens, by role. Only the *strings* of the Gemma 4 format live here;
 # their ids are always looked up in the checkpoint's tokenizer at export time.
@@ -120,7 +120,11 @@ class AudioSection(_Model):
     ms_per_token: int
     max_soft_tokens: int
     max_samples: int
-    frames_multiple: int = Field(4, description="audio_encoder needs frames padded to this multiple")
+    frames_multiple: int = Field(
+        4,
+        description="a whole clip's frames are padded to this multiple: 4 frames per token x the "
+        "tokens audio_conformer takes at a time (its attention chunk)",
+    )
 
 
 class Manifest(_Model):

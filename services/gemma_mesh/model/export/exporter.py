@@ -1,8 +1,9 @@
 """``gemma-mesh export``: a local Hugging Face Gemma 4 checkpoint -> a model bundle directory.
 
 The bundle (DESIGN.md) holds ``manifest.json``, the tokenizer, chat template and processor settings
-copied from the checkpoint, and four ONNX graphs: ``embed_tokens``, ``audio_encoder``,
-``vision_encoder`` and ``decoder_model_merged``.
+copied from the checkpoint, and five ONNX graphs: ``embed_tokens``, ``audio_subsample`` and
+``audio_conformer`` (the audio encoder in two, see ``wrappers``), ``vision_encoder`` and
+``decoder_model_merged``.
 
 Memory: the checkpoint is loaded once in its storage dtype (bf16 for E4B, about 16 GB), never in
 fp32 as a whole; each graph's modules are cast to the export dtype just before their export,
@@ -27,7 +28,13 @@ from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION, GEMMA4_SPECIAL_TOKE
 
 log = get_logger("export")
 
-GRAPH_ORDER = ("embed_tokens", "audio_encoder", "vision_encoder", "decoder_model_merged")
+GRAPH_ORDER = (
+    "embed_tokens",
+    "audio_subsample",
+    "audio_conformer",
+    "vision_encoder",
+    "decoder_model_merged",
+)
 COPIED_FILES = (
     "config.json",
     "generation_config.json",
@@ -273,7 +280,12 @@ def export_bundle(
     text_cfg = config.text_config
     feature_size = int(processor.feature_extractor.feature_size)
     load_dtype = next(model.parameters()).dtype
-    missing = {"audio_encoder": config.audio_config is None, "vision_encoder": config.vision_config is None}
+    no_audio = config.audio_config is None
+    missing = {
+        "audio_subsample": no_audio,
+        "audio_conformer": no_audio,
+        "vision_encoder": config.vision_config is None,
+    }
     # Fixed order (the decoder last: its export frees the towers), minus towers a text-only checkpoint lacks.
     graphs = tuple(name for name in GRAPH_ORDER if name in graphs and not missing.get(name))
 
@@ -282,8 +294,10 @@ def export_bundle(
             return g.embed_spec(
                 w.EmbedTokens(model.model.language_model).to(torch_dtype), text_cfg.vocab_size
             )
-        if name == "audio_encoder":
-            return g.audio_spec(w.AudioEncoder(model).to(torch_dtype), torch_dtype, feature_size)
+        if name == "audio_subsample":
+            return g.audio_subsample_spec(w.AudioSubsample(model).to(torch_dtype), torch_dtype, feature_size)
+        if name == "audio_conformer":
+            return g.audio_conformer_spec(w.AudioConformer(model).to(torch_dtype), torch_dtype)
         if name == "vision_encoder":
             return g.vision_spec(w.VisionEncoder(model).to(torch_dtype), torch_dtype)
         return g.decoder_spec(w.DecoderWithPast(model).to(torch_dtype), torch_dtype)

@@ -1,4 +1,4 @@
-"""Example inputs, dynamic axes and names of the four graphs, and the ONNX export of one graph.
+"""Example inputs, dynamic axes and names of the five graphs, and the ONNX export of one graph.
 
 ``torch.export`` specialises any dimension whose example size is 1 and records equalities between
 example sizes, so every example here uses distinct sizes of at least 2 (batch 2, sequence 3, past 5
@@ -202,37 +202,62 @@ def _audio_inputs(batch: int, frames: int, bins: int, valid: list[int], seed: in
     return feats * mask[..., None], mask
 
 
-def audio_frames_multiple(wrapper: Any) -> int:
+def audio_frames_multiple(config: Any) -> int:
     """Frames per audio attention block: 4 (two stride-2 convolutions) x the conformer's chunk size.
 
-    The graph takes frames in whole blocks. With ``T = multiple * blocks`` every length inside the
-    encoder (tokens, blocks, padded contexts) is a plain multiple of one symbol; with a free ``T``
-    the nested floor divisions of 12 layers blow up torch.export's symbolic simplifier (E4B's
-    audio tower did not finish tracing in 30 minutes). Callers pad with masked frames, which leaves
-    the valid outputs unchanged.
+    The conformer graph takes tokens in whole blocks. With ``U = chunk * blocks`` every length inside
+    the encoder (blocks, padded contexts) is a plain multiple of one symbol; with a free ``U`` the
+    nested floor divisions of 12 layers blow up torch.export's symbolic simplifier (E4B's audio
+    tower did not finish tracing in 30 minutes). Callers pad with masked frames or tokens, which
+    leaves the valid outputs unchanged. ``config`` is the checkpoint's ``Gemma4AudioConfig``.
     """
-    return 4 * int(wrapper.tower.config.attention_chunk_size)
+    return 4 * int(config.attention_chunk_size)
 
 
-def audio_spec(wrapper: Any, dtype: torch.dtype, num_mel_bins: int) -> GraphSpec:
-    """The ``audio_encoder`` graph; frames must be a multiple of ``audio_frames_multiple``."""
-    multiple = audio_frames_multiple(wrapper)
-    # 3 blocks in the example (no derived size is 1), 5 in the check.
-    ex = _audio_inputs(2, 3 * multiple, num_mel_bins, [3 * multiple, 61], seed=3)
-    ck = _audio_inputs(3, 5 * multiple, num_mel_bins, [5 * multiple, 57, 9], seed=4)
-    blocks = Dim("audio_blocks", min=1, max=4096)
-    frames = multiple * blocks
+def audio_subsample_spec(wrapper: Any, dtype: torch.dtype, num_mel_bins: int) -> GraphSpec:
+    """The ``audio_subsample`` graph; frames must be a multiple of 4."""
+    # 9 and 15 tokens: sizes past the convolutions' padding, none of them 1.
+    ex = _audio_inputs(2, 4 * 9, num_mel_bins, [4 * 9, 21], seed=3)
+    ck = _audio_inputs(3, 4 * 15, num_mel_bins, [4 * 15, 33, 5], seed=4)
+    frames = 4 * Dim("audio_tokens", min=2, max=4 * 4096)
     return GraphSpec(
-        name="audio_encoder",
+        name="audio_subsample",
         module=wrapper,
         example=(ex[0].to(dtype), ex[1]),
         check=(ck[0].to(dtype), ck[1]),
         input_names=["input_features", "input_features_mask"],
-        output_names=["audio_features"],
+        output_names=["audio_embeddings", "audio_embeddings_mask"],
         dynamic_shapes=({0: Dim.DYNAMIC, 1: frames}, {0: Dim.DYNAMIC, 1: frames}),
+        optimize=False,
+    )
+
+
+def audio_conformer_spec(wrapper: Any, dtype: torch.dtype) -> GraphSpec:
+    """The ``audio_conformer`` graph; tokens must be a multiple of the attention chunk."""
+    config = wrapper.tower.config
+    chunk = audio_frames_multiple(config) // 4
+    hidden = int(config.hidden_size)
+
+    def inputs(batch: int, tokens: int, valid: list[int], seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        mask = torch.arange(tokens)[None, :] < torch.tensor(valid)[:, None]
+        embeddings = torch.randn((batch, tokens, hidden), generator=gen) * mask[..., None]
+        return embeddings.to(dtype), mask
+
+    # 3 blocks in the example (no derived size is 1), 5 in the check.
+    ex = inputs(2, 3 * chunk, [3 * chunk, 15], seed=5)
+    ck = inputs(3, 5 * chunk, [5 * chunk, 14, 2], seed=6)
+    tokens = chunk * Dim("audio_blocks", min=1, max=4096)
+    return GraphSpec(
+        name="audio_conformer",
+        module=wrapper,
+        example=ex,
+        check=ck,
+        input_names=["audio_embeddings", "audio_embeddings_mask"],
+        output_names=["audio_features"],
+        dynamic_shapes=({0: Dim.DYNAMIC, 1: tokens}, {0: Dim.DYNAMIC, 1: tokens}),
         # The onnxscript optimiser has broken graphs with clipped linears; export them as traced.
         optimize=False,
-        notes={"frames_multiple": multiple},
     )
 
 

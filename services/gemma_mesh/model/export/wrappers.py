@@ -15,7 +15,12 @@ so the math is the reference's; only the orchestration around them changes where
   with a comparison matrix instead of ``one_hot`` with a symbolic class count.
 
 Graph names and input/output names follow the Gemma 4 layout of transformers.js / onnx-community
-(``embed_tokens``, ``audio_encoder``, ``vision_encoder``, ``decoder_model_merged``).
+(``embed_tokens``, ``vision_encoder``, ``decoder_model_merged``), except that the audio encoder is
+two graphs: ``audio_subsample`` (the two subsampling convolutions, 1 token of left context) and
+``audio_conformer`` (the conformer and the projection into the text space, ~31 tokens of left
+context on the tiny model, 181 on E4B). A live stream then subsamples only its new frames and runs
+the conformer on the cached embeddings of its window, instead of re-subsampling the whole window
+(the convolutions were ~55 % of a streaming step on the tiny model).
 """
 
 from __future__ import annotations
@@ -228,22 +233,55 @@ class DecoderWithPast(nn.Module):
         return (logits, *presents)
 
 
-class AudioEncoder(nn.Module):
-    """``input_features [B, T, 128] float, input_features_mask [B, T] bool -> audio_features [B, T/4, H]``.
+class AudioSubsample(nn.Module):
+    """``input_features [B, T, F] float, input_features_mask [B, T] bool ->
+    audio_embeddings [B, T/4, Ha], audio_embeddings_mask [B, T/4] bool``.
 
-    The USM conformer (``Gemma4AudioModel``) followed by ``embed_audio`` (``Gemma4MultimodalEmbedder``),
-    as ``Gemma4Model.get_audio_features`` computes it. ``T`` must be a multiple of 4 (the two stride-2
-    subsampling convolutions); callers pad features with masked frames, which leaves valid outputs
-    unchanged. Output rows past the valid count are padding.
+    ``Gemma4AudioSubSampleConvProjection`` (two stride-2 3x3 convolutions, LayerNorm, ReLU, and the
+    input projection), the first step of ``Gemma4AudioModel.forward``. ``T`` must be a multiple of 4.
+    Embedding ``u`` reads frames ``4u - 3 .. 4u + 3`` only, so a window that starts one token early
+    gives the whole clip's embeddings from its second token on.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.tower = model.model.audio_tower
+        self.subsample = model.model.audio_tower.subsample_conv_projection
+
+    def forward(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.subsample(input_features, input_features_mask)
+
+
+class _Subsampled(nn.Module):
+    """Stands in for the subsampling inside ``Gemma4AudioModel.forward``: its input already is."""
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden_states, mask
+
+
+class AudioConformer(nn.Module):
+    """``audio_embeddings [B, U, Ha] float, audio_embeddings_mask [B, U] bool -> audio_features [B, U, H]``.
+
+    The rest of ``Gemma4AudioModel.forward`` after the subsampling (relative positions, the blocked
+    local-attention mask, the conformer layers, ``output_proj``), run by transformers' own forward
+    on a view of the tower whose subsampling is the identity, then ``embed_audio``
+    (``Gemma4MultimodalEmbedder``), as ``Gemma4Model.get_audio_features`` computes it. ``U`` must be
+    a multiple of the attention chunk (12); callers pad with masked tokens, which leaves the valid
+    outputs unchanged. Output rows past the valid count are padding.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        tower = model.model.audio_tower
+        view = object.__new__(type(tower))  # shares every parameter; only its _modules dict is its own
+        view.__dict__.update(tower.__dict__)
+        view._modules = {**tower._modules, "subsample_conv_projection": _Subsampled()}
+        self.tower = view
         self.embed = model.model.embed_audio
 
-    def forward(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
-        out = self.tower(input_features, input_features_mask, return_dict=True)
+    def forward(self, audio_embeddings: torch.Tensor, audio_embeddings_mask: torch.Tensor) -> torch.Tensor:
+        out = self.tower(audio_embeddings, audio_embeddings_mask, return_dict=True)
         return self.embed(out.last_hidden_state)
 
 
