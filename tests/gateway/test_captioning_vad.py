@@ -328,11 +328,12 @@ def test_flush_closes_the_open_segment(clips):
     current = segmenter.open_segment
     assert current is not None and current.segment_id == 0
     np.testing.assert_array_equal(current.audio, audio[current.start_sample :])
+    assert segmenter.open_segment_span == (0, current.start_sample, audio.size)
     assert segmenter.samples_pushed == audio.size
     flushed = segmenter.flush()
     assert len(flushed) == 1 and flushed[0].reason == "flush"
     assert (flushed[0].start_sample, flushed[0].end_sample) == (current.start_sample, audio.size)
-    assert segmenter.open_segment is None and segmenter.flush() == []
+    assert segmenter.open_segment is None and segmenter.open_segment_span is None and segmenter.flush() == []
 
 
 # --- VadSegmenter rules, with scripted probabilities ---------------------------------------------

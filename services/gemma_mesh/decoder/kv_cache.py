@@ -19,6 +19,7 @@ the active ones: a finished row is replaced by the last row.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -297,7 +298,7 @@ def scratch_buffer(
     buffers: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype: np.dtype
 ) -> np.ndarray:
     """A ``shape`` view of a reusable buffer (doubled when too small)."""
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.size < size:
         buffer = buffers[name] = np.empty(max(size, 2 * (buffer.size if buffer is not None else 0)), dtype)

@@ -301,8 +301,16 @@ class VadSegmenter:
         self._silence_start: int | None = None  # first sample of the silence in an open segment
 
     @property
+    def open_segment_span(self) -> tuple[int, int, int] | None:
+        """``(segment_id, start_sample, end_sample)`` of the segment in progress (its audio ends at the
+        last sample pushed), or None; unlike ``open_segment`` it copies no audio."""
+        if self._segment is None:
+            return None
+        return (*self._segment, self._buffer.end)
+
+    @property
     def open_segment(self) -> OpenSegment | None:
-        """The segment in progress with its audio up to the last sample pushed, or None."""
+        """The segment in progress with its audio (a copy) up to the last sample pushed, or None."""
         if self._segment is None:
             return None
         segment_id, start = self._segment

@@ -318,7 +318,7 @@ class CaptionPipeline:
                         self._final_streams[event.segment_id] = (self._stream, self._stream_fed)
                         self._stream = None
 
-            if self.segmenter.open_segment is None and not self._finals:
+            if self.segmenter.open_segment_span is None and not self._finals:
                 self.durable_ms = self._ms(self.segmenter.samples_pushed)
                 self._covered = max(self._covered, self.segmenter.samples_pushed)
                 self._arrivals.clear()
@@ -344,25 +344,21 @@ class CaptionPipeline:
                 return
             await self._check_backlog()
             wait = self.partial_interval_s - (time.monotonic() - last_partial)
-            open_segment = self.segmenter.open_segment
+            span = self.segmenter.open_segment_span  # (copying the audio waits for a partial to run)
             if (
                 wait <= 0
-                and open_segment is not None
+                and span is not None
                 and not self._backlog_warned
-                and self._partial_audio_available(open_segment) > self._partial_audio_end
+                and span[2] - span[1] > self._partial_audio_end
             ):
                 last_partial = time.monotonic()
-                await self._partial(open_segment)
+                await self._partial(self.segmenter.open_segment)
                 continue
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(wait, 0.05))
             except TimeoutError:
                 pass
-
-    def _partial_audio_available(self, open_segment) -> int:
-        """Samples of the open segment a partial decode could cover now."""
-        return open_segment.audio.shape[0]
 
     async def _check_backlog(self) -> None:
         behind = self._received - self._covered > self.max_pending
@@ -433,9 +429,9 @@ class CaptionPipeline:
         text = await self._decode(segment.segment_id, audio, soft_tokens)
         if text is None or agreement is None:
             return
-        still_open = self.segmenter.open_segment
+        still_open = self.segmenter.open_segment_span
         end_sample = segment.start_sample + audio.shape[0]
-        if still_open is not None and still_open.segment_id == segment.segment_id:
+        if still_open is not None and still_open[0] == segment.segment_id:
             self._partial_audio_end = audio.shape[0]
         else:  # closed meanwhile: the partial covers no more than the segment does
             closed = next((c for c in self._finals if c.segment_id == segment.segment_id), None)
@@ -500,11 +496,11 @@ class CaptionPipeline:
             else:
                 await self.emit(CaptionFinal(**common))
             self.metrics.final_latency.observe(time.monotonic() - closed_at)
-        open_segment = self.segmenter.open_segment
+        span = self.segmenter.open_segment_span
         if self._finals:
             self.durable_ms = self._ms(self._finals[0].start_sample)
-        elif open_segment is not None:
-            self.durable_ms = self._ms(open_segment.start_sample)
+        elif span is not None:
+            self.durable_ms = self._ms(span[1])
         elif self._vad_done.is_set():  # end of stream: every sample is decided, the rest was silence
             self.durable_ms = self._ms(self.segmenter.samples_pushed)
             self._covered = max(self._covered, self.segmenter.samples_pushed)
