@@ -288,6 +288,22 @@ def test_sliding_window_boundaries(stub, tiny_bundle, torch_reference, offset):
     assert ids == expected
 
 
+@pytest.mark.parametrize("interval", [2, 5, 256])
+def test_a_stream_interval_sends_fewer_deltas_with_the_same_text(stub, interval):
+    """Held deltas: every answer message but the last carries ``interval`` token ids or more, and the
+    ids, text and usage equal the token-by-token stream's."""
+    messages = [_text("user", "Tell me a long story about a lighthouse.")]
+    plain = _request(messages, max_tokens=23, ignore_eos=True)
+    held = _request(messages, max_tokens=23, ignore_eos=True, stream_interval_tokens=interval)
+    ids, text, _, finished = _collect(stub, plain)
+    held_ids, held_text, _, held_finished = _collect(stub, held)
+    assert (held_ids, held_text) == (ids, text) and len(ids) == 23
+    assert held_finished.usage.completion_tokens == finished.usage.completion_tokens == 23
+    sizes = [len(r.delta.token_ids) for r in stub.Generate(held, timeout=120) if r.HasField("delta")]
+    assert sum(sizes) == 23 and all(n >= interval for n in sizes[:-1])
+    assert len(sizes) <= -(-23 // interval)  # no more messages than the interval allows
+
+
 def test_stop_strings_end_the_answer(stub):
     base = _request([_text("user", "Say something long.")], max_tokens=24)
     _, text, _, _ = _collect(stub, base)
@@ -350,6 +366,8 @@ def _soft(modality, n, hidden, frames=()):
         ("corrupt tensor", "bytes"),
         ("prediction ids and text", "prediction"),
         ("prediction id outside the vocabulary", "prediction.token_ids"),
+        ("stream interval over the limit", "stream_interval_tokens"),
+        ("negative stream interval", "stream_interval_tokens"),
     ],
 )
 def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, tiny_bundle, case, needle):
@@ -374,6 +392,8 @@ def test_bad_input_is_invalid_argument_and_the_server_keeps_serving(stub, tiny_b
         "prediction id outside the vocabulary": _request(
             user, prediction=decoder_pb2.Prediction(token_ids=[1, tiny_bundle.manifest.text.vocab_size])
         ),
+        "stream interval over the limit": _request(user, stream_interval_tokens=257),
+        "negative stream interval": _request(user, stream_interval_tokens=-1),
     }[case]  # fmt: skip
     with pytest.raises(grpc.RpcError) as err:
         _collect(stub, request)

@@ -24,7 +24,9 @@ prefill run per ``prediction_block_tokens`` accepted instead of one step per tok
 
 Rows ``0 .. n_decoding-1`` decode; rows ``n_decoding ..`` are being prefilled. Each sequence sees
 only its own keys (the masks come from its own length and ring), so batched greedy output equals
-the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue).
+the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue);
+a request's ``stream_interval_tokens`` holds its deltas until they carry that many tokens (vLLM's
+stream interval), for callers that read the text rather than each token.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class _Sequence:
             max_tokens=req.max_tokens,
         )
         self.sampler = Sampler(req.sampling)
+        self.held: Delta | None = None  # deltas held back by req.stream_interval_tokens
         self.cursor = 0
         self.cached = 0
         self.last_token = -1
@@ -539,9 +542,29 @@ class Engine:
         seq.last_token = token
         self.metrics.generated_tokens.inc()
         for delta in seq.processor.push(token):
-            seq.handle.emit(delta)
+            self._stream(seq, delta)
         # A cancelled request is dropped at the next step boundary (_drop_cancelled).
         return seq.processor.finish_reason is not None
+
+    @staticmethod
+    def _stream(seq: _Sequence, delta: Delta) -> None:
+        """Send ``delta``, or hold it until the held deltas carry ``stream_interval_tokens`` ids
+        (merged in order on one channel; a delta on another channel sends the held ones first)."""
+        interval = seq.req.stream_interval_tokens
+        if interval <= 1:
+            seq.handle.emit(delta)
+            return
+        held = seq.held
+        if held is not None and held.channel != delta.channel:
+            seq.handle.emit(held)
+            held = None
+        if held is not None:
+            delta = Delta(delta.channel, held.text + delta.text, [*held.token_ids, *delta.token_ids])
+        if len(delta.token_ids) >= interval:
+            seq.handle.emit(delta)
+            seq.held = None
+        else:
+            seq.held = delta
 
     def _retire(self, row: int, seq: _Sequence) -> None:
         """Send ``seq``'s ``Finished`` and free its decoding row ``row``."""
@@ -550,7 +573,10 @@ class Engine:
         assert reason is not None
         pending = seq.processor.pending_token_ids
         if pending:  # ids that produced no text (the stop token, thoughts dropped with thinking off)
-            seq.handle.emit(Delta(Channel.ANSWER, "", pending))
+            self._stream(seq, Delta(Channel.ANSWER, "", pending))
+        if seq.held is not None:
+            seq.handle.emit(seq.held)
+            seq.held = None
         decode_s = now - seq.first_token_at
         generated = seq.processor.generated
         seq.handle.emit(

@@ -27,6 +27,10 @@ class GenerationRequest:
     ``prediction`` (int64 ``[m]``, optional): the tokens the answer is expected to be (OpenAI's
     predicted outputs). The engine verifies them in the prefill run and keeps those the sampler
     picks; the output does not depend on it. At most ``max_tokens - 1`` of them are used.
+
+    ``stream_interval_tokens``: deltas are held until they carry this many token ids (or the request
+    finishes): fewer, larger events for callers that need the text rather than each token as it
+    comes (vLLM's ``--stream-interval``). 1 = one delta per step.
     """
 
     request_id: str
@@ -40,6 +44,7 @@ class GenerationRequest:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     priority: int = 0  # admitted lowest first, then in arrival order (vLLM's priority policy)
     prediction: np.ndarray | None = None  # int64 [m]: the tokens the caller expects (predicted outputs)
+    stream_interval_tokens: int = 1
 
 
 @dataclass

@@ -26,6 +26,9 @@ from gemma_mesh.model.sampling import SamplingParams
 from gemma_mesh.proto.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
 MAX_STOP_STRING_CHARS = 256
+# Largest GenerateRequest.stream_interval_tokens: a caller holding deltas longer than that wants
+# the whole answer; it still arrives, only in one message.
+MAX_STREAM_INTERVAL_TOKENS = 256
 _MODALITY_ROLE = {common_pb2.IMAGE: "image", common_pb2.AUDIO: "audio", common_pb2.VIDEO: "video"}
 _CHANNEL = {Channel.ANSWER: decoder_pb2.ANSWER, Channel.REASONING: decoder_pb2.REASONING}
 _FINISH = {FinishReason.STOP: decoder_pb2.STOP, FinishReason.LENGTH: decoder_pb2.LENGTH}
@@ -122,6 +125,11 @@ def build_request(
         video_frames=video_frames,
         enable_thinking=pb.enable_thinking,
     )
+    if not 0 <= pb.stream_interval_tokens <= MAX_STREAM_INTERVAL_TOKENS:
+        raise InvalidRequest(
+            f"stream_interval_tokens must be in [0, {MAX_STREAM_INTERVAL_TOKENS}], got {pb.stream_interval_tokens}",
+            param="stream_interval_tokens",
+        )
     # The builder numbers media per kind in message order; embed_prompt fills each placeholder id in order.
     prediction = (
         prediction_from_pb(pb.prediction, bundle, int(pb.max_tokens)) if pb.HasField("prediction") else None
@@ -138,6 +146,7 @@ def build_request(
         ignore_eos=pb.ignore_eos,
         priority=pb.priority,
         prediction=prediction,
+        stream_interval_tokens=max(1, pb.stream_interval_tokens),
     )
 
 

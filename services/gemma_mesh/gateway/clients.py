@@ -67,6 +67,8 @@ class Sampling:
     # Predicted output (decoder.proto Prediction): the expected answer's token ids, or its text.
     prediction_ids: Sequence[int] = ()
     prediction_text: str = ""
+    # Answer deltas arrive once they carry this many tokens (or at the end); 0 = every step.
+    stream_interval_tokens: int = 0
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -409,6 +411,7 @@ class MeshClient:
             enable_thinking=sampling.enable_thinking,
             prefix_cache_key=sampling.prefix_cache_key,
             priority=sampling.priority,
+            stream_interval_tokens=sampling.stream_interval_tokens,
         )
         if sampling.prediction_ids or sampling.prediction_text:
             request.prediction.token_ids.extend(sampling.prediction_ids)

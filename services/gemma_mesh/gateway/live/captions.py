@@ -71,6 +71,11 @@ RATE_HZ = 16000
 DEFAULT_TOKENS_PER_AUDIO_S = 8.0
 # How long a final waits for its segment's stream to end before encoding the segment whole instead.
 FINAL_STREAM_TIMEOUT_S = 5.0
+# A caption decode is read whole (its partial is the text at the end), not token by token: the
+# decoder sends its text every 8 tokens (vLLM's stream interval), a quarter of the gRPC messages on
+# both sides. The repetition guard then looks every 8 tokens, so a looping decode runs at most 7
+# tokens past the point it could have stopped (the guard cuts the loop from the text either way).
+CAPTION_STREAM_INTERVAL_TOKENS = 8
 _GUARD = RepetitionGuard()  # stateless: one for every decode
 Emit = Callable[[object], Awaitable[None]]
 _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
@@ -146,7 +151,11 @@ async def caption_soft_tokens(
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
     sampling = Sampling(
-        max_tokens=budget, enable_thinking=False, priority=priority, prediction_ids=list(prediction)
+        max_tokens=budget,
+        enable_thinking=False,
+        priority=priority,
+        prediction_ids=list(prediction),
+        stream_interval_tokens=CAPTION_STREAM_INTERVAL_TOKENS,
     )
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
