@@ -13,8 +13,9 @@ Figures, measured by the client:
 - audio lost: seconds sent minus seconds the gateway accepted (must be 0), audio refused events;
 - frames dropped (the gateway's counter), gateway CPU (% of one core) and RSS per session, CPU of
   every service and of this load generator (it shares the machine);
-- the work the decoder did: tokens generated and prefilled (prefix-cache misses) per second, mean
-  sequences per decode step, predicted-output tokens accepted and rejected per second;
+- the work the decoder did: tokens generated and prefilled (prefix-cache misses) per second,
+  requests (captions, finals, analyses) and decode steps per second, mean sequences per decode
+  step, predicted-output tokens accepted and rejected per second;
 - frame analyses completed per second (analyses wait while captions miss their latency objective,
   at most ``max_concurrent_analyses`` at once: the frames' share is what captions leave).
 The same figures for one session, measured first in the same run, are the baseline (ratios).
@@ -278,6 +279,15 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
             / elapsed,
             1,
         ),
+        "decoder_requests_per_s": round(
+            sum(
+                decoder_delta(f'gemma_mesh_decoder_requests_total{{outcome="{outcome}"}}')
+                for outcome in ("stop", "length", "cancelled")
+            )
+            / elapsed,
+            1,
+        ),
+        "decoder_steps_per_s": round(steps / elapsed, 1),
         "decoder_mean_batch": round(decoder_delta("gemma_mesh_decoder_batch_size_sum") / steps, 1)
         if steps
         else None,
@@ -305,7 +315,8 @@ def show(result: dict) -> None:
         + f"\n    decoder: {result['decoder_generated_tokens_per_s']} tokens/s generated "
         f"({result['decoder_prediction_tokens_accepted_per_s']} of them accepted predictions, "
         f"{result['decoder_prediction_tokens_rejected_per_s']} predicted tokens rejected), "
-        f"{result['decoder_prefilled_tokens_per_s']} prefilled (not cached), mean batch {result['decoder_mean_batch']}"
+        f"{result['decoder_prefilled_tokens_per_s']} prefilled (not cached), {result['decoder_requests_per_s']} "
+        f"requests/s, {result['decoder_steps_per_s']} decode steps/s, mean batch {result['decoder_mean_batch']}"
         f"\n    frames: {result['frame_analyses_per_s']} analyses/s completed, {result['frames_dropped']:.0f} dropped"
     )
 

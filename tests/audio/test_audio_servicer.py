@@ -166,6 +166,31 @@ async def test_tokens_leave_as_soon_as_they_are_final(audio_stub, speech):
     assert received == 25  # 1 s = 25 tokens in all
 
 
+async def test_a_provisional_tail_covers_every_chunk_sent(audio_stub, tiny_bundle, speech):
+    """``provisional_tail``: after each 100 ms chunk (lock-step), the tokens held, tail included,
+    are ``Encode`` of all the PCM sent so far; the next response replaces the tail."""
+    call = audio_stub.EncodeStream()
+    config = audio_pb2.AudioStreamConfig(
+        encoding=audio_pb2.S16LE, sample_rate_hz=RATE, channels=1, provisional_tail=True
+    )
+    await call.write(audio_pb2.AudioStreamRequest(config=config))
+    messages, pcm = [], b""
+    for i in range(8):
+        chunk = s16(speech[i * 1_600 : (i + 1) * 1_600])
+        pcm += chunk
+        await call.write(audio_pb2.AudioStreamRequest(pcm=chunk))
+        while not messages or not messages[-1].provisional or messages[-1].range.end_ms < 100 * (i + 1):
+            messages.append(await asyncio.wait_for(call.read(), timeout=10))
+        whole = tiny_bundle.encode_audio(np.frombuffer(pcm, "<i2").astype(np.float32) / 32768)
+        held = _assembled(messages)
+        assert held.shape == whole.shape and np.abs(held - whole).max() <= 1e-4
+        assert messages[-1].range.end_ms == 100 * (i + 1) and 1 <= messages[-1].num_soft_tokens <= 2
+    await call.done_writing()
+    while (message := await call.read()) != grpc.aio.EOF:
+        messages.append(message)
+    assert not messages[-1].provisional and _assembled(messages).shape == (20, whole.shape[1])
+
+
 async def test_stream_at_48k_stereo_equals_encode(audio_stub, speech):
     hi = resample(speech[: 2 * RATE], RATE, 48_000)
     pcm = s16(np.stack([hi, -hi], axis=1) * 0.5 + 0.1)

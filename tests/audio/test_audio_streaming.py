@@ -209,9 +209,10 @@ def _assemble(blocks) -> np.ndarray:
     return np.concatenate(tokens)
 
 
+@pytest.mark.parametrize("with_tail", [False, True])
 @pytest.mark.parametrize("overshoot_ms", [0, 37, 200, 640, 1000])
 def test_finish_at_an_earlier_sample_equals_the_shorter_whole_clip(
-    tiny_bundle, field, parts, speech, overshoot_ms
+    tiny_bundle, field, parts, speech, overshoot_ms, with_tail
 ):
     """A segment that ends 3.2 s in, streamed ``overshoot_ms`` further in 100 ms chunks (a partial
     fed the encoder past the end): finishing at the end re-encodes the tail like the shorter clip."""
@@ -224,9 +225,13 @@ def test_finish_at_an_earlier_sample_equals_the_shorter_whole_clip(
     blocks = []
     for i in range(0, len(wav), 1600):
         inc.insert(wav[i : i + 1600])
-        blocks += inc.step()
+        blocks += inc.step(tail=with_tail)
     emitted = inc.emitted_tokens
     tail = inc.finish(end)
+    assert not any(b.provisional for b in tail)
+    assert any(b.provisional for b in blocks) == with_tail
+    if blocks[-1].provisional:  # the tail sent last is replaced (by an empty block if nothing else)
+        assert tail and tail[0].first_token <= blocks[-1].first_token
     tokens = _assemble(blocks + tail)
     whole = tiny_bundle.encode_audio(speech[:end])
     assert tokens.shape == whole.shape
@@ -248,3 +253,53 @@ def test_finish_refuses_an_end_beyond_the_rewind_or_the_audio(tiny_bundle, field
         inc.finish(5 * RATE + 1)
     with pytest.raises(ValueError, match="more than the 10 kept"):
         inc.finish(3 * RATE)  # 2 s = 50 tokens back
+
+
+@pytest.mark.parametrize("chunk_ms", [100, 500])
+def test_a_provisional_tail_makes_every_step_the_whole_clip_so_far(
+    tiny_bundle, field, parts, speech, chunk_ms
+):
+    """``step(tail=True)``: the final tokens plus the provisional tail equal the whole-clip encoding of
+    the samples inserted so far, at every step; the final tokens are those of ``step()``."""
+    inc = IncrementalAudioEncoder(
+        field, tiny_bundle.log_mel, *parts, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=375
+    )
+    final: list[np.ndarray] = []
+    chunk = 16 * chunk_ms
+    for i in range(0, 4 * RATE, chunk):
+        inc.insert(speech[i : i + chunk])
+        blocks = inc.step(tail=True)
+        assert all(not b.provisional for b in blocks[:-1]) and blocks[-1].provisional
+        tail = blocks[-1]
+        final += [b.tokens for b in blocks[:-1]]
+        assert tail.first_token == inc.emitted_tokens == sum(len(t) for t in final)
+        assert tail.end_ms == round((i + chunk) / 16)
+        so_far = np.concatenate([*final, tail.tokens])
+        whole = tiny_bundle.encode_audio(speech[: i + chunk])
+        assert so_far.shape == whole.shape and np.abs(so_far - whole).max() <= 1e-4
+        assert 1 <= len(tail.tokens) <= 2  # the lookahead: one or two tokens are not final yet
+    # the final tokens are those of a stream without tails; finishing replaces the last tail
+    plain = _tokens(_stream(field, tiny_bundle.log_mel, parts, speech[: 4 * RATE], chunk)[1])
+    rest = inc.finish()
+    assert rest[0].first_token == inc.emitted_tokens - len(rest[0].tokens) - sum(
+        len(b.tokens) for b in rest[1:]
+    )
+    assert np.abs(np.concatenate([*final, *(b.tokens for b in rest)]) - plain).max() <= 1e-4
+
+
+def test_a_tail_before_the_first_final_token(tiny_bundle, field, parts, speech):
+    inc = IncrementalAudioEncoder(
+        field, tiny_bundle.log_mel, *parts, ms_per_token=40, sample_rate_hz=RATE, max_window_tokens=375
+    )
+    inc.insert(speech[:500])  # 31 ms: three frames, so one token, not final yet
+    (tail,) = inc.step(tail=True)
+    assert tail.provisional and tail.first_token == 0 and inc.emitted_tokens == 0
+    assert np.abs(tail.tokens - tiny_bundle.encode_audio(speech[:500])).max() <= 1e-4
+    inc.insert(speech[500:1440])  # 90 ms: 8 frames, so both tokens are final and the tail is empty
+    *final, empty = inc.step(tail=True)
+    assert empty.provisional and empty.tokens.shape == (0, tail.tokens.shape[1])
+    assert (empty.first_token, empty.end_ms) == (2, 90) and final[0].first_token == 0
+    assert (
+        np.abs(np.concatenate([b.tokens for b in final]) - tiny_bundle.encode_audio(speech[:1440])).max()
+        <= 1e-4
+    )

@@ -37,7 +37,7 @@ class HeldMesh:
         self.release = asyncio.Event()
         self.in_flight = 0
 
-    def encode_stream(self, rate_hz: int) -> _BrokenStream:
+    def encode_stream(self, rate_hz: int, *, provisional_tail: bool = False) -> _BrokenStream:
         return _BrokenStream()
 
     async def encode_audio(self, *, pcm_f32: np.ndarray, sample_rate_hz: int):

@@ -74,6 +74,7 @@ def block_to_pb(block: TokenBlock) -> audio_pb2.AudioStreamResponse:
         num_soft_tokens=int(block.tokens.shape[0]),
         range=common_pb2.MediaRange(start_ms=block.start_ms, end_ms=block.end_ms),
         first_token=block.first_token,
+        provisional=block.provisional,
     )
 
 
@@ -241,7 +242,9 @@ class AudioFrontendServicer(audio_pb2_grpc.AudioFrontendServicer):
             raise InvalidRequest("the first message of a stream must be its config", param="config")
         cfg = first.config
         encoding = pcm_encoding(cfg.encoding, param="config.encoding")
-        return self._engine().open_stream(encoding, cfg.sample_rate_hz, cfg.channels)
+        return self._engine().open_stream(
+            encoding, cfg.sample_rate_hz, cfg.channels, provisional_tail=cfg.provisional_tail
+        )
 
     async def EncodeStream(
         self,

@@ -195,8 +195,15 @@ class AudioEngine:
         return EncodedClip(segments, n / self.rate_hz)
 
     # --------------------------------------------------------------------------- streaming
-    def open_stream(self, encoding: str, rate_hz: int, channels: int) -> AudioStream:
-        """A new incremental stream. Raises Overloaded past ``max_streams``, InvalidRequest on a bad config."""
+    def open_stream(
+        self, encoding: str, rate_hz: int, channels: int, *, provisional_tail: bool = False
+    ) -> AudioStream:
+        """A new incremental stream (with ``provisional_tail``, each push also returns the tokens after
+        the final ones as the clip so far ends: ``IncrementalAudioEncoder.step(tail=True)``).
+
+        Raises:
+            Overloaded: past ``max_streams``. InvalidRequest: a bad config.
+        """
         decoder = PcmStreamDecoder(encoding, rate_hz, channels, self.rate_hz)
         with self._lock:
             if self._streams >= self.settings.max_streams:
@@ -214,7 +221,7 @@ class AudioEngine:
             max_window_tokens=self.settings.stream_window_tokens,
             rewind_tokens=-(-self.settings.stream_rewind_ms // self.ms_per_token),
         )
-        return AudioStream(self, decoder, encoder)
+        return AudioStream(self, decoder, encoder, provisional_tail=provisional_tail)
 
     def _close_stream(self) -> None:
         with self._lock:
@@ -224,10 +231,18 @@ class AudioEngine:
 class AudioStream:
     """One EncodeStream call: PCM bytes in (`push`), final soft-token blocks out; `close` when done."""
 
-    def __init__(self, engine: AudioEngine, decoder: PcmStreamDecoder, encoder: IncrementalAudioEncoder):
+    def __init__(
+        self,
+        engine: AudioEngine,
+        decoder: PcmStreamDecoder,
+        encoder: IncrementalAudioEncoder,
+        *,
+        provisional_tail: bool = False,
+    ):
         self._engine = engine
         self.decoder = decoder
         self.encoder = encoder
+        self.provisional_tail = provisional_tail
         self._closed = False
 
     @property
@@ -249,7 +264,7 @@ class AudioStream:
         max_s = self._engine.settings.max_stream_s
         if self.audio_seconds > max_s:
             raise InvalidRequest(f"the stream carries more than the limit of {max_s:g} s of audio")
-        return self.encoder.step()
+        return self.encoder.step(tail=self.provisional_tail)
 
     def finish(self, end_samples: int | None = None) -> list[TokenBlock]:
         """End of input: the remaining tokens, computed as for the whole clip; the clip is the first

@@ -115,12 +115,16 @@ class TokenBlock:
         first_token: absolute index of the first token since the stream began.
         start_ms / end_ms: media time the tokens cover (``ms_per_token`` each; the last block of a
             stream ends at the end of the audio).
+        provisional: the tokens after the final ones, computed as if the stream ended at the last
+            sample inserted (``step(tail=True)``); the next block starts at or before its
+            ``first_token`` and replaces it.
     """
 
     tokens: np.ndarray
     first_token: int
     start_ms: int
     end_ms: int
+    provisional: bool = False  # a tail as if the stream ended now: the next block replaces it
 
 
 class IncrementalAudioEncoder:
@@ -187,6 +191,7 @@ class IncrementalAudioEncoder:
         self._embeddings: np.ndarray | None = None  # subsampled tokens [_token0, emitted_tokens)
         self._embeddings_mask = np.zeros(0, bool)
         self._token0 = 0  # absolute index of _embeddings[0]
+        self._provisional_from: int | None = None  # first token of the last provisional tail sent
 
     # ------------------------------------------------------------------------------ geometry
     def final_frames(self, num_samples: int) -> int:
@@ -226,10 +231,27 @@ class IncrementalAudioEncoder:
             self._samples = np.concatenate([self._samples, samples])
             self.total_samples += samples.shape[0]
 
-    def step(self) -> list[TokenBlock]:
-        """Encode every token that became final since the last call; [] when none did."""
+    def step(self, *, tail: bool = False) -> list[TokenBlock]:
+        """Encode every token that became final since the last call; [] when none did.
+
+        With ``tail``, also the tokens after them as the whole clip of the samples inserted so far
+        would end (frames past the end masked, as ``finish``), in a last block marked
+        ``provisional``: a live caption's partial then covers every sample received, not just the
+        final tokens (those stop ~40-70 ms short of the audio: the convolutions' lookahead). The
+        tail shares the last conformer run (it comes after the final tokens, which it cannot
+        change: the conformer is causal); only its 1-2 embeddings are subsampled apart and not kept.
+        When every token is final the tail is empty, its ``end_ms`` still the end of the audio.
+        """
         self._extend_features()
-        return self._emit(self.final_tokens(self._frames), at_end=False)
+        upto = self.final_tokens(self._frames)
+        end = self.end_tokens(self._frames) if tail else upto
+        blocks = self._emit(upto, at_end=False, tail_end=end)
+        if tail and end == upto and self._width:  # every token is final: an empty tail says so
+            end_ms = round(self.total_samples * 1000 / self.sample_rate_hz)
+            empty = np.zeros((0, self._width), np.float32)
+            blocks.append(TokenBlock(empty, upto, upto * self.ms_per_token, end_ms, provisional=True))
+            self._provisional_from = upto
+        return blocks
 
     def finish(self, num_samples: int | None = None) -> list[TokenBlock]:
         """End of stream: encode the remaining tokens as the whole clip would (frames past the end masked).
@@ -250,7 +272,10 @@ class IncrementalAudioEncoder:
         if num_samples is not None and num_samples != self.total_samples:
             self._truncate(num_samples)
         blocks = self._emit(self.end_tokens(self._frames), at_end=True)
-        if self.emitted_tokens < emitted and not blocks:  # tokens dropped, none re-encoded: say where it ends
+        tail = self._provisional_from
+        replaced = tail is None or (blocks and blocks[0].first_token <= tail)
+        if (self.emitted_tokens < emitted or not replaced) and not blocks:
+            # tokens dropped (or a provisional tail sent), none re-encoded: say where it ends
             end_ms = round(self.total_samples * 1000 / self.sample_rate_hz)
             empty = np.zeros((0, self._width), np.float32)
             blocks = [TokenBlock(empty, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)]
@@ -333,29 +358,69 @@ class IncrementalAudioEncoder:
                 self._embeddings = np.concatenate([self._embeddings, embeddings])
                 self._embeddings_mask = np.concatenate([self._embeddings_mask, embeddings_mask])
 
-    def _emit(self, upto: int, *, at_end: bool) -> list[TokenBlock]:
+    def _emit(self, upto: int, *, at_end: bool, tail_end: int | None = None) -> list[TokenBlock]:
+        """Final tokens ``[emitted_tokens, upto)`` in windows of at most ``max_window_tokens``; with
+        ``tail_end > upto``, the last window also runs the provisional tail ``[upto, tail_end)``."""
         blocks: list[TokenBlock] = []
-        while self.emitted_tokens < upto:
+        tail_end = upto if tail_end is None else tail_end
+        audio_end_ms = round(self.total_samples * 1000 / self.sample_rate_hz)
+        pending_tail = tail_end > upto
+        while self.emitted_tokens < upto or pending_tail:
             s = self.field.window_start(self.emitted_tokens)
             e = min(upto, s + self.max_window_tokens)
             self._subsample(e)
-            assert self._embeddings is not None
-            lo, hi = s - self._token0, e - self._token0
-            self.max_conformer_tokens = max(self.max_conformer_tokens, e - s)
-            out = self.conform(self._embeddings[lo:hi], self._embeddings_mask[lo:hi])
+            tail = tail_end - e if e == upto else 0
+            if self._embeddings is None:  # a tail before the first final token
+                embeddings, mask = np.zeros((0, 0), np.float32), np.zeros(0, bool)
+            else:
+                lo, hi = s - self._token0, e - self._token0
+                embeddings, mask = self._embeddings[lo:hi], self._embeddings_mask[lo:hi]
+            if tail > 0:
+                tail_embeddings, tail_mask = self._subsample_tail(e, tail_end)
+                if not embeddings.shape[0]:
+                    embeddings = embeddings.reshape(0, tail_embeddings.shape[1]).astype(tail_embeddings.dtype)
+                embeddings = np.concatenate([embeddings, tail_embeddings])
+                mask = np.concatenate([mask, tail_mask])
+            self.max_conformer_tokens = max(self.max_conformer_tokens, e - s + tail)
+            out = self.conform(embeddings, mask)
             self._width = int(out.shape[-1])
             new = out[self.emitted_tokens - s : e - s]
             if new.shape[0] != e - self.emitted_tokens:
                 raise RuntimeError(f"encoder returned {out.shape[0]} tokens for a {e - s}-token window")
             end_ms = e * self.ms_per_token
             if at_end and e == upto:
-                end_ms = min(end_ms, round(self.total_samples * 1000 / self.sample_rate_hz))
-            blocks.append(
-                TokenBlock(new, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)
-            )
+                end_ms = min(end_ms, audio_end_ms)
+            if new.shape[0]:
+                blocks.append(
+                    TokenBlock(new, self.emitted_tokens, self.emitted_tokens * self.ms_per_token, end_ms)
+                )
             self.emitted_tokens = e
+            if tail > 0:
+                start_ms = e * self.ms_per_token
+                blocks.append(
+                    TokenBlock(out[e - s :], e, start_ms, max(start_ms, audio_end_ms), provisional=True)
+                )
+                pending_tail = False
+        if blocks and not blocks[-1].provisional and blocks[0].first_token <= (self._provisional_from or 0):
+            self._provisional_from = None  # the tail sent before is replaced
+        if blocks and blocks[-1].provisional:
+            self._provisional_from = blocks[-1].first_token
         self._trim()
         return blocks
+
+    def _subsample_tail(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of tokens ``[a, b)`` as the clip ending at the last final frame gives them
+        (frames past it zero and masked); not cached, since more audio changes them."""
+        fpt = self.field.frames_per_token
+        assert self._features is not None
+        first = max(0, a - SUBSAMPLING_LEFT_TOKENS)
+        frames = np.zeros((fpt * (b - first), self._features.shape[1]), np.float32)
+        mask = np.zeros(fpt * (b - first), bool)
+        lo, hi = fpt * first, min(fpt * b, self._frames)
+        frames[: hi - lo] = self._features[lo - self._frame0 : hi - self._frame0]
+        mask[: hi - lo] = True
+        embeddings, embeddings_mask = self.subsample(frames, mask)
+        return embeddings[a - first : b - first], embeddings_mask[a - first : b - first]
 
     def _trim(self) -> None:
         """Drop embeddings and features no later window needs. ``finish(num_samples)`` may re-encode

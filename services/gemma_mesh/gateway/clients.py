@@ -147,10 +147,20 @@ class AudioEncodeStream:
     Tokens are final as soon as their 40 ms of audio has arrived (see docs/encoders.md) and equal
     whole-clip encoding to ~1e-6, so a growing segment costs one encoder pass per sample instead
     of one per partial, and its final reuses them (``finish``). ``failed`` turns True if the call
-    breaks (callers fall back to ``Encode``).
+    breaks (callers fall back to ``Encode``). With ``provisional_tail`` the tokens held end with
+    the provisional tail of the last chunk sent (``AudioStreamConfig.provisional_tail``), so they
+    are the whole-clip encoding of everything sent, and ``covered_ms`` reaches ``sent_ms``.
     """
 
-    def __init__(self, stub: audio_pb2_grpc.AudioFrontendStub, sample_rate_hz: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        stub: audio_pb2_grpc.AudioFrontendStub,
+        sample_rate_hz: int,
+        timeout_s: float,
+        *,
+        provisional_tail: bool = False,
+    ) -> None:
+        self.provisional_tail = provisional_tail
         self._queue: asyncio.Queue[bytes | int | None] = asyncio.Queue()  # PCM, the end (samples), close
         self._sample_rate_hz = sample_rate_hz
         self._call = stub.EncodeStream(self._requests(), timeout=timeout_s)
@@ -165,7 +175,10 @@ class AudioEncodeStream:
 
     async def _requests(self):
         config = audio_pb2.AudioStreamConfig(
-            encoding=audio_pb2.F32LE, sample_rate_hz=self._sample_rate_hz, channels=1
+            encoding=audio_pb2.F32LE,
+            sample_rate_hz=self._sample_rate_hz,
+            channels=1,
+            provisional_tail=self.provisional_tail,
         )
         yield audio_pb2.AudioStreamRequest(config=config)
         while (data := await self._queue.get()) is not None:
@@ -178,13 +191,13 @@ class AudioEncodeStream:
         try:
             async for reply in self._call:
                 tokens = from_tensor_pb(reply.soft_tokens, param="soft_tokens")
-                if reply.first_token < self._count:  # the end rewound the stream: replace from there
+                if reply.first_token < self._count:  # a rewind or a provisional tail: replace from there
                     self._tokens = [np.concatenate(self._tokens)[: reply.first_token]]
                     self._count = reply.first_token
                 self._tokens.append(tokens)
                 self._count += tokens.shape[0]
                 self.covered_ms = int(reply.range.end_ms)
-                if reply.num_soft_tokens > 0:  # the encoder's ms per token, from what it sends
+                if reply.num_soft_tokens > 0 and not reply.provisional:  # the encoder's ms per token
                     self.token_ms = (reply.range.end_ms - reply.range.start_ms) / reply.num_soft_tokens
                 self._progress.set()
         except grpc.aio.AioRpcError as error:
@@ -199,10 +212,14 @@ class AudioEncodeStream:
 
     async def wait_caught_up(self, timeout_s: float) -> None:
         """Wait until the tokens the sent audio makes final have arrived: all but the last two
-        tokens' worth (one still open, one of lookahead), or until failure or ``timeout_s``."""
+        tokens' worth (one still open, one of lookahead), or with ``provisional_tail`` the tail of
+        the last chunk sent (``covered_ms`` = ``sent_ms``); or until failure or ``timeout_s``."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while not self.failed and not self._reader.done():
-            if self.token_ms is not None and self.covered_ms >= self.sent_ms - 2 * self.token_ms:
+            if self.provisional_tail:
+                if self.covered_ms >= int(self.sent_ms):
+                    return
+            elif self.token_ms is not None and self.covered_ms >= self.sent_ms - 2 * self.token_ms:
                 return
             self._progress.clear()
             remaining = deadline - asyncio.get_running_loop().time()
@@ -336,9 +353,14 @@ class MeshClient:
         ]
         return segments, float(reply.audio_seconds)
 
-    def encode_stream(self, sample_rate_hz: int = 16000) -> AudioEncodeStream:
-        """Open an ``EncodeStream`` for mono float32 audio at ``sample_rate_hz`` (must be in a running loop)."""
-        return AudioEncodeStream(self._audio, sample_rate_hz, self.timeout_s)
+    def encode_stream(
+        self, sample_rate_hz: int = 16000, *, provisional_tail: bool = False
+    ) -> AudioEncodeStream:
+        """Open an ``EncodeStream`` for mono float32 audio at ``sample_rate_hz`` (must be in a running
+        loop); ``provisional_tail``: see ``AudioEncodeStream``."""
+        return AudioEncodeStream(
+            self._audio, sample_rate_hz, self.timeout_s, provisional_tail=provisional_tail
+        )
 
     async def encode_image(
         self, data: bytes, *, max_soft_tokens: int = 0, video_frame: bool = False

@@ -319,7 +319,10 @@ class CaptionPipeline:
                     self._agreement = LocalAgreement()
                     self._partial_audio_end = 0
                     self._close_stream()
-                    self._stream, self._stream_fed = self.clients.encode_stream(RATE_HZ), 0
+                    # A partial covers every sample received: the tokens not yet final come as a
+                    # provisional tail (the clip so far, as Encode would end it).
+                    self._stream = self.clients.encode_stream(RATE_HZ, provisional_tail=True)
+                    self._stream_fed = 0
                 elif isinstance(event, SegmentClosed):
                     self._closed_at[event.segment_id] = time.monotonic()
                     self._finals.append(event)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from gemma_mesh.proto.v1 import common_pb2 as gemma__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gemma_mesh/v1/audio.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\"p\n\x08PcmAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12,\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1a.gemma_mesh.v1.PcmEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\"=\n\x0c\x45ncodedAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1f\n\x17\x64\x65\x63lared_sample_rate_hz\x18\x02 \x01(\x05\"\x8d\x01\n\x12\x45ncodeAudioRequest\x12&\n\x03pcm\x18\x01 \x01(\x0b\x32\x17.gemma_mesh.v1.PcmAudioH\x00\x12+\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x1b.gemma_mesh.v1.EncodedAudioH\x00\x12\x18\n\x10split_long_audio\x18\x03 \x01(\x08\x42\x08\n\x06source\"}\n\x0c\x41udioSegment\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12(\n\x05range\x18\x03 \x01(\x0b\x32\x19.gemma_mesh.v1.MediaRange\"[\n\x13\x45ncodeAudioResponse\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.gemma_mesh.v1.AudioSegment\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\"k\n\x11\x41udioStreamConfig\x12,\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1a.gemma_mesh.v1.PcmEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\"!\n\x0e\x41udioStreamEnd\x12\x0f\n\x07samples\x18\x01 \x01(\x03\"\x8d\x01\n\x12\x41udioStreamRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .gemma_mesh.v1.AudioStreamConfigH\x00\x12\r\n\x03pcm\x18\x02 \x01(\x0cH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.gemma_mesh.v1.AudioStreamEndH\x00\x42\x06\n\x04kind\"\x99\x01\n\x13\x41udioStreamResponse\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12(\n\x05range\x18\x03 \x01(\x0b\x32\x19.gemma_mesh.v1.MediaRange\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x03*A\n\x0bPcmEncoding\x12\x1c\n\x18PCM_ENCODING_UNSPECIFIED\x10\x00\x12\t\n\x05S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\xbb\x01\n\rAudioFrontend\x12O\n\x06\x45ncode\x12!.gemma_mesh.v1.EncodeAudioRequest\x1a\".gemma_mesh.v1.EncodeAudioResponse\x12Y\n\x0c\x45ncodeStream\x12!.gemma_mesh.v1.AudioStreamRequest\x1a\".gemma_mesh.v1.AudioStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gemma_mesh/v1/audio.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\"p\n\x08PcmAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12,\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1a.gemma_mesh.v1.PcmEncoding\x12\x16\n\x0esample_rate_hz\x18\x03 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\"=\n\x0c\x45ncodedAudio\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x1f\n\x17\x64\x65\x63lared_sample_rate_hz\x18\x02 \x01(\x05\"\x8d\x01\n\x12\x45ncodeAudioRequest\x12&\n\x03pcm\x18\x01 \x01(\x0b\x32\x17.gemma_mesh.v1.PcmAudioH\x00\x12+\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x1b.gemma_mesh.v1.EncodedAudioH\x00\x12\x18\n\x10split_long_audio\x18\x03 \x01(\x08\x42\x08\n\x06source\"}\n\x0c\x41udioSegment\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12(\n\x05range\x18\x03 \x01(\x0b\x32\x19.gemma_mesh.v1.MediaRange\"[\n\x13\x45ncodeAudioResponse\x12-\n\x08segments\x18\x01 \x03(\x0b\x32\x1b.gemma_mesh.v1.AudioSegment\x12\x15\n\raudio_seconds\x18\x02 \x01(\x01\"\x85\x01\n\x11\x41udioStreamConfig\x12,\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1a.gemma_mesh.v1.PcmEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x03 \x01(\x05\x12\x18\n\x10provisional_tail\x18\x04 \x01(\x08\"!\n\x0e\x41udioStreamEnd\x12\x0f\n\x07samples\x18\x01 \x01(\x03\"\x8d\x01\n\x12\x41udioStreamRequest\x12\x32\n\x06\x63onfig\x18\x01 \x01(\x0b\x32 .gemma_mesh.v1.AudioStreamConfigH\x00\x12\r\n\x03pcm\x18\x02 \x01(\x0cH\x00\x12,\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1d.gemma_mesh.v1.AudioStreamEndH\x00\x42\x06\n\x04kind\"\xae\x01\n\x13\x41udioStreamResponse\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\x12(\n\x05range\x18\x03 \x01(\x0b\x32\x19.gemma_mesh.v1.MediaRange\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x03\x12\x13\n\x0bprovisional\x18\x05 \x01(\x08*A\n\x0bPcmEncoding\x12\x1c\n\x18PCM_ENCODING_UNSPECIFIED\x10\x00\x12\t\n\x05S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\xbb\x01\n\rAudioFrontend\x12O\n\x06\x45ncode\x12!.gemma_mesh.v1.EncodeAudioRequest\x1a\".gemma_mesh.v1.EncodeAudioResponse\x12Y\n\x0c\x45ncodeStream\x12!.gemma_mesh.v1.AudioStreamRequest\x1a\".gemma_mesh.v1.AudioStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gemma_mesh.v1.audio_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PCMENCODING']._serialized_start=1057
-  _globals['_PCMENCODING']._serialized_end=1122
+  _globals['_PCMENCODING']._serialized_start=1105
+  _globals['_PCMENCODING']._serialized_end=1170
   _globals['_PCMAUDIO']._serialized_start=72
   _globals['_PCMAUDIO']._serialized_end=184
   _globals['_ENCODEDAUDIO']._serialized_start=186
@@ -44,14 +44,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDIOSEGMENT']._serialized_end=518
   _globals['_ENCODEAUDIORESPONSE']._serialized_start=520
   _globals['_ENCODEAUDIORESPONSE']._serialized_end=611
-  _globals['_AUDIOSTREAMCONFIG']._serialized_start=613
-  _globals['_AUDIOSTREAMCONFIG']._serialized_end=720
-  _globals['_AUDIOSTREAMEND']._serialized_start=722
-  _globals['_AUDIOSTREAMEND']._serialized_end=755
-  _globals['_AUDIOSTREAMREQUEST']._serialized_start=758
-  _globals['_AUDIOSTREAMREQUEST']._serialized_end=899
-  _globals['_AUDIOSTREAMRESPONSE']._serialized_start=902
-  _globals['_AUDIOSTREAMRESPONSE']._serialized_end=1055
-  _globals['_AUDIOFRONTEND']._serialized_start=1125
-  _globals['_AUDIOFRONTEND']._serialized_end=1312
+  _globals['_AUDIOSTREAMCONFIG']._serialized_start=614
+  _globals['_AUDIOSTREAMCONFIG']._serialized_end=747
+  _globals['_AUDIOSTREAMEND']._serialized_start=749
+  _globals['_AUDIOSTREAMEND']._serialized_end=782
+  _globals['_AUDIOSTREAMREQUEST']._serialized_start=785
+  _globals['_AUDIOSTREAMREQUEST']._serialized_end=926
+  _globals['_AUDIOSTREAMRESPONSE']._serialized_start=929
+  _globals['_AUDIOSTREAMRESPONSE']._serialized_end=1103
+  _globals['_AUDIOFRONTEND']._serialized_start=1173
+  _globals['_AUDIOFRONTEND']._serialized_end=1360
 # @@protoc_insertion_point(module_scope)

@@ -66,14 +66,16 @@ class EncodeAudioResponse(_message.Message):
     def __init__(self, segments: _Optional[_Iterable[_Union[AudioSegment, _Mapping]]] = ..., audio_seconds: _Optional[float] = ...) -> None: ...
 
 class AudioStreamConfig(_message.Message):
-    __slots__ = ("encoding", "sample_rate_hz", "channels")
+    __slots__ = ("encoding", "sample_rate_hz", "channels", "provisional_tail")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_TAIL_FIELD_NUMBER: _ClassVar[int]
     encoding: PcmEncoding
     sample_rate_hz: int
     channels: int
-    def __init__(self, encoding: _Optional[_Union[PcmEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
+    provisional_tail: bool
+    def __init__(self, encoding: _Optional[_Union[PcmEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ..., channels: _Optional[int] = ..., provisional_tail: _Optional[bool] = ...) -> None: ...
 
 class AudioStreamEnd(_message.Message):
     __slots__ = ("samples",)
@@ -92,13 +94,15 @@ class AudioStreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[AudioStreamConfig, _Mapping]] = ..., pcm: _Optional[bytes] = ..., end: _Optional[_Union[AudioStreamEnd, _Mapping]] = ...) -> None: ...
 
 class AudioStreamResponse(_message.Message):
-    __slots__ = ("soft_tokens", "num_soft_tokens", "range", "first_token")
+    __slots__ = ("soft_tokens", "num_soft_tokens", "range", "first_token", "provisional")
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RANGE_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_FIELD_NUMBER: _ClassVar[int]
     soft_tokens: _common_pb2.Tensor
     num_soft_tokens: int
     range: _common_pb2.MediaRange
     first_token: int
-    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_soft_tokens: _Optional[int] = ..., range: _Optional[_Union[_common_pb2.MediaRange, _Mapping]] = ..., first_token: _Optional[int] = ...) -> None: ...
+    provisional: bool
+    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_soft_tokens: _Optional[int] = ..., range: _Optional[_Union[_common_pb2.MediaRange, _Mapping]] = ..., first_token: _Optional[int] = ..., provisional: _Optional[bool] = ...) -> None: ...
