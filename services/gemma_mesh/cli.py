@@ -89,9 +89,12 @@ def serve_decoder(
     from gemma_mesh.decoder.server import run_decoder_server
     from gemma_mesh.decoder.settings import DecoderSettings
 
-    run_decoder_server(
-        DecoderSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
-    )
+    with user_errors():  # a bad bundle (format, files) is a one-line error, exit 2
+        run_decoder_server(
+            DecoderSettings(
+                **_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port)
+            )
+        )
 
 
 @serve_app.command("audio")
@@ -110,9 +113,10 @@ def serve_audio(
     from gemma_mesh.audio.server import run_audio_server
     from gemma_mesh.audio.settings import AudioSettings
 
-    run_audio_server(
-        AudioSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
-    )
+    with user_errors():  # a bad bundle (format, files) is a one-line error, exit 2
+        run_audio_server(
+            AudioSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
+        )
 
 
 @serve_app.command("vision")
@@ -131,9 +135,12 @@ def serve_vision(
     from gemma_mesh.vision.server import run_vision_server
     from gemma_mesh.vision.settings import VisionSettings
 
-    run_vision_server(
-        VisionSettings(**_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port))
-    )
+    with user_errors():  # a bad bundle (format, files) is a one-line error, exit 2
+        run_vision_server(
+            VisionSettings(
+                **_server_overrides(bundle=bundle, host=host, port=port, metrics_port=metrics_port)
+            )
+        )
 
 
 @serve_app.command("gateway")

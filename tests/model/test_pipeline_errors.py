@@ -84,3 +84,40 @@ def test_a_bundle_of_another_format_version_is_refused(tmp_path):
         InvalidRequest, match=rf"bundle format {BUNDLE_FORMAT_VERSION - 1} is not supported.*re-export"
     ):
         ModelBundle(old, providers=["CPUExecutionProvider"])
+
+
+def test_a_missing_graph_file_is_named(tmp_path):
+    import shutil
+
+    from gemma_mesh.common.errors import NotFound
+    from gemma_mesh.model.bundle import ModelBundle, embedded_bundle_path
+
+    broken = tmp_path / "broken"
+    shutil.copytree(embedded_bundle_path(), broken)
+    (broken / "audio_subsample.onnx").unlink()
+    bundle = ModelBundle(broken, providers=["CPUExecutionProvider"])
+    with pytest.raises(NotFound, match=r"'audio_subsample' file audio_subsample\.onnx is missing.*re-export"):
+        bundle.encode_audio(np.zeros(16_000, np.float32))
+    assert bundle.embed(np.array([[1, 2]]))[0].shape[:2] == (1, 2)  # the other graphs still serve
+
+
+def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path):
+    """``gemma-mesh serve`` with a bundle of an older format: ``error: ...`` and exit 2, no traceback."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from gemma_mesh.model.bundle import embedded_bundle_path
+    from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION
+
+    old = tmp_path / "old"
+    shutil.copytree(embedded_bundle_path(), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION - 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    argv = [sys.executable, "-m", "gemma_mesh.cli", "serve", "audio", "--bundle", str(old), "--port", "0"]
+    done = subprocess.run([*argv, "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"error: invalid bundle manifest {old / 'manifest.json'}" in done.stderr
+    assert "is not supported" in done.stderr and "Traceback" not in done.stderr

@@ -176,7 +176,7 @@ class ModelBundle:
         """The ONNX Runtime session of ``graph`` (created on first use; thread-safe).
 
         Raises:
-            NotFound: the bundle has no such graph.
+            NotFound: the bundle has no such graph, or its file is missing.
         """
         with self._lock:
             sess = self._sessions.get(graph)
@@ -185,6 +185,11 @@ class ModelBundle:
             entry = self.manifest.graphs.get(graph)
             if entry is None:
                 raise NotFound(f"bundle {self.path} has no graph {graph!r}")
+            if not (self.path / entry.file).is_file():
+                raise NotFound(
+                    f"bundle {self.path}: the manifest's graph {graph!r} file {entry.file} is missing; "
+                    "re-export the bundle with `gemma-mesh export`"
+                )
             import onnxruntime as ort
 
             options = ort.SessionOptions()
