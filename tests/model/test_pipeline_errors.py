@@ -67,19 +67,28 @@ def test_generation_limits(tiny_bundle):
         next(generate(tiny_bundle, [], max_new_tokens=3))
 
 
-def test_a_bundle_of_another_format_version_is_refused(tmp_path):
+def _older_format_bundle(tmp_path):
+    """A copy of the embedded bundle whose manifest says the previous format (format 2 had one
+    ``audio_encoder`` graph; format 1 decoders returned past + step in ``present.N.*``)."""
     import json
     import shutil
 
-    from gemma_mesh.model.bundle import ModelBundle, embedded_bundle_path
+    from gemma_mesh.model.bundle import embedded_bundle_path
     from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION
 
     old = tmp_path / "old"
     shutil.copytree(embedded_bundle_path(), old)
     manifest = json.loads((old / "manifest.json").read_text())
-    # Format 1 decoders returned past + step in present.N.*; this runtime binds step-sized outputs.
     manifest["format_version"] = BUNDLE_FORMAT_VERSION - 1
     (old / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
+def test_a_bundle_of_another_format_version_is_refused(tmp_path):
+    from gemma_mesh.model.bundle import ModelBundle
+    from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION
+
+    old = _older_format_bundle(tmp_path)
     with pytest.raises(
         InvalidRequest, match=rf"bundle format {BUNDLE_FORMAT_VERSION - 1} is not supported.*re-export"
     ):
@@ -103,19 +112,10 @@ def test_a_missing_graph_file_is_named(tmp_path):
 
 def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path):
     """``gemma-mesh serve`` with a bundle of an older format: ``error: ...`` and exit 2, no traceback."""
-    import json
-    import shutil
     import subprocess
     import sys
 
-    from gemma_mesh.model.bundle import embedded_bundle_path
-    from gemma_mesh.model.manifest import BUNDLE_FORMAT_VERSION
-
-    old = tmp_path / "old"
-    shutil.copytree(embedded_bundle_path(), old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    manifest["format_version"] = BUNDLE_FORMAT_VERSION - 1
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    old = _older_format_bundle(tmp_path)
     argv = [sys.executable, "-m", "gemma_mesh.cli", "serve", "audio", "--bundle", str(old), "--port", "0"]
     done = subprocess.run([*argv, "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
