@@ -32,11 +32,22 @@ app = typer.Typer(
 _LOG_LEVEL: dict[str, str | None] = {"explicit": None}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from gemma_mesh import __version__
+
+        typer.echo(f"gemma-mesh {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     log_level: Annotated[
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (default: WARNING; servers: INFO)")
     ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version")
+    ] = False,
 ) -> None:
     if log_level is not None and log_level.upper() not in LOG_LEVELS:
         raise typer.BadParameter(f"must be one of {', '.join(LOG_LEVELS)}", param_hint="--log-level")
@@ -277,6 +288,7 @@ def up(
 
     from rich.console import Console
 
+    from gemma_mesh.preflight import check_mesh_setup
     from gemma_mesh.up import Mesh, MeshConfig
 
     console = Console(stderr=True)
@@ -292,6 +304,7 @@ def up(
             await mesh.wait_for_signal()
 
     with user_errors():
+        check_mesh_setup(bundle, redis_url)
         asyncio.run(main())
 
 
@@ -373,6 +386,7 @@ def demo(
 
     from rich.console import Console
 
+    from gemma_mesh.preflight import check_mesh_setup
     from gemma_mesh.samples import librivox_transcripts, write_samples
     from gemma_mesh.stream_client import StreamOptions
     from gemma_mesh.stream_client import stream as run_stream
@@ -405,6 +419,7 @@ def demo(
                 await mesh.wait_for_signal()
 
     with user_errors():
+        check_mesh_setup(bundle, None)
         asyncio.run(main())
 
 

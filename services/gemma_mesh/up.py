@@ -92,7 +92,7 @@ class Mesh:
     """The supervisor. ``async with Mesh(config) as mesh:`` starts everything and waits until ready.
 
     Raises (on enter):
-        RuntimeError: a child exits before becoming healthy, or ``ready_timeout_s`` passes.
+        MeshError: a child exits before becoming healthy, or ``ready_timeout_s`` passes.
     """
 
     def __init__(self, config: MeshConfig) -> None:
@@ -182,7 +182,7 @@ class Mesh:
                 except grpc.aio.AioRpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise MeshError(
                         f"{child.name} did not become healthy in {self.config.ready_timeout_s:.0f} s"
                     )
                 await asyncio.sleep(0.2)

@@ -3,6 +3,7 @@ probabilities for the exact hysteresis, padding and splitting rules."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import subprocess
@@ -22,6 +23,7 @@ from gemma_mesh.gateway.captioning import (
     VadSettings,
     find_silero_model,
 )
+from gemma_mesh.gateway.captioning.vad import SHIPPED_SILERO_MODEL
 
 RATE_HZ = 16_000
 WINDOW = 512
@@ -138,14 +140,23 @@ def test_probabilities_do_not_depend_on_chunking(vad, clips):
     assert vad.windows_done == audio.size // WINDOW
 
 
+def silero_wheel_model() -> Path:
+    """silero-vad's own ``silero_vad.onnx`` (the test dependency's copy), found without importing it."""
+    spec = importlib.util.find_spec("silero_vad")
+    assert spec is not None and spec.submodule_search_locations, "silero-vad (a test dependency) missing"
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+
+
 def test_matches_silero_onnx_wrapper(vad, clips):
-    """The model is fed exactly as silero-vad's own OnnxWrapper feeds it (the test may import torch)."""
+    """The shipped model, fed as SileroVad feeds it, gives silero-vad's own OnnxWrapper's
+    probabilities on its own model file (the test may import torch)."""
     import torch
     from silero_vad.utils_vad import OnnxWrapper
 
     audio = clips[0][: clips[0].size // WINDOW * WINDOW]
-    reference = OnnxWrapper(str(vad.model_path), force_onnx_cpu=True)
+    reference = OnnxWrapper(str(silero_wheel_model()), force_onnx_cpu=True)
     expected = reference.audio_forward(torch.from_numpy(audio), RATE_HZ).numpy().reshape(-1)
+    assert expected.size == audio.size // WINDOW and expected.max() > 0.9 and expected.min() < 0.1
     vad.reset()
     np.testing.assert_allclose(vad.speech_probabilities(audio), expected, rtol=0, atol=1e-6)
 
@@ -168,15 +179,19 @@ def test_serving_never_imports_silero_package_or_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_model_location_and_errors(monkeypatch, tmp_path):
+def test_model_location_and_errors(tmp_path):
     found = find_silero_model()
-    assert found.name == "silero_vad.onnx" and found.parent.name == "data" and found.is_file()
+    assert found == SHIPPED_SILERO_MODEL and found.is_file()
+    # Shipped byte for byte from silero-vad 6.2.3, with the MIT licence beside it.
+    assert (
+        hashlib.sha256(found.read_bytes()).hexdigest()
+        == hashlib.sha256(silero_wheel_model().read_bytes()).hexdigest()
+    )
+    licence = (found.parent / "LICENSE").read_text(encoding="utf-8")
+    assert licence.startswith("MIT License") and "Silero Team" in licence
     assert find_silero_model(found) == found
-    with pytest.raises(FileNotFoundError, match="model_path"):
+    with pytest.raises(FileNotFoundError, match="GEMMA_MESH_GATEWAY_VAD_MODEL_PATH"):
         SileroVad(tmp_path / "missing.onnx")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps silero-vad==6\.2\.3"):
-        SileroVad()
     not_silero = tmp_path / "identity.onnx"
     _write_identity_model(not_silero)
     with pytest.raises(ValueError, match="not a Silero VAD"):

@@ -7,18 +7,22 @@ import uvicorn
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import configure_logging, get_logger
 from gemma_mesh.gateway.app import create_app
+from gemma_mesh.gateway.captioning import find_silero_model
 from gemma_mesh.gateway.settings import GatewaySettings
 
 log = get_logger(__name__)
 
 
-def check_redis(url: str | None) -> None:
+def check_redis(url: str | None, *, require_reachable: bool = False) -> None:
     """Refuse to start on a Redis that answers with an error (wrong database or password).
 
-    An unreachable Redis is not an error at start: the gateway comes up not ready and retries.
+    An unreachable Redis is not an error for the gateway (a Kubernetes pod comes up not ready and
+    retries, as it would after a Redis restart); ``gemma-mesh up`` asks for ``require_reachable``,
+    where a Redis that is not running is the user's setup to fix, not a state to wait out.
 
     Raises:
-        InvalidRequest: Redis refused the connection or the URL is unusable.
+        InvalidRequest: Redis refused the connection or the URL is unusable; with
+            ``require_reachable``, also when nothing answers at the URL within 2 s.
     """
     if not url:
         return
@@ -28,6 +32,10 @@ def check_redis(url: str | None) -> None:
     try:
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError) as error:
+        if require_reachable:
+            raise InvalidRequest(
+                f"redis at {url} is unreachable ({error}); start redis-server or leave out --redis-url"
+            ) from None
         log.warning("redis unreachable at start; /readyz reports it until it answers", error=str(error))
     except (redis.RedisError, ValueError) as error:
         raise InvalidRequest(f"redis at {url} refused the connection: {error}") from None
@@ -53,6 +61,7 @@ def run_gateway_server(settings: GatewaySettings) -> None:
     """
     configure_logging(settings.log_level)
     check_redis(settings.redis_url)
+    find_silero_model(settings.vad_model_path)  # a missing VAD model is a one-line error, not a traceback
     uvicorn.run(
         create_app(settings),
         host=settings.host,

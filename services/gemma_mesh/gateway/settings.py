@@ -110,7 +110,7 @@ class GatewaySettings(BaseSettings):
         "the decoder rows and prefill that camera analysis takes from captions at once",
     )
     vad_model_path: str | None = Field(
-        None, description="silero_vad.onnx; None = the file of the installed silero-vad wheel"
+        None, description="silero_vad.onnx; None = the file shipped with gemma-mesh (silero-vad 6.2.3)"
     )
 
     # --- HTTP API limits --------------------------------------------------------------------

@@ -3,13 +3,13 @@
 Pure policy: numpy in, decisions out; no asyncio, sockets or clocks. Audio is 16 kHz float32 mono
 in [-1, 1]; every position is an absolute sample index in the stream (ms = sample * 1000 / 16000).
 
-Serving never imports the ``silero_vad`` package (it imports torch): the ``.onnx`` file is located
-in the installed wheel without executing it and run with ONNX Runtime directly.
+The Silero VAD model file ships in this package (``captioning/silero/``, with its MIT licence) and
+runs on ONNX Runtime directly; the ``silero_vad`` package (which imports torch) is a test dependency
+only, to check that the model is fed exactly as its ``OnnxWrapper`` feeds it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -22,7 +22,8 @@ SILERO_WINDOW_SAMPLES = 512  # 32 ms at 16 kHz: the only window size silero-vad 
 SILERO_CONTEXT_SAMPLES = 64  # samples of the previous window prepended to each window
 SILERO_STATE_SHAPE = (2, 1, 128)
 SILERO_MODEL_FILE = "silero_vad.onnx"
-SILERO_INSTALL_HINT = "pip install --no-deps silero-vad==6.2.3"
+# silero-vad 6.2.3's silero_vad.onnx (MIT), shipped in the package: see find_silero_model.
+SHIPPED_SILERO_MODEL = Path(__file__).resolve().parent / "silero" / SILERO_MODEL_FILE
 
 
 def _ms_to_samples(ms: float) -> int:
@@ -53,7 +54,7 @@ class VadSettings(BaseModel):
         100, ge=10, description="RMS energy window used to find the quietest split point, in ms"
     )
     model_path: Path | None = Field(
-        None, description="silero_vad.onnx; None = the file of the installed silero-vad wheel"
+        None, description="silero_vad.onnx; None = the file shipped with gemma-mesh (silero-vad 6.2.3)"
     )
 
     @model_validator(mode="after")
@@ -68,30 +69,30 @@ class VadSettings(BaseModel):
 
 
 def find_silero_model(model_path: str | Path | None = None) -> Path:
-    """The Silero VAD ``.onnx`` file: ``model_path`` if given, else ``silero_vad/data/silero_vad.onnx``
-    of the installed silero-vad wheel, found with ``importlib.util.find_spec`` (which does not run
-    the package, so torch is not imported).
+    """The Silero VAD ``.onnx`` file: ``model_path`` if given, else the copy shipped in this package.
+
+    The shipped file is ``silero_vad.onnx`` of silero-vad 6.2.3 (MIT, the licence beside it in
+    ``captioning/silero/``), byte-identical to the wheel's ``silero_vad/data/silero_vad.onnx``
+    (a test checks its SHA-256 and its outputs against silero-vad's ``OnnxWrapper``). Shipping the
+    file keeps serving free of the silero-vad wheel, whose dependencies are torch and torchaudio.
 
     Raises:
-        FileNotFoundError: the file does not exist, or the wheel is not installed; the message names
-            the fix (``pip install --no-deps silero-vad==6.2.3`` or the ``model_path`` setting).
+        FileNotFoundError: ``model_path`` (the gateway's ``vad.model_path`` setting) is not a file,
+            or the shipped file is missing from a broken install; the message names the setting.
     """
     if model_path is not None:
         path = Path(model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"VAD model {path} does not exist (the vad model_path setting)")
+            raise FileNotFoundError(
+                f"VAD model {path} does not exist (GEMMA_MESH_GATEWAY_VAD_MODEL_PATH; "
+                "unset it to use the model shipped with gemma-mesh)"
+            )
         return path
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The silero-vad wheel is not installed; run `{SILERO_INSTALL_HINT}` "
-            "or set the VAD model_path setting to a silero_vad.onnx file"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / SILERO_MODEL_FILE
+    path = SHIPPED_SILERO_MODEL
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing from the installed silero-vad; run `{SILERO_INSTALL_HINT}` "
-            "or set the VAD model_path setting"
+            f"the Silero VAD model {path} is missing from this gemma-mesh install; reinstall "
+            "gemma-mesh or set GEMMA_MESH_GATEWAY_VAD_MODEL_PATH to a silero_vad.onnx file"
         )
     return path
 
@@ -116,7 +117,7 @@ class SileroVad:
     aligned to the start of the stream, so the probabilities do not depend on how audio is chunked.
 
     Args:
-        model_path: the ``.onnx`` file; None finds it in the installed wheel (``find_silero_model``).
+        model_path: the ``.onnx`` file; None = the shipped one (``find_silero_model``).
         providers: ONNX Runtime execution providers (the model is tiny: CPU is right).
         intra_op_threads: ONNX Runtime threads per operator (silero-vad uses 1).
 

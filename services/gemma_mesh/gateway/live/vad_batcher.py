@@ -54,7 +54,7 @@ class VadBatcher:
     """The shared VAD of a gateway process.
 
     Args:
-        model_path: ``silero_vad.onnx`` (None: the installed silero-vad wheel's).
+        model_path: ``silero_vad.onnx`` (None: the one shipped with gemma-mesh).
         max_batch: streams per model call.
 
     Raises:
