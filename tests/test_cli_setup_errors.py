@@ -69,7 +69,11 @@ def test_missing_vad_model(command, tmp_path):
 def test_serve_gateway_with_a_missing_vad_model(tmp_path):
     missing = tmp_path / "silero_vad.onnx"
     proc = run_cli(
-        "serve", "gateway", "--port", str(free_port()), env={"GEMMA_MESH_GATEWAY_VAD_MODEL_PATH": str(missing)}
+        "serve",
+        "gateway",
+        "--port",
+        str(free_port()),
+        env={"GEMMA_MESH_GATEWAY_VAD_MODEL_PATH": str(missing)},
     )
     assert_one_error_line(proc, str(missing))
 
