@@ -1,6 +1,6 @@
 """``Decoder.Generate``: protobuf request -> prompt (chat template + soft tokens) -> engine -> streamed deltas.
 
-Validation of shape happens here, at the edge (STYLE.md); limits that need the model (context
+Validation of shape happens here, at the edge (the request is refused before it is queued); limits that need the model (context
 length) are checked by the engine. Errors are ``InvalidRequest``/``Overloaded``; the interceptor maps
 them to INVALID_ARGUMENT/RESOURCE_EXHAUSTED.
 """

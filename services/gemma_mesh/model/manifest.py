@@ -1,7 +1,7 @@
 """The bundle manifest (``manifest.json``): the contract between the exporter and every service.
 
 Services read dtypes, shapes, token ids, layer layout and limits from here and nowhere else
-(STYLE.md: "the manifest is the contract"); ``Manifest.model_validate`` refuses a bundle whose
+(the manifest is the contract; docs/bundle.md); ``Manifest.model_validate`` refuses a bundle whose
 format version or structure this code does not understand.
 """
 

@@ -1,6 +1,6 @@
 """``gemma-mesh export``: a local Hugging Face Gemma 4 checkpoint -> a model bundle directory.
 
-The bundle (DESIGN.md) holds ``manifest.json``, the tokenizer, chat template and processor settings
+The bundle (docs/bundle.md) holds ``manifest.json``, the tokenizer, chat template and processor settings
 copied from the checkpoint, and five ONNX graphs: ``embed_tokens``, ``audio_subsample`` and
 ``audio_conformer`` (the audio encoder in two, see ``wrappers``), ``vision_encoder`` and
 ``decoder_model_merged``.
@@ -382,7 +382,7 @@ def export_bundle(
 def build_manifest(
     *, checkpoint: Path, config: Any, processor: Any, graphs: dict[str, Any], dtype: str, weights: str
 ) -> dict[str, Any]:
-    """The bundle contract (DESIGN.md): everything services need to know, read from the checkpoint."""
+    """The bundle contract (``manifest.json``, docs/bundle.md): everything services need to know, read from the checkpoint."""
     fe = processor.feature_extractor
     ip = processor.image_processor
     vp = processor.video_processor
