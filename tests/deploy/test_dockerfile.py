@@ -248,7 +248,8 @@ def test_http_health_check() -> None:
 
 def test_the_wheel_carries_the_files_the_services_read_at_run_time() -> None:
     """The images install the project's wheel: its package data must hold the embedded bundle, the
-    prompt templates and the gateway's browser page (setuptools packs only what package-data names)."""
+    prompt templates, the gateway's browser page, the VAD model with its licence and the demo's
+    media (setuptools packs only what package-data names)."""
     import tomllib
 
     package = REPO / "services" / "gemma_mesh"
@@ -257,6 +258,9 @@ def test_the_wheel_carries_the_files_the_services_read_at_run_time() -> None:
     needed = [
         package / "model" / "embedded" / "tiny" / "manifest.json",
         *(p for p in (package / "gateway" / "static").rglob("*") if p.is_file()),
+        package / "gateway" / "captioning" / "silero" / "silero_vad.onnx",
+        package / "gateway" / "captioning" / "silero" / "LICENSE",
+        *(p for p in (package / "sample_media").iterdir() if p.is_file()),
     ]
     missing = sorted(str(p.relative_to(package)) for p in needed if p not in packed)
     assert missing == [], f"not in [tool.setuptools.package-data] of pyproject.toml: {missing}"
