@@ -42,6 +42,7 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
 from gemma_mesh.common.logging import get_logger
+from gemma_mesh.decoder.grammar import GrammarCompiler, GrammarMasker, GrammarState
 from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.output import Channel, Delta, OutputProcessor
@@ -118,6 +119,17 @@ class _Sequence:
             max_tokens=req.max_tokens,
         )
         self.sampler = Sampler(req.sampling)
+        self.grammar = (
+            None
+            if req.constraint is None
+            else GrammarState(
+                req.constraint,
+                after_thought=req.enable_thinking,
+                channel_start_id=engine.channel_ids[0],
+                channel_end_id=engine.channel_ids[1],
+                stop_token_ids=bundle.manifest.stop_token_ids,
+            )
+        )
         self.held: Delta | None = None  # deltas held back by req.stream_interval_tokens
         self.cursor = 0
         self.cached = 0
@@ -161,6 +173,17 @@ class Engine:
             tokens["channel_end"].id if "channel_end" in tokens else None,
         )
         self.turn_start_id = tokens["turn_start"].id if "turn_start" in tokens else None
+        self.grammars = GrammarCompiler(
+            bundle.tokenizer,
+            vocab_size=manifest.text.vocab_size,
+            stop_token_ids=manifest.stop_token_ids,
+            cache_size=settings.grammar_cache_size,
+            json_whitespace_flexible=settings.grammar_json_whitespace_flexible,
+            max_grammar_size=settings.max_grammar_size,
+        )
+        self.masker = GrammarMasker(
+            manifest.text.vocab_size, settings.max_batch_size, settings.grammar_threads
+        )
         self.max_context = settings.max_context_tokens or manifest.text.max_position_embeddings
         # A heap of (priority, arrival number, handle): admission order.
         self._waiting: list[tuple[int, int, RequestHandle]] = []
@@ -187,6 +210,7 @@ class Engine:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        self.masker.close()
 
     def wake(self) -> None:
         with self._cond:
@@ -429,7 +453,13 @@ class Engine:
         # Padding continues each row's positions: real queries never see it (it comes after them),
         # and padded queries still see their own key (no all-masked softmax row, no NaN).
         positions = self.kv.lengths[base : base + k, None] + np.arange(width, dtype=np.int64)[None]
+        # Constrained rows that sample in this run: their first position's mask is computed while
+        # the decoder runs (the grammar state is the one after the prompt).
+        masks = self.masker.start(
+            [(j, seq.grammar) for j, seq in enumerate(seqs) if wanted[j] and seq.grammar is not None]
+        )
         logits, presents = self._run_step(slice(base, base + k), embeds, per_layer, positions, logits_at)
+        masks.apply(logits[:, 0])
         # Sample before committing: only a predicted token the sampler picked is kept.
         done, finished = [], set()
         for j, (seq, end) in enumerate(zip(seqs, ends, strict=True)):
@@ -505,6 +535,8 @@ class Engine:
         ``finished`` when the request is complete. Advances ``seq.confirmed`` over accepted tokens.
         """
         for i, position in enumerate(range(first, end)):
+            if i and seq.grammar is not None:  # the first position was masked during the run
+                self.masker.mask_now(seq.grammar, logits[i])
             token = seq.sampler(logits[i])
             if self._push(seq, token):
                 return True, True
@@ -520,9 +552,14 @@ class Engine:
         tokens = np.array([[s.last_token] for s in self._decoding], dtype=np.int64)
         embeds, per_layer = self.bundle.embed(tokens)
         positions = self.kv.lengths[:n, None].copy()
+        # Token masks of constrained rows, on a helper thread while ONNX Runtime runs the step.
+        masks = self.masker.start(
+            [(row, seq.grammar) for row, seq in enumerate(self._decoding) if seq.grammar is not None]
+        )
         logits, presents = self._run_step(
             slice(0, n), embeds, per_layer, positions, np.zeros((n, 1), dtype=np.int64)
         )
+        masks.apply(logits[:, 0])
         self.kv.commit(slice(0, n), positions, presents)
         self.metrics.batch_size.observe(n)
         for row in reversed(range(n)):  # reversed: removing a finished row moves only later rows
@@ -540,6 +577,8 @@ class Engine:
             self.metrics.inter_token.observe(now - seq.last_token_at)
         seq.last_token_at = now
         seq.last_token = token
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
         self.metrics.generated_tokens.inc()
         for delta in seq.processor.push(token):
             self._stream(seq, delta)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gemma_mesh.common.errors import MeshError
+from gemma_mesh.decoder.grammar import CompiledGrammar
 from gemma_mesh.decoder.output import Delta, FinishReason
 from gemma_mesh.model.sampling import SamplingParams
 
@@ -31,6 +32,9 @@ class GenerationRequest:
     ``stream_interval_tokens``: deltas are held until they carry this many token ids (or the request
     finishes): fewer, larger events for callers that need the text rather than each token as it
     comes (vLLM's ``--stream-interval``). 1 = one delta per step.
+
+    ``constraint``: a grammar compiled by the engine's ``GrammarCompiler``; each step masks the
+    tokens it does not allow before the request's sampler sees the logits.
     """
 
     request_id: str
@@ -45,6 +49,8 @@ class GenerationRequest:
     priority: int = 0  # admitted lowest first, then in arrival order (vLLM's priority policy)
     prediction: np.ndarray | None = None  # int64 [m]: the tokens the caller expects (predicted outputs)
     stream_interval_tokens: int = 1
+    # Structured output: the answer matches this compiled constraint (after the thought channel).
+    constraint: CompiledGrammar | None = None
 
 
 @dataclass

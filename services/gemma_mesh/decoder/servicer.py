@@ -19,6 +19,7 @@ import numpy as np
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.tensors import from_tensor_pb
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
+from gemma_mesh.decoder.grammar import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from gemma_mesh.decoder.output import Channel, Delta, FinishReason
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.model.bundle import ModelBundle
@@ -51,15 +52,43 @@ def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> SamplingParams:
     )
 
 
+def constraint_from_pb(
+    pb: decoder_pb2.Constraint, grammars: GrammarCompiler, settings: DecoderSettings
+) -> CompiledGrammar:
+    """Compile the request's constraint (or take it from the compiler's cache).
+
+    Raises:
+        InvalidRequest: no kind set, text over ``max_constraint_chars``, or a constraint llguidance
+            rejects (its message says what and where), naming ``constraint.<kind>``.
+    """
+    kind = pb.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest(
+            "constraint: set one of json_schema, json_object, regex, lark", param="constraint"
+        )
+    text = "" if kind == "json_object" else getattr(pb, kind)
+    if len(text) > settings.max_constraint_chars:
+        raise InvalidRequest(
+            f"constraint.{kind} has {len(text)} characters; the limit is {settings.max_constraint_chars} "
+            "(max_constraint_chars)",
+            param=f"constraint.{kind}",
+        )
+    return grammars.compile(ConstraintSpec(kind, text), param=f"constraint.{kind}")
+
+
 def build_request(
-    pb: decoder_pb2.GenerateRequest, bundle: ModelBundle, settings: DecoderSettings
+    pb: decoder_pb2.GenerateRequest,
+    bundle: ModelBundle,
+    settings: DecoderSettings,
+    grammars: GrammarCompiler,
 ) -> GenerationRequest:
-    """Render the conversation with the bundle's chat template and attach the soft tokens.
+    """Render the conversation with the bundle's chat template and attach the soft tokens; compile
+    the constraint with ``grammars`` (the engine's compiler).
 
     Raises:
         InvalidRequest: no messages, an empty part, a soft-token tensor of the wrong shape or dtype,
             video frames that do not add up, bad sampling settings or stop strings, an unknown role
-            (from the prompt builder).
+            (from the prompt builder), an invalid constraint (``constraint_from_pb``).
     """
     manifest = bundle.manifest
     if not pb.messages:
@@ -134,6 +163,7 @@ def build_request(
     prediction = (
         prediction_from_pb(pb.prediction, bundle, int(pb.max_tokens)) if pb.HasField("prediction") else None
     )
+    constraint = constraint_from_pb(pb.constraint, grammars, settings) if pb.HasField("constraint") else None
     return GenerationRequest(
         request_id=pb.request_id,
         input_ids=prompt.input_ids,
@@ -147,6 +177,7 @@ def build_request(
         priority=pb.priority,
         prediction=prediction,
         stream_interval_tokens=max(1, pb.stream_interval_tokens),
+        constraint=constraint,
     )
 
 
@@ -222,7 +253,10 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
         try:
             # Off the event loop: rendering and tokenizing a long prompt must not stall the other
             # streams this loop serves.
-            gen = await asyncio.to_thread(build_request, request, self.engine.bundle, self.settings)
+            # Compiling a new constraint happens here too (llguidance drops the GIL while it compiles).
+            gen = await asyncio.to_thread(
+                build_request, request, self.engine.bundle, self.settings, self.engine.grammars
+            )
             handle = self.engine.submit(gen)
         except Exception as exc:
             code = getattr(exc, "grpc_status", "INTERNAL")

@@ -48,3 +48,22 @@ class DecoderSettings(GrpcServiceSettings):
         description="Predicted-output tokens verified per prefill run: the next block is verified only "
         "if the whole block was accepted, so a prediction that goes wrong early costs at most one block",
     )
+    max_constraint_chars: int = Field(
+        256 * 1024, ge=0, description="Largest constraint text (JSON schema, regex or grammar), in characters"
+    )
+    grammar_cache_size: int = Field(
+        64,
+        ge=0,
+        description="Compiled constraints kept for reuse, keyed by their text (0 = compile every time)",
+    )
+    grammar_threads: int = Field(
+        0, ge=0, description="llguidance threads computing the batch's token masks (0 = llguidance's default)"
+    )
+    grammar_json_whitespace_flexible: bool = Field(
+        False,
+        description="JSON schemas allow any whitespace between tokens (llguidance's default) instead of the "
+        "compact form; off, a model cannot spend max_tokens on whitespace (vLLM's disable_any_whitespace)",
+    )
+    max_grammar_size: int = Field(
+        500_000, ge=1, description="llguidance's grammar size limit (symbols); larger constraints are refused"
+    )
