@@ -69,6 +69,8 @@ class Sampling:
     prediction_text: str = ""
     # Answer deltas arrive once they carry this many tokens (or at the end); 0 = every step.
     stream_interval_tokens: int = 0
+    # Structured output (decoder.proto Constraint): (kind, text), kind json_schema/json_object/regex/lark.
+    constraint: tuple[str, str] | None = None
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -438,6 +440,12 @@ class MeshClient:
         if sampling.prediction_ids or sampling.prediction_text:
             request.prediction.token_ids.extend(sampling.prediction_ids)
             request.prediction.text = sampling.prediction_text
+        if sampling.constraint is not None:
+            kind, text = sampling.constraint
+            if kind == "json_object":
+                request.constraint.json_object = True
+            else:
+                setattr(request.constraint, kind, text)
         call = self._decoder.Generate(request, timeout=self.timeout_s)
         try:
             async for reply in call:

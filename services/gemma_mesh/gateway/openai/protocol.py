@@ -19,6 +19,7 @@ are in ``serving.py``.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -156,8 +157,42 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(False, strict=True)
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """``response_format.json_schema``: the answer is JSON that validates against ``schema``.
+
+    The decoder constrains every token to the schema (llguidance), with ``strict`` or without (as
+    vLLM does): the answer always validates when it ends within ``max_tokens`` (finish_reason
+    ``stop``). The keywords llguidance supports are listed in its ``docs/json_schema.md``; one it
+    does not is a 400 naming ``response_format.json_schema.schema``.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(None, strict=True)
+
+
 class ResponseFormat(OpenAIBaseModel):
+    """``text`` (default), ``json_object`` (any JSON object) or ``json_schema``."""
+
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+    def constraint(self) -> tuple[str, str] | None:
+        """The decoder's constraint: ``(kind, text)`` (``decoder.proto`` ``Constraint``), or None."""
+        if self.type == "json_object":
+            return ("json_object", "")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return ("json_schema", json.dumps(self.json_schema.schema_))
+        return None
 
 
 def _unsupported(name: str, why: str) -> ValueError:
@@ -287,13 +322,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise _unsupported(f"modalities {value}", 'only ["text"] can be generated')
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise _unsupported(f"response_format {value.type}", "no constrained decoding")
-        return value
-
     @field_validator("tools")
     @classmethod
     def _no_tools(cls, value: list | None) -> list | None:
@@ -366,6 +394,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             enable_thinking=self.enable_thinking,
             priority=PRIORITY_REQUEST,
             prediction_text=self.prediction.text if self.prediction is not None else "",
+            constraint=self.response_format.constraint() if self.response_format is not None else None,
         )
 
 

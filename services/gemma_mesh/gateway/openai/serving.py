@@ -136,6 +136,22 @@ def _text_of(content: str | list | None) -> str:
     return "\n".join(part.text for part in content)
 
 
+# The decoder's names of request parts -> the chat request's fields.
+_DECODER_FIELDS = {
+    "constraint.json_schema": "response_format.json_schema.schema",
+    "constraint.json_object": "response_format",
+}
+
+
+def _request_field(error: InvalidRequest) -> InvalidRequest:
+    """The decoder's InvalidRequest renamed after the chat request's field (``constraint.json_schema``
+    -> ``response_format.json_schema.schema``); others unchanged."""
+    field = _DECODER_FIELDS.get(error.param or "")
+    if field is None:
+        return error
+    return InvalidRequest(field + error.message.removeprefix(error.param or ""), param=field)
+
+
 class OpenAIServingModels:
     """``/v1/models``: the one served model."""
 
@@ -190,6 +206,9 @@ class OpenAIServingChat:
         events = self.clients.generate(messages, request.to_sampling(max_tokens), request_id=request_id)
         try:
             first = await anext(events)
+        except InvalidRequest as error:
+            await events.aclose()
+            raise _request_field(error) from None
         except BaseException:
             await events.aclose()
             raise
