@@ -6,7 +6,10 @@ For each model size (the tiny model and a ~100M-parameter "small" random Gemma 4
 - aggregate decode tokens/s through the gRPC server (its own process, as deployed) at concurrency
   1, 4, 16 and 64;
 - for the small model: the batch-1 decode step time over the bandwidth bound (bytes of decoder
-  weights read per step / memory bandwidth measured here with a numpy copy).
+  weights read per step / memory bandwidth measured here with a numpy copy);
+- constrained decoding: aggregate tokens/s at ``--constrained-concurrency`` (16) streams with a JSON
+  schema (``SCHEMA``: an array of at least 64 records, so the grammar is live for every token) and
+  without, measured back to back on the same server. Target: at most 10 % slower.
 
 Checkpoints and bundles are built once under ``--work-dir``. Prints a table, then one JSON line.
 
@@ -36,6 +39,23 @@ from gemma_mesh.decoder.settings import DecoderSettings  # noqa: E402
 from gemma_mesh.model.bundle import ModelBundle  # noqa: E402
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+# Records of a log: objects with an integer, an enum, a free string and a nested array, at least 64
+# of them, so that no answer can end before max_tokens and every step is masked.
+SCHEMA = {
+    "type": "array",
+    "minItems": 64,
+    "items": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer"},
+            "level": {"enum": ["debug", "info", "warning", "error"]},
+            "message": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["id", "level", "message", "tags"],
+        "additionalProperties": False,
+    },
+}
 
 
 def log(msg: str) -> None:
@@ -124,17 +144,22 @@ def engine_single_stream(bundle: ModelBundle, prompt_ids: np.ndarray, tokens: in
     }
 
 
-def aggregate_through_grpc(bundle_dir: Path, concurrency: list[int], tokens: int) -> dict[int, float]:
-    """Decode tokens/s summed over ``c`` concurrent streams (each client runs 2 requests of ``tokens``).
+def aggregate_through_grpc(
+    bundle_dir: Path, concurrency: list[int], tokens: int, constrained_at: int
+) -> tuple[dict[int, float], dict[str, float]]:
+    """Decode tokens/s summed over ``c`` concurrent streams (each client runs 2 requests of ``tokens``),
+    then at ``constrained_at`` streams without and with ``SCHEMA`` back to back (0 = skip).
 
     The decoder runs as it is deployed: ``gemma-mesh serve decoder`` in its own process; the clients
     are one grpc.aio event loop in this process (as the gateway calls it), so client-side Python
     does not compete with the engine for the server's GIL.
     """
-    return asyncio.run(_aggregate(bundle_dir, concurrency, tokens))
+    return asyncio.run(_aggregate(bundle_dir, concurrency, tokens, constrained_at))
 
 
-async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> dict[int, float]:
+async def _aggregate(
+    bundle_dir: Path, concurrency: list[int], tokens: int, constrained_at: int
+) -> tuple[dict[int, float], dict[str, float]]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -145,8 +170,8 @@ async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> d
     port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
-        "GEMMA_MESH_DECODER_MAX_BATCH_SIZE": str(max(concurrency)),
-        "GEMMA_MESH_DECODER_MAX_QUEUE_SIZE": str(4 * max(concurrency)),
+        "GEMMA_MESH_DECODER_MAX_BATCH_SIZE": str(max(*concurrency, constrained_at)),
+        "GEMMA_MESH_DECODER_MAX_QUEUE_SIZE": str(4 * max(*concurrency, constrained_at)),
         "GEMMA_MESH_DECODER_PROVIDERS": '["CPUExecutionProvider"]',
     }
     argv = [sys.executable, "-m", "gemma_mesh.cli", "--log-level", "WARNING", "serve", "decoder"]
@@ -154,6 +179,7 @@ async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> d
     argv += ["--metrics-port", str(metrics_port)]
     server = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
     out: dict[int, float] = {}
+    constrained: dict[str, float] = {}
     try:
         async with grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=message_options(64 << 20)
@@ -173,12 +199,15 @@ async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> d
                 await asyncio.sleep(0.2)
             stub = decoder_pb2_grpc.DecoderStub(channel)
 
-            async def one(i: int) -> int:
+            schema = decoder_pb2.Constraint(json_schema=json.dumps(SCHEMA))
+
+            async def one(i: int, constraint: decoder_pb2.Constraint | None = None) -> int:
                 part = decoder_pb2.ContentPart(text=f"{PROMPT} ({i})")
                 req = decoder_pb2.GenerateRequest(
                     messages=[decoder_pb2.Message(role="user", content=[part])],
                     max_tokens=tokens,
                     ignore_eos=True,
+                    constraint=constraint,
                 )
                 n = 0
                 async for response in stub.Generate(req, timeout=1200):
@@ -186,19 +215,30 @@ async def _aggregate(bundle_dir: Path, concurrency: list[int], tokens: int) -> d
                         n = response.finished.usage.completion_tokens
                 return n
 
-            async def client(i: int) -> int:  # one client: two requests back to back
-                return await one(2 * i) + await one(2 * i + 1)
+            async def client(i: int, constraint: decoder_pb2.Constraint | None = None) -> int:
+                # One client: two requests back to back.
+                return await one(2 * i, constraint) + await one(2 * i + 1, constraint)
+
+            async def rate(c: int, constraint: decoder_pb2.Constraint | None = None) -> float:
+                t0 = time.perf_counter()
+                generated = sum(await asyncio.gather(*(client(i, constraint) for i in range(c))))
+                return generated / (time.perf_counter() - t0)
 
             await one(0)  # warm-up
             for c in concurrency:
-                t0 = time.perf_counter()
-                generated = sum(await asyncio.gather(*(client(i) for i in range(c))))
-                out[c] = generated / (time.perf_counter() - t0)
+                out[c] = await rate(c)
                 log(f"  concurrency {c:>3}: {out[c]:8.1f} tokens/s")
+            if constrained_at:
+                await one(0, schema)  # warm-up: compiles the schema once (then cached)
+                free, masked = await rate(constrained_at), await rate(constrained_at, schema)
+                constrained = {"free": free, "json_schema": masked}
+                log(
+                    f"  concurrency {constrained_at:>3}: {free:8.1f} tokens/s free, {masked:8.1f} with a JSON schema"
+                )
     finally:
         server.terminate()
         server.wait(timeout=30)
-    return out
+    return out, constrained
 
 
 def main() -> int:
@@ -210,6 +250,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--quick", action="store_true", help="16 tokens, concurrency 1,4")
+    parser.add_argument(
+        "--constrained-concurrency",
+        type=int,
+        default=16,
+        help="streams of the constrained-decoding comparison (0 = skip it)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.concurrency = 16, "1,4"
@@ -227,7 +273,9 @@ def main() -> int:
         log(f"[{size}] gemma-mesh engine, single stream")
         ours = engine_single_stream(bundle, prompt_ids, args.tokens)
         log(f"[{size}] gemma-mesh through gRPC, concurrency {concurrency}")
-        agg = aggregate_through_grpc(bundle_dir, concurrency, args.tokens)
+        agg, constrained = aggregate_through_grpc(
+            bundle_dir, concurrency, args.tokens, args.constrained_concurrency
+        )
         p = f"{size}_"
         figures.update(
             {
@@ -244,6 +292,13 @@ def main() -> int:
         )
         if 16 in agg and 1 in agg:
             figures[p + "aggregate_speedup_at_16"] = round(agg[16] / agg[1], 2)
+        if constrained:
+            c = args.constrained_concurrency
+            figures[f"{p}free_tokens_per_s_at_{c}"] = round(constrained["free"], 1)
+            figures[f"{p}json_schema_tokens_per_s_at_{c}"] = round(constrained["json_schema"], 1)
+            figures[f"{p}json_schema_slowdown_at_{c}"] = round(
+                1 - constrained["json_schema"] / constrained["free"], 3
+            )
         if size == "small":
             weight_bytes = decoder_weight_bytes(bundle_dir)
             bound_ms = weight_bytes / (bandwidth * 1e9) * 1000
@@ -252,7 +307,8 @@ def main() -> int:
             figures["small_bandwidth_bound_step_ms"] = round(bound_ms, 2)
             figures["decode_step_vs_bandwidth_bound"] = round(ours["decode_step_ms"] / bound_ms, 2)
     headline = "small" if "small" in args.sizes.split(",") else args.sizes.split(",")[0]
-    for key in ("decode_speedup_vs_transformers", "aggregate_speedup_at_16"):
+    c = args.constrained_concurrency
+    for key in ("decode_speedup_vs_transformers", "aggregate_speedup_at_16", f"json_schema_slowdown_at_{c}"):
         if f"{headline}_{key}" in figures:
             figures[key] = figures[f"{headline}_{key}"]
     width = max(len(k) for k in figures)
