@@ -275,10 +275,14 @@ class MaskBatch:
         if self._future is None:
             return
         self._future.result()
-        vocab = logits.shape[-1]
         for row, state in self.rows:
             state.finish_mask(self._bitmask[row])
-            logits[row][~allowed_tokens(self._bitmask[row], vocab)] = -np.inf
+        # One unpack and one select for all constrained rows.
+        rows = np.fromiter((row for row, _ in self.rows), dtype=np.intp, count=len(self.rows))
+        bits = np.unpackbits(
+            self._bitmask[rows].view(np.uint8), axis=1, bitorder="little", count=logits.shape[-1]
+        )
+        logits[rows] = np.where(bits.astype(bool), logits[rows], -np.inf)
 
 
 class GrammarMasker:
