@@ -117,6 +117,7 @@ class _Sequence:
             stop_strings=req.stop,
             enable_thinking=req.enable_thinking,
             max_tokens=req.max_tokens,
+            keep_token_ids=engine.tool_call_marker_ids if req.keep_tool_call_markers else (),
         )
         self.sampler = Sampler(req.sampling)
         self.grammar = (
@@ -173,6 +174,11 @@ class Engine:
             tokens["channel_end"].id if "channel_end" in tokens else None,
         )
         self.turn_start_id = tokens["turn_start"].id if "turn_start" in tokens else None
+        self.tool_call_marker_ids = tuple(
+            tokens[name].id
+            for name in ("tool_call_start", "tool_call_end", "string_delimiter")
+            if name in tokens
+        )
         self.grammars = GrammarCompiler(
             bundle.tokenizer,
             vocab_size=manifest.text.vocab_size,

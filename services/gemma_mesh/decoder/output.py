@@ -53,6 +53,8 @@ class OutputProcessor:
         stop_strings: answer substrings that end generation (not emitted).
         enable_thinking: keep thoughts (on the REASONING channel) or drop them.
         max_tokens: generated-token budget (the stop token counts).
+        keep_token_ids: special tokens whose text stays in the answer (the tool-call markers, for
+            a caller that parses calls); other special tokens never appear in text.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class OutputProcessor:
         stop_strings: Sequence[str] = (),
         enable_thinking: bool = False,
         max_tokens: int,
+        keep_token_ids: Sequence[int] = (),
     ) -> None:
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop_ids = set(stop_token_ids)
@@ -73,6 +76,7 @@ class OutputProcessor:
         self._stops = [s for s in stop_strings if s]
         self._thinking = enable_thinking
         self._max_tokens = max_tokens
+        self._keep = {int(t): tokenizer.id_to_token(int(t)) for t in keep_token_ids}
         self._in_thought = False
         self._label_pending: str | None = None  # thought text until the label is seen or ruled out
         self._held = ""  # answer text that may be the start of a stop string
@@ -97,6 +101,9 @@ class OutputProcessor:
         elif token_id == self._channel_end and self._in_thought:
             out += self._flush_text()
             self._in_thought = False
+        elif token_id in self._keep:
+            out += self._flush_text()
+            out += self._route(self._keep[token_id])
         else:
             out += self._route(self._detok.push(token_id))
         if self.finish_reason is None and self.generated >= self._max_tokens:

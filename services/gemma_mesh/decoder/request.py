@@ -51,6 +51,8 @@ class GenerationRequest:
     stream_interval_tokens: int = 1
     # Structured output: the answer matches this compiled constraint (after the thought channel).
     constraint: CompiledGrammar | None = None
+    # Tool-call markers stay in the answer text (the servicer parses the calls out of it).
+    keep_tool_call_markers: bool = False
 
 
 @dataclass

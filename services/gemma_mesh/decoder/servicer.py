@@ -22,6 +22,7 @@ from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
 from gemma_mesh.decoder.grammar import CompiledGrammar, ConstraintSpec, GrammarCompiler
 from gemma_mesh.decoder.output import Channel, Delta, FinishReason
 from gemma_mesh.decoder.settings import DecoderSettings
+from gemma_mesh.decoder.tools import ToolCallStream, message_extras, parse_tools
 from gemma_mesh.model.bundle import ModelBundle
 from gemma_mesh.model.sampling import SamplingParams
 from gemma_mesh.proto.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
@@ -33,6 +34,7 @@ MAX_STREAM_INTERVAL_TOKENS = 256
 _MODALITY_ROLE = {common_pb2.IMAGE: "image", common_pb2.AUDIO: "audio", common_pb2.VIDEO: "video"}
 _CHANNEL = {Channel.ANSWER: decoder_pb2.ANSWER, Channel.REASONING: decoder_pb2.REASONING}
 _FINISH = {FinishReason.STOP: decoder_pb2.STOP, FinishReason.LENGTH: decoder_pb2.LENGTH}
+_NO_TOOL_CALLS: tuple[str, list] = ("", [])
 
 
 def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> SamplingParams:
@@ -141,14 +143,16 @@ def build_request(
                 counts[role].append(int(tokens.shape[0]))
             parts.append({"type": role})
             soft.append((manifest.token_id(role), tokens.astype(bundle.float_dtype, copy=False)))
-        messages.append({"role": msg.role, "content": parts})
+        messages.append({"role": msg.role, "content": parts, **message_extras(msg, f"messages[{m}]")})
     if len(pb.stop) > settings.max_stop_strings or any(len(s) > MAX_STOP_STRING_CHARS for s in pb.stop):
         raise InvalidRequest(
             f"at most {settings.max_stop_strings} stop strings of at most {MAX_STOP_STRING_CHARS} characters",
             param="stop",
         )
+    tools = parse_tools(pb, manifest)
     prompt = bundle.prompt_builder.build(
         messages,
+        tools=tools.tools,
         image_soft_tokens=counts["image"],
         audio_soft_tokens=counts["audio"],
         video_frames=video_frames,
@@ -164,6 +168,8 @@ def build_request(
         prediction_from_pb(pb.prediction, bundle, int(pb.max_tokens)) if pb.HasField("prediction") else None
     )
     constraint = constraint_from_pb(pb.constraint, grammars, settings) if pb.HasField("constraint") else None
+    if tools.grammar:  # tool_choice required or named: the calls are forced
+        constraint = grammars.compile(ConstraintSpec("lark", tools.grammar), param="tools_json")
     return GenerationRequest(
         request_id=pb.request_id,
         input_ids=prompt.input_ids,
@@ -178,6 +184,7 @@ def build_request(
         prediction=prediction,
         stream_interval_tokens=max(1, pb.stream_interval_tokens),
         constraint=constraint,
+        keep_tool_call_markers=tools.parse,
     )
 
 
@@ -262,15 +269,36 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             code = getattr(exc, "grpc_status", "INTERNAL")
             self.engine.metrics.errors.labels(code).inc()
             raise
+        # With tools, calls are parsed out of the answer text (its markers kept for that).
+        calls = ToolCallStream(
+            self.engine.bundle.manifest,
+            parallel=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
+        )
         try:
             async for event in handle.events():
                 if isinstance(event, Delta):
+                    text, tool_calls = event.text, []
+                    if gen.keep_tool_call_markers and event.channel == Channel.ANSWER:
+                        text, tool_calls = calls.feed(text)
                     yield decoder_pb2.GenerateResponse(
                         delta=decoder_pb2.TextDelta(
-                            text=event.text, token_ids=event.token_ids, channel=_CHANNEL[event.channel]
+                            text=text,
+                            token_ids=event.token_ids,
+                            channel=_CHANNEL[event.channel],
+                            tool_calls=tool_calls,
                         )
                     )
                 else:
-                    yield finished_pb(event)
+                    text, tool_calls = calls.finish() if gen.keep_tool_call_markers else _NO_TOOL_CALLS
+                    if text or tool_calls:
+                        yield decoder_pb2.GenerateResponse(
+                            delta=decoder_pb2.TextDelta(
+                                text=text, channel=decoder_pb2.ANSWER, tool_calls=tool_calls
+                            )
+                        )
+                    response = finished_pb(event)
+                    if calls.made and response.finished.reason == decoder_pb2.STOP:
+                        response.finished.reason = decoder_pb2.TOOL_CALLS
+                    yield response
         finally:
             handle.cancel()  # a no-op once finished; frees the row if the client went away

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from gemma_mesh.gateway.openai.tool_parser import Gemma4ToolParser, MalformedCall, ParsedDelta, parse_call
+from gemma_mesh.model.tool_calls import Gemma4ToolParser, MalformedCall, ParsedDelta, parse_call
 
 START, END, Q = "<|tool_call>", "<tool_call|>", '<|"|>'
 

@@ -13,7 +13,11 @@ prefix, missing closing braces or no argument block, JSON-quoted strings and key
 backticks around a call. A call that still does not parse is returned as content with the markers
 removed, so a client never sees a control token and the server never fails on model output.
 
-Pure logic (no I/O); mirrors vLLM's ``ToolParser`` streaming contract
+``tool_call_grammar`` writes the Lark grammar (llguidance's dialect) that forces calls in this
+syntax with arguments matching the tools' JSON schemas: ``tool_choice`` ``required`` or a named
+function, as vLLM constrains them with its structured-output backend.
+
+Pure logic (no I/O); the parser mirrors vLLM's ``ToolParser`` streaming contract
 (``vllm/entrypoints/openai/tool_parsers``).
 """
 
@@ -22,7 +26,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$")
@@ -292,3 +298,147 @@ class Gemma4ToolParser:
     def _visible(self, text: str) -> str:
         """``text`` without control markers (string markers become quotes)."""
         return text.replace(self.quote, '"').replace(self.start, "").replace(self.end, "")
+
+
+# --- the grammar of forced calls ------------------------------------------------------------
+
+
+class ToolSchemaError(ValueError):
+    """A tool's parameter schema uses something the call grammar cannot express."""
+
+
+_LARK_COMMON = r"""
+gval: gstr | NUMBER | "true" | "false" | "null" | gobj | garr
+gobj: "{{" (gkey ":" gval ("," gkey ":" gval)*)? "}}"
+garr: "[" (gval ("," gval)*)? "]"
+gkey: KEY
+gstr: {q} STRBODY {q}
+KEY: /[A-Za-z_][A-Za-z0-9_]*/
+STRBODY: /[^<]*/
+NUMBER: /-?(0|[1-9][0-9]{{0,15}})(\.[0-9]{{1,16}})?([eE][+-]?[0-9]{{1,3}})?/
+INTEGER: /-?(0|[1-9][0-9]{{0,15}})/
+"""
+
+
+class _GrammarWriter:
+    """JSON schema -> Lark rules for Gemma's argument syntax (keys sorted as the template writes them)."""
+
+    def __init__(self, quote: str) -> None:
+        self.quote = quote
+        self.rules: list[str] = []
+        self._count = 0
+
+    def rule(self, body: str) -> str:
+        self._count += 1
+        name = f"r{self._count}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def string_literal(self, text: str) -> str:
+        return f"{self.quote} {json.dumps(text)} {self.quote}"
+
+    def value(self, schema: Any, where: str) -> str:
+        if schema is True or schema == {}:
+            return "gval"
+        if not isinstance(schema, Mapping):
+            raise ToolSchemaError(f"{where}: a schema must be an object")
+        if "enum" in schema or "const" in schema:
+            options = schema["enum"] if "enum" in schema else [schema["const"]]
+            return self.rule(" | ".join(self.literal(v, where) for v in options) or '""')
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = [self.value(s, f"{where}.{key}[{i}]") for i, s in enumerate(schema[key])]
+                return self.rule(" | ".join(options))
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            return self.rule(" | ".join(self.value({**schema, "type": k}, where) for k in kind))
+        if kind == "string":
+            pattern = schema.get("pattern")
+            if pattern:
+                body = pattern.removeprefix("^").removesuffix("$")
+                regex = body.replace("/", "\\/")
+                return self.rule(f"{self.quote} /{regex}/ {self.quote}")
+            return "gstr"
+        if kind == "integer":
+            return "INTEGER"
+        if kind == "number":
+            return "NUMBER"
+        if kind == "boolean":
+            return self.rule('"true" | "false"')
+        if kind == "null":
+            return self.rule('"null"')
+        if kind == "array":
+            item = self.value(schema.get("items", True), f"{where}.items")
+            return self.rule(f'"[" ({item} ("," {item})*)? "]"')
+        if kind == "object" or "properties" in schema:
+            return self.rule(self.object_body(schema, where))
+        if kind is None:
+            return "gval"
+        raise ToolSchemaError(f"{where}: unsupported type {kind!r}")
+
+    def object_body(self, schema: Mapping[str, Any], where: str) -> str:
+        """``{key:value,...}``: the required properties, in sorted order (as the template's
+        ``dictsort``); optional ones are left out; without properties, any object."""
+        properties = schema.get("properties")
+        if not properties:
+            return "gobj"
+        required = sorted(k for k in schema.get("required", []) if k in properties)
+        if not required:
+            return '"{" "}"'
+        pairs = [
+            f"{json.dumps(key + ':')} {self.value(properties[key], f'{where}.properties.{key}')}"
+            for key in required
+        ]
+        return '"{" ' + ' "," '.join(pairs) + ' "}"'
+
+    def literal(self, value: Any, where: str) -> str:
+        if isinstance(value, str):
+            return self.string_literal(value)
+        if isinstance(value, bool) or value is None or isinstance(value, int | float):
+            return json.dumps(json.dumps(value))
+        raise ToolSchemaError(f"{where}: enum values must be strings, numbers, booleans or null")
+
+
+def tool_call_grammar(
+    tools: Sequence[Mapping[str, Any]],
+    *,
+    call_start_id: int,
+    call_end_id: int,
+    quote_id: int,
+    name: str | None = None,
+    parallel: bool = True,
+) -> str:
+    """A Lark grammar (llguidance dialect) whose sentences are Gemma 4 calls of ``tools``
+    (OpenAI ``{"type": "function", "function": {"name", "parameters"}}``): one call of ``name``
+    when given, else one or more calls (one when not ``parallel``) of any tool. The markers are
+    special tokens, written by id (``<[id]>``) from the bundle.
+
+    Raises:
+        ToolSchemaError: no tools, ``name`` not among them, or a parameter schema the grammar
+            cannot express (the message names the tool and the schema path).
+    """
+    functions = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool)
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ToolSchemaError(f"tools[{i}]: a function with a name is required")
+        functions[fn["name"]] = fn.get("parameters") or {"type": "object", "properties": {}}
+    if name is not None and name not in functions:
+        raise ToolSchemaError(f"no tool is named {name!r}")
+    if not functions:
+        raise ToolSchemaError("no tools to call")
+    writer = _GrammarWriter(f"<[{quote_id}]>")
+    options = []
+    for fn_name, params in functions.items():
+        if name is not None and fn_name != name:
+            continue
+        where = f"{fn_name}.parameters"
+        if not isinstance(params, Mapping):
+            raise ToolSchemaError(f"{where}: a schema must be an object")
+        body = writer.object_body(params, where) if params.get("properties") else '"{" "}"'
+        options.append(f"{json.dumps('call:' + fn_name)} {body}")
+    call = f"<[{call_start_id}]> ({' | '.join(options)}) <[{call_end_id}]>"
+    start = "call+" if parallel and name is None else "call"
+    return "\n".join(
+        [f"start: {start}", f"call: {call}", *writer.rules, _LARK_COMMON.format(q=f"<[{quote_id}]>")]
+    )
