@@ -49,6 +49,11 @@ class ChatMessage:
 
     role: str
     parts: list[Part]
+    # Tool calling (decoder.proto Message): an assistant turn's calls (OpenAI JSON array text);
+    # a tool result's call id and function name.
+    tool_calls_json: str = ""
+    tool_call_id: str = ""
+    name: str = ""
 
 
 @dataclass
@@ -71,6 +76,10 @@ class Sampling:
     stream_interval_tokens: int = 0
     # Structured output (decoder.proto Constraint): (kind, text), kind json_schema/json_object/regex/lark.
     constraint: tuple[str, str] | None = None
+    # Tools (decoder.proto GenerateRequest.tools_json / tool_choice / parallel_tool_calls).
+    tools_json: str = ""
+    tool_choice: str = ""
+    parallel_tool_calls: bool | None = None
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -87,6 +96,17 @@ class Delta:
     text: str
     token_ids: list[int]
     channel: str
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+@dataclass
+class ToolCallDelta:
+    """A tool call's stream delta (decoder.proto ToolCallDelta): id and name first, then arguments."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass
@@ -269,7 +289,7 @@ class AudioEncodeStream:
 
 
 _CHANNELS = {decoder_pb2.ANSWER: "answer", decoder_pb2.REASONING: "reasoning"}
-_FINISH = {decoder_pb2.STOP: "stop", decoder_pb2.LENGTH: "length"}
+_FINISH = {decoder_pb2.STOP: "stop", decoder_pb2.LENGTH: "length", decoder_pb2.TOOL_CALLS: "tool_calls"}
 
 
 class MeshClient:
@@ -420,7 +440,15 @@ class MeshClient:
                 else decoder_pb2.ContentPart(soft_tokens=p.soft_tokens)
                 for p in message.parts
             ]
-            pb_messages.append(decoder_pb2.Message(role=message.role, content=content))
+            pb_messages.append(
+                decoder_pb2.Message(
+                    role=message.role,
+                    content=content,
+                    tool_calls_json=message.tool_calls_json,
+                    tool_call_id=message.tool_call_id,
+                    name=message.name,
+                )
+            )
         request = decoder_pb2.GenerateRequest(
             request_id=request_id or uuid.uuid4().hex,
             messages=pb_messages,
@@ -436,6 +464,9 @@ class MeshClient:
             prefix_cache_key=sampling.prefix_cache_key,
             priority=sampling.priority,
             stream_interval_tokens=sampling.stream_interval_tokens,
+            tools_json=sampling.tools_json,
+            tool_choice=sampling.tool_choice,
+            parallel_tool_calls=sampling.parallel_tool_calls,
         )
         if sampling.prediction_ids or sampling.prediction_text:
             request.prediction.token_ids.extend(sampling.prediction_ids)
@@ -451,7 +482,8 @@ class MeshClient:
             async for reply in call:
                 if reply.HasField("delta"):
                     d = reply.delta
-                    yield Delta(d.text, list(d.token_ids), _CHANNELS.get(d.channel, "answer"))
+                    calls = [ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in d.tool_calls]
+                    yield Delta(d.text, list(d.token_ids), _CHANNELS.get(d.channel, "answer"), calls)
                 else:
                     f = reply.finished
                     yield Done(

@@ -25,6 +25,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.clients import PRIORITY_REQUEST, Sampling
 
@@ -195,6 +196,31 @@ class ResponseFormat(OpenAIBaseModel):
         return None
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    """A callable function: its JSON-schema ``parameters`` are rendered into Gemma's system turn."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(None, strict=True)
+
+
+class ChatCompletionToolParam(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class ChatCompletionNamedToolChoice(OpenAIBaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: call that function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 def _unsupported(name: str, why: str) -> ValueError:
     return ValueError(f"{name} is not supported by this server ({why})")
 
@@ -248,8 +274,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     stream: bool | None = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
-    tool_choice: str | dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoice | None = None
+    tools: list[ChatCompletionToolParam] | None = Field(None, max_length=128)
     top_logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True)
     user: str | None = None
@@ -322,20 +348,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise _unsupported(f"modalities {value}", 'only ["text"] can be generated')
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise _unsupported("tools", "no tool calling")
-        return value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, value: str | dict | None) -> str | dict | None:
-        if value not in (None, "none", "auto"):
-            raise _unsupported(f"tool_choice {value!r}", "no tool calling")
-        return value
-
     @field_validator("chat_template_kwargs")
     @classmethod
     def _only_thinking(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -395,7 +407,36 @@ class ChatCompletionRequest(OpenAIBaseModel):
             priority=PRIORITY_REQUEST,
             prediction_text=self.prediction.text if self.prediction is not None else "",
             constraint=self.response_format.constraint() if self.response_format is not None else None,
+            tools_json=json.dumps([t.model_dump(exclude_none=True) for t in self.tools])
+            if self.tools
+            else "",
+            tool_choice=self._tool_choice(),
+            parallel_tool_calls=self.parallel_tool_calls,
         )
+
+    def check_tool_choice(self) -> None:
+        """Raises InvalidRequest (param ``tool_choice``): a named function that is not among the
+        tools, ``required`` without tools, a forced choice with a JSON ``response_format``."""
+        names = [tool.function.name for tool in self.tools or []]
+        choice = self.tool_choice
+        if isinstance(choice, ChatCompletionNamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice: {choice.function.name!r} is not among the tools", param="tool_choice"
+            )
+        if choice == "required" and not names:
+            raise InvalidRequest("tool_choice: 'required' needs tools", param="tool_choice")
+        forced = choice == "required" or isinstance(choice, ChatCompletionNamedToolChoice)
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest(
+                "tool_choice: a forced tool_choice cannot be combined with a JSON response_format",
+                param="tool_choice",
+            )
+
+    def _tool_choice(self) -> str:
+        """``decoder.proto`` ``tool_choice``: auto (the default with tools), none, required or a name."""
+        if isinstance(self.tool_choice, ChatCompletionNamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or ""
 
 
 # --- chat completions: responses --------------------------------------------------------------
@@ -430,14 +471,42 @@ class ChatCompletionMessage(OpenAIBaseModel):
     content: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = Field(None, exclude_if=_is_none)
-    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object's text")
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str | None = Field(None, exclude_if=_is_none)
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    """A streamed call fragment: the first of a call has ``id``, ``type`` and the name."""
+
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: DeltaFunctionCall
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
     index: int = 0
     message: ChatCompletionMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -455,13 +524,14 @@ class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
     reasoning_content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_is_none)
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionStreamResponse(OpenAIBaseModel):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -27,7 +28,7 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import ChatMessage, Delta, Done, MeshClient, Part
+from gemma_mesh.gateway.clients import ChatMessage, Delta, Done, MeshClient, Part, ToolCallDelta
 from gemma_mesh.gateway.live.captions import RATE_HZ
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import (
@@ -44,12 +45,16 @@ from gemma_mesh.gateway.openai.protocol import (
     ChatCompletionSystemMessage,
     ChatCompletionToolMessage,
     CompletionTokensDetails,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
+    FunctionCall,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCall,
     UsageInfo,
 )
 from gemma_mesh.gateway.settings import GatewaySettings
@@ -140,6 +145,7 @@ def _text_of(content: str | list | None) -> str:
 _DECODER_FIELDS = {
     "constraint.json_schema": "response_format.json_schema.schema",
     "constraint.json_object": "response_format",
+    "tools_json": "tools",
 }
 
 
@@ -150,6 +156,18 @@ def _request_field(error: InvalidRequest) -> InvalidRequest:
     if field is None:
         return error
     return InvalidRequest(field + error.message.removeprefix(error.param or ""), param=field)
+
+
+def _delta_tool_call(call: ToolCallDelta) -> DeltaToolCall:
+    """OpenAI's streamed call fragment: id, type and name first, then the arguments."""
+    if call.name:
+        return DeltaToolCall(
+            index=call.index,
+            id=call.id,
+            type="function",
+            function=DeltaFunctionCall(name=call.name, arguments=""),
+        )
+    return DeltaToolCall(index=call.index, function=DeltaFunctionCall(arguments=call.arguments))
 
 
 class OpenAIServingModels:
@@ -193,6 +211,7 @@ class OpenAIServingChat:
             Overloaded, BackendUnavailable: from the backends.
         """
         check_model(request.model, self.settings.served_model_name)
+        request.check_tool_choice()
         limit = self.settings.max_completion_tokens
         max_tokens = request.requested_max_tokens or limit
         if max_tokens > limit:
@@ -271,18 +290,14 @@ class OpenAIServingChat:
         i: int, message: ChatCompletionMessageParam, images: list[list[Part]], audios: list[list[Part]]
     ) -> ChatMessage:
         if isinstance(message, ChatCompletionToolMessage):
-            raise InvalidRequest(
-                f"messages.{i}: role 'tool' is not supported (no tool calling)", param=f"messages.{i}"
+            return ChatMessage(
+                "tool", [Part(text=_text_of(message.content))], tool_call_id=message.tool_call_id
             )
         if isinstance(message, ChatCompletionSystemMessage):
             return ChatMessage("system", [Part(text=_text_of(message.content))])
         if isinstance(message, ChatCompletionAssistantMessage):
-            if message.tool_calls:
-                raise InvalidRequest(
-                    f"messages.{i}.tool_calls is not supported (no tool calling)",
-                    param=f"messages.{i}.tool_calls",
-                )
-            return ChatMessage("assistant", [Part(text=_text_of(message.content))])
+            calls = json.dumps(message.tool_calls) if message.tool_calls else ""
+            return ChatMessage("assistant", [Part(text=_text_of(message.content))], tool_calls_json=calls)
         if isinstance(message.content, str):
             return ChatMessage("user", [Part(text=message.content)])
         parts: list[Part] = []
@@ -333,6 +348,7 @@ class OpenAIServingChat:
         answer: list[str] = []
         reasoning: list[str] = []
         reasoning_tokens = 0
+        calls: dict[int, ToolCall] = {}
         done: Done | None = None
         async for event in self._events(first, events):
             if isinstance(event, Done):
@@ -342,9 +358,19 @@ class OpenAIServingChat:
                 reasoning_tokens += len(event.token_ids)
             else:
                 answer.append(event.text)
+                for delta in event.tool_calls:
+                    if delta.name:
+                        calls[delta.index] = ToolCall(
+                            id=delta.id, function=FunctionCall(name=delta.name, arguments="")
+                        )
+                    calls[delta.index].function.arguments += delta.arguments
         assert done is not None, "decoder stream ended without a Finished message"
+        content = "".join(answer)
         message = ChatCompletionMessage(
-            content="".join(answer), reasoning_content="".join(reasoning) if thinking else None
+            # With tool calls and no text, content is null (as OpenAI answers).
+            content=content if content or not calls else None,
+            reasoning_content="".join(reasoning) if thinking else None,
+            tool_calls=[calls[i] for i in sorted(calls)],
         )
         return ChatCompletionResponse(
             id=request_id,
@@ -395,8 +421,11 @@ class OpenAIServingChat:
                         reasoning_tokens += len(event.token_ids)
                         if thinking and event.text:
                             yield chunk(DeltaMessage(reasoning_content=event.text))
-                    elif event.text:
-                        yield chunk(DeltaMessage(content=event.text))
+                    else:
+                        if event.text:
+                            yield chunk(DeltaMessage(content=event.text))
+                        for call in event.tool_calls:
+                            yield chunk(DeltaMessage(tool_calls=[_delta_tool_call(call)]))
             except MeshError as error:
                 self.metrics.errors.labels(error.code).inc()
                 yield error_event(error)
