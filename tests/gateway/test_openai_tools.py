@@ -164,6 +164,13 @@ def test_a_tool_result_turn_renders_as_gemma4_processor(
     assert response.usage.prompt_tokens == expected.size
 
 
+def test_a_tool_result_without_its_call_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _create(client, messages=[{"role": "tool", "content": "42", "tool_call_id": "c1"}])
+    assert info.value.body["param"] == "messages"
+    assert "must follow an assistant message with tool_calls" in info.value.body["message"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param", "needle"),
     [
