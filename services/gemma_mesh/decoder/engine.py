@@ -42,16 +42,15 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.decoder.grammar import GrammarCompiler, GrammarMasker, GrammarState
+from gemma_mesh.decoder.grammar import GrammarCompiler, GrammarMasker
 from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
 from gemma_mesh.decoder.metrics import DecoderMetrics
-from gemma_mesh.decoder.output import Channel, Delta, OutputProcessor
-from gemma_mesh.decoder.prefix_cache import PrefixCache, snapshot_lengths, token_keys
+from gemma_mesh.decoder.output import Channel, Delta
+from gemma_mesh.decoder.prefix_cache import PrefixCache
 from gemma_mesh.decoder.request import Finished, GenerationRequest, RequestHandle, deliver
+from gemma_mesh.decoder.sequence import Sequence
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.model.bundle import ModelBundle
-from gemma_mesh.model.generation import embed_prompt
-from gemma_mesh.model.sampling import Sampler
 
 __all__ = ["Engine", "Finished", "GenerationRequest", "RequestHandle"]
 
@@ -77,81 +76,6 @@ def make_kv_cache(session: Any, manifest: Any, settings: DecoderSettings, dtype:
 
     log.info("KV cache on the device", device=device, provider=provider)
     return DeviceKVCache(*args, device=device, device_id=0, providers=session.get_providers())
-
-
-class _Sequence:
-    def __init__(self, handle: RequestHandle, engine: Engine) -> None:
-        req = handle.request
-        bundle = engine.bundle
-        self.handle = handle
-        self.req = req
-        self.embeds, self.per_layer = embed_prompt(bundle, req.input_ids, req.soft_tokens)
-        # A prediction longer than what may be generated could never be accepted in full.
-        prediction = np.zeros(0, np.int64) if req.prediction is None else req.prediction
-        self.prediction = np.asarray(prediction, dtype=np.int64)[: max(req.max_tokens - 1, 0)]
-        if self.prediction.size:  # prefilled right after the prompt, so embedded with it
-            embeds, per_layer = bundle.embed(self.prediction[None])
-            self.embeds = np.concatenate([self.embeds, embeds[0]])
-            self.per_layer = np.concatenate([self.per_layer, per_layer[0]])
-        # Inputs known to be right: the prompt, then each predicted token once the sampler picked it.
-        self.confirmed = self.prompt_len
-        media = []
-        cursor: dict[int, int] = {}
-        for placeholder, tokens in req.soft_tokens:
-            positions = np.flatnonzero(req.input_ids == placeholder)
-            start = cursor.get(placeholder, 0)
-            media.append((positions[start : start + tokens.shape[0]], tokens))
-            cursor[placeholder] = start + tokens.shape[0]
-        self.keys = token_keys(req.input_ids, media)
-        # Prompts diverge at turn starts (a new user message) and at media (a different image, or a
-        # growing audio segment whose text follows its last token): snapshot there.
-        boundaries = [int(p[0]) for p, _ in media if p.size] + [int(p[-1]) + 1 for p, _ in media if p.size]
-        if engine.turn_start_id is not None:
-            boundaries += np.flatnonzero(req.input_ids == engine.turn_start_id).tolist()
-        self.snapshots = snapshot_lengths(len(req.input_ids), boundaries, engine.prefix_cache.block_tokens)
-        self.processor = OutputProcessor(
-            bundle.tokenizer,
-            stop_token_ids=() if req.ignore_eos else bundle.manifest.stop_token_ids,
-            channel_start_id=engine.channel_ids[0],
-            channel_end_id=engine.channel_ids[1],
-            stop_strings=req.stop,
-            enable_thinking=req.enable_thinking,
-            max_tokens=req.max_tokens,
-            keep_token_ids=engine.tool_call_marker_ids if req.keep_tool_call_markers else (),
-        )
-        self.sampler = Sampler(req.sampling)
-        self.grammar = (
-            None
-            if req.constraint is None
-            else GrammarState(
-                req.constraint,
-                after_thought=req.enable_thinking,
-                channel_start_id=engine.channel_ids[0],
-                channel_end_id=engine.channel_ids[1],
-                stop_token_ids=bundle.manifest.stop_token_ids,
-            )
-        )
-        self.held: Delta | None = None  # deltas held back by req.stream_interval_tokens
-        self.cursor = 0
-        self.cached = 0
-        self.last_token = -1
-        self.arrival = time.monotonic()
-        self.admitted = 0.0
-        self.first_token_at = 0.0
-        self.last_token_at = 0.0
-
-    @property
-    def prompt_len(self) -> int:
-        return int(self.req.input_ids.shape[0])
-
-    @property
-    def input_len(self) -> int:
-        """Tokens to prefill: the prompt, then the prediction."""
-        return self.prompt_len + int(self.prediction.shape[0])
-
-    @property
-    def accepted_prediction(self) -> int:
-        return self.confirmed - self.prompt_len
 
 
 class Engine:
@@ -194,8 +118,8 @@ class Engine:
         # A heap of (priority, arrival number, handle): admission order.
         self._waiting: list[tuple[int, int, RequestHandle]] = []
         self._arrivals = itertools.count()
-        self._decoding: list[_Sequence] = []
-        self._prefilling: list[_Sequence] = []  # rows len(_decoding) .. in order
+        self._decoding: list[Sequence] = []
+        self._prefilling: list[Sequence] = []  # rows len(_decoding) .. in order
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="decoder-engine", daemon=True)
@@ -359,7 +283,7 @@ class Engine:
                 _, _, handle = heapq.heappop(self._waiting)
                 self.metrics.queue_depth.set(len(self._waiting))
             try:
-                seq = _Sequence(handle, self)
+                seq = Sequence(handle, self)
             except MeshError as exc:
                 handle.emit(exc)
                 continue
@@ -527,13 +451,13 @@ class Engine:
                     self._store_snapshot(base + j, seq)
             done = cut
 
-    def _store_snapshot(self, row: int, seq: _Sequence) -> None:
+    def _store_snapshot(self, row: int, seq: Sequence) -> None:
         keys = seq.keys[: seq.cursor]
         if not self.prefix_cache.contains(seq.req.prefix_cache_key, keys):
             self.prefix_cache.store(seq.req.prefix_cache_key, keys, self.kv.snapshot(row))
             self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
 
-    def _walk_prediction(self, seq: _Sequence, first: int, end: int, logits: np.ndarray) -> tuple[bool, bool]:
+    def _walk_prediction(self, seq: Sequence, first: int, end: int, logits: np.ndarray) -> tuple[bool, bool]:
         """Sample ``seq``'s tokens at positions ``first .. end - 1`` (``logits [>= end - first, V]``)
         while each picks the predicted token that follows; stream them. Returns ``(ended,
         finished)``: ``ended`` when the walk stopped in this chunk (a token other than the predicted
@@ -573,7 +497,7 @@ class Engine:
             if self._push(seq, seq.sampler(logits[row, 0])):
                 self._retire(row, seq)
 
-    def _push(self, seq: _Sequence, token: int) -> bool:
+    def _push(self, seq: Sequence, token: int) -> bool:
         """Record ``token`` as ``seq``'s next token and stream its text -> True when ``seq`` is finished."""
         now = time.monotonic()
         if seq.first_token_at == 0.0:
@@ -592,7 +516,7 @@ class Engine:
         return seq.processor.finish_reason is not None
 
     @staticmethod
-    def _stream(seq: _Sequence, delta: Delta) -> None:
+    def _stream(seq: Sequence, delta: Delta) -> None:
         """Send ``delta``, or hold it until the held deltas carry ``stream_interval_tokens`` ids
         (merged in order on one channel; a delta on another channel sends the held ones first)."""
         interval = seq.req.stream_interval_tokens
@@ -611,7 +535,7 @@ class Engine:
         else:
             seq.held = delta
 
-    def _retire(self, row: int, seq: _Sequence) -> None:
+    def _retire(self, row: int, seq: Sequence) -> None:
         """Send ``seq``'s ``Finished`` and free its decoding row ``row``."""
         now = time.monotonic()
         reason = seq.processor.finish_reason

@@ -1,7 +1,7 @@
 """Wire models of the OpenAI-compatible API: requests, responses and errors (pydantic, types only).
 
-Mirrors vLLM's ``vllm/entrypoints/openai/protocol.py``: one ``OpenAIBaseModel`` that accepts and
-logs unknown fields (OpenAI adds fields often; a client newer than this gateway must keep working),
+Mirrors vLLM's ``vllm/entrypoints/openai/protocol.py``: one ``OpenAIBaseModel`` (``protocol_base``;
+structured outputs and tools in ``protocol_tools``) that accepts and logs unknown fields (OpenAI adds fields often; a client newer than this gateway must keep working),
 while known fields are type-checked, so a clearly wrong value is a 400. Fields follow the order of
 the OpenAI API reference (https://platform.openai.com/docs/api-reference/chat/create,
 https://platform.openai.com/docs/api-reference/audio/createTranscription). Extensions that are not
@@ -23,11 +23,19 @@ import json
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.clients import PRIORITY_REQUEST, Sampling
+from gemma_mesh.gateway.openai.protocol_base import OpenAIBaseModel, is_none
+from gemma_mesh.gateway.openai.protocol_tools import (
+    ChatCompletionNamedToolChoice,
+    ChatCompletionToolParam,
+    DeltaToolCall,
+    ResponseFormat,
+    ToolCall,
+)
 
 log = get_logger(__name__)
 
@@ -35,31 +43,6 @@ MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; the decoder checks every stop string
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm")
 """Containers ``input_audio.format`` may name (the file's header decides how it is decoded)."""
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
-
-
-class OpenAIBaseModel(BaseModel):
-    """Base of every wire model: unknown fields are accepted and logged, never an error (as OpenAI)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="after")
-    def _log_ignored_fields(self) -> OpenAIBaseModel:
-        if self.model_extra:
-            log.info("ignored request fields", model=type(self).__name__, fields=sorted(self.model_extra))
-        return self
-
-
-class ErrorInfo(OpenAIBaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(OpenAIBaseModel):
-    """OpenAI's error body (also sent as one SSE ``data:`` event when a stream fails midway)."""
-
-    error: ErrorInfo
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -156,69 +139,6 @@ ChatCompletionMessageParam = Annotated[
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = Field(False, strict=True)
-
-
-class JsonSchemaFormat(OpenAIBaseModel):
-    """``response_format.json_schema``: the answer is JSON that validates against ``schema``.
-
-    The decoder constrains every token to the schema (llguidance), with ``strict`` or without (as
-    vLLM does): the answer always validates when it ends within ``max_tokens`` (finish_reason
-    ``stop``). The keywords llguidance supports are listed in its ``docs/json_schema.md``; one it
-    does not is a 400 naming ``response_format.json_schema.schema``.
-    """
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = Field(None, strict=True)
-
-
-class ResponseFormat(OpenAIBaseModel):
-    """``text`` (default), ``json_object`` (any JSON object) or ``json_schema``."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("json_schema is required when type is json_schema")
-        return self
-
-    def constraint(self) -> tuple[str, str] | None:
-        """The decoder's constraint: ``(kind, text)`` (``decoder.proto`` ``Constraint``), or None."""
-        if self.type == "json_object":
-            return ("json_object", "")
-        if self.type == "json_schema" and self.json_schema is not None:
-            return ("json_schema", json.dumps(self.json_schema.schema_))
-        return None
-
-
-class FunctionDefinition(OpenAIBaseModel):
-    """A callable function: its JSON-schema ``parameters`` are rendered into Gemma's system turn."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = Field(None, strict=True)
-
-
-class ChatCompletionToolParam(OpenAIBaseModel):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(OpenAIBaseModel):
-    name: str
-
-
-class ChatCompletionNamedToolChoice(OpenAIBaseModel):
-    """``{"type": "function", "function": {"name": ...}}``: call that function."""
-
-    type: Literal["function"]
-    function: NamedFunction
 
 
 def _unsupported(name: str, why: str) -> ValueError:
@@ -442,10 +362,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
 # --- chat completions: responses --------------------------------------------------------------
 
 
-def _is_none(value: Any) -> bool:
-    return value is None
-
-
 class PromptTokensDetails(OpenAIBaseModel):
     cached_tokens: int = 0
 
@@ -461,7 +377,7 @@ class UsageInfo(OpenAIBaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
-    completion_tokens_details: CompletionTokensDetails | None = Field(None, exclude_if=_is_none)
+    completion_tokens_details: CompletionTokensDetails | None = Field(None, exclude_if=is_none)
 
 
 class ChatCompletionMessage(OpenAIBaseModel):
@@ -470,33 +386,8 @@ class ChatCompletionMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
-    reasoning_content: str | None = Field(None, exclude_if=_is_none)
+    reasoning_content: str | None = Field(None, exclude_if=is_none)
     tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class FunctionCall(OpenAIBaseModel):
-    name: str
-    arguments: str = Field(description="The arguments as a JSON object's text")
-
-
-class ToolCall(OpenAIBaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class DeltaFunctionCall(OpenAIBaseModel):
-    name: str | None = Field(None, exclude_if=_is_none)
-    arguments: str | None = Field(None, exclude_if=_is_none)
-
-
-class DeltaToolCall(OpenAIBaseModel):
-    """A streamed call fragment: the first of a call has ``id``, ``type`` and the name."""
-
-    index: int
-    id: str | None = Field(None, exclude_if=_is_none)
-    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
-    function: DeltaFunctionCall
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -521,10 +412,10 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     """One stream increment: only the fields that changed are sent (as OpenAI does)."""
 
-    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
-    content: str | None = Field(None, exclude_if=_is_none)
-    reasoning_content: str | None = Field(None, exclude_if=_is_none)
-    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_is_none)
+    role: Literal["assistant"] | None = Field(None, exclude_if=is_none)
+    content: str | None = Field(None, exclude_if=is_none)
+    reasoning_content: str | None = Field(None, exclude_if=is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=is_none)
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
@@ -543,7 +434,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     created: int
     model: str
     choices: list[ChatCompletionResponseStreamChoice]
-    usage: UsageInfo | None = Field(None, exclude_if=_is_none)
+    usage: UsageInfo | None = Field(None, exclude_if=is_none)
 
 
 # --- audio: transcriptions and translations ---------------------------------------------------

@@ -45,18 +45,14 @@ from gemma_mesh.gateway.openai.protocol import (
     ChatCompletionSystemMessage,
     ChatCompletionToolMessage,
     CompletionTokensDetails,
-    DeltaFunctionCall,
     DeltaMessage,
-    DeltaToolCall,
-    ErrorInfo,
-    ErrorResponse,
-    FunctionCall,
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    ToolCall,
     UsageInfo,
 )
+from gemma_mesh.gateway.openai.protocol_base import ErrorInfo, ErrorResponse
+from gemma_mesh.gateway.openai.protocol_tools import DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.model.audio_io import decode_audio
 
