@@ -8,10 +8,18 @@ around them.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from gemma_mesh.model.tool_calls import Gemma4ToolParser, MalformedCall, ParsedDelta, parse_call
+from gemma_mesh.model.tool_calls import (
+    Gemma4ToolParser,
+    MalformedCall,
+    ParsedDelta,
+    ToolSchemaError,
+    parse_call,
+    tool_call_grammar,
+)
 
 START, END, Q = "<|tool_call>", "<tool_call|>", '<|"|>'
 
@@ -143,3 +151,89 @@ def test_parse_call_errors_name_the_problem() -> None:
         parse_call(f"call:f{{a:{Q}x}}", Q)
     with pytest.raises(MalformedCall, match="':' expected"):
         parse_call("call:f{a 1}", Q)
+
+
+# --- the grammar of forced calls --------------------------------------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "minLength": 2, "maxLength": 4},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer"},
+        "note": {"type": "string"},
+    },
+    "required": ["unit", "city", "days"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "noop"}},
+]
+
+
+def _matcher(grammar: str):
+    import llguidance
+
+    from gemma_mesh.model.bundle import ModelBundle, embedded_bundle_path
+
+    bundle = ModelBundle(embedded_bundle_path(), providers=["CPUExecutionProvider"])
+    m = bundle.manifest
+    tok = llguidance.LLTokenizer(
+        bundle.tokenizer.to_str(), n_vocab=m.text.vocab_size, eos_token=m.stop_token_ids
+    )
+    matcher = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    ids = {name: m.token_id(name) for name in ("tool_call_start", "tool_call_end", "string_delimiter")}
+
+    def accepts(text: str) -> bool:
+        """Does the grammar take ``text`` (markers as special tokens) to its end?"""
+        marks = {START: ids["tool_call_start"], END: ids["tool_call_end"], Q: ids["string_delimiter"]}
+        tokens: list[int] = []
+        for piece in re.split(r"(<\|tool_call>|<tool_call\|>|<\|\"\|>)", text):
+            if piece in marks:
+                tokens.append(marks[piece])
+            elif piece:
+                tokens += bundle.tokenizer.encode(piece, add_special_tokens=False).ids
+        probe = matcher.deep_copy()
+        return probe.consume_tokens(tokens) and probe.is_accepting()
+
+    return ids, accepts
+
+
+def test_the_call_grammar_takes_the_calls_the_template_writes_and_nothing_else() -> None:
+    ids, _ = _matcher('start: "x"')  # the markers' ids, from the bundle
+    kw = dict(
+        call_start_id=ids["tool_call_start"],
+        call_end_id=ids["tool_call_end"],
+        quote_id=ids["string_delimiter"],
+    )
+    _, accepts = _matcher(tool_call_grammar(TOOLS, **kw))
+    good = call("get_weather", f"city:{Q}Oslo{Q},days:3,unit:{Q}c{Q}")
+    assert accepts(good) and accepts(good + call("noop", "")) and accepts(call("noop", ""))
+    assert not accepts(call("get_weather", f"city:{Q}Oslo{Q},unit:{Q}c{Q}"))  # a required key missing
+    assert not accepts(call("get_weather", f"days:3,city:{Q}Oslo{Q},unit:{Q}c{Q}"))  # not in template order
+    assert not accepts(call("get_weather", f"city:{Q}Oslo{Q},days:3,unit:{Q}k{Q}"))  # not in the enum
+    assert not accepts(call("get_weather", f"city:{Q}Trondheim{Q},days:3,unit:{Q}c{Q}"))  # over maxLength
+    assert not accepts(call("other", ""))
+    assert not accepts("text " + good)
+    _, one = _matcher(tool_call_grammar(TOOLS, **kw, parallel=False))
+    assert one(good) and not one(good + call("noop", ""))
+    _, named = _matcher(tool_call_grammar(TOOLS, **kw, name="noop"))
+    assert named(call("noop", "")) and not named(good)
+
+
+def test_the_call_grammar_refuses_what_it_cannot_express() -> None:
+    kw = dict(call_start_id=1, call_end_id=2, quote_id=3)
+    with pytest.raises(ToolSchemaError, match="no tool is named 'x'"):
+        tool_call_grammar(TOOLS, **kw, name="x")
+    bad = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {"properties": {"a": {"type": "date"}}, "required": ["a"]},
+            },
+        }
+    ]
+    with pytest.raises(ToolSchemaError, match=r"f.parameters.properties.a: unsupported type 'date'"):
+        tool_call_grammar(bad, **kw)

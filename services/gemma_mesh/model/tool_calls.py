@@ -358,6 +358,11 @@ class _GrammarWriter:
                 body = pattern.removeprefix("^").removesuffix("$")
                 regex = body.replace("/", "\\/")
                 return self.rule(f"{self.quote} /{regex}/ {self.quote}")
+            low, high = schema.get("minLength"), schema.get("maxLength")
+            if isinstance(low, int) or isinstance(high, int):
+                return self.rule(
+                    f"{self.quote} /[^<]{{{low or 0},{high if isinstance(high, int) else ''}}}/ {self.quote}"
+                )
             return "gstr"
         if kind == "integer":
             return "INTEGER"
