@@ -467,7 +467,7 @@ class Engine:
         for i, position in enumerate(range(first, end)):
             if i and seq.grammar is not None:  # the first position was masked during the run
                 self.masker.mask_now(seq.grammar, logits[i])
-            token = seq.sampler(logits[i])
+            token = seq.sample(logits[i])
             if self._push(seq, token):
                 return True, True
             index = position + 1 - seq.prompt_len  # the prediction's token at position + 1
@@ -494,7 +494,7 @@ class Engine:
         self.metrics.batch_size.observe(n)
         for row in reversed(range(n)):  # reversed: removing a finished row moves only later rows
             seq = self._decoding[row]
-            if self._push(seq, seq.sampler(logits[row, 0])):
+            if self._push(seq, seq.sample(logits[row, 0])):
                 self._retire(row, seq)
 
     def _push(self, seq: Sequence, token: int) -> bool:
@@ -511,7 +511,7 @@ class Engine:
             seq.grammar.accept(token)
         self.metrics.generated_tokens.inc()
         for delta in seq.processor.push(token):
-            self._stream(seq, delta)
+            self._stream(seq, seq.attach_logprobs(delta))
         # A cancelled request is dropped at the next step boundary (_drop_cancelled).
         return seq.processor.finish_reason is not None
 
@@ -528,7 +528,12 @@ class Engine:
             seq.handle.emit(held)
             held = None
         if held is not None:
-            delta = Delta(delta.channel, held.text + delta.text, [*held.token_ids, *delta.token_ids])
+            delta = Delta(
+                delta.channel,
+                held.text + delta.text,
+                [*held.token_ids, *delta.token_ids],
+                [*held.logprobs, *delta.logprobs],
+            )
         if len(delta.token_ids) >= interval:
             seq.handle.emit(delta)
             seq.held = None
@@ -542,7 +547,7 @@ class Engine:
         assert reason is not None
         pending = seq.processor.pending_token_ids
         if pending:  # ids that produced no text (the stop token, thoughts dropped with thinking off)
-            self._stream(seq, Delta(Channel.ANSWER, "", pending))
+            self._stream(seq, seq.attach_logprobs(Delta(Channel.ANSWER, "", pending)))
         if seq.held is not None:
             seq.handle.emit(seq.held)
             seq.held = None

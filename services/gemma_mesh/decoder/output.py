@@ -41,6 +41,8 @@ class Delta:
     channel: Channel
     text: str
     token_ids: list[int] = field(default_factory=list)
+    # One per token id when the request asked for log-probabilities (``model.sampling.TokenLogprob``).
+    logprobs: list = field(default_factory=list)
 
 
 class OutputProcessor:

@@ -53,6 +53,8 @@ class GenerationRequest:
     constraint: CompiledGrammar | None = None
     # Tool-call markers stay in the answer text (the servicer parses the calls out of it).
     keep_tool_call_markers: bool = False
+    # Log-probabilities: None = none; N = the chosen token's and the N most likely (0-20).
+    logprobs: int | None = None
 
 
 @dataclass
@@ -122,7 +124,10 @@ class RequestHandle:
                         pending = following
                         break
                     event = Delta(
-                        event.channel, event.text + following.text, [*event.token_ids, *following.token_ids]
+                        event.channel,
+                        event.text + following.text,
+                        [*event.token_ids, *following.token_ids],
+                        [*event.logprobs, *following.logprobs],
                     )
             yield event
             if isinstance(event, Finished):

@@ -13,7 +13,7 @@ from gemma_mesh.decoder.output import Delta, OutputProcessor
 from gemma_mesh.decoder.prefix_cache import snapshot_lengths, token_keys
 from gemma_mesh.decoder.request import RequestHandle
 from gemma_mesh.model.generation import embed_prompt
-from gemma_mesh.model.sampling import Sampler
+from gemma_mesh.model.sampling import Sampler, TokenLogprob, token_logprob
 
 
 class Sequence:
@@ -71,6 +71,7 @@ class Sequence:
                 stop_token_ids=bundle.manifest.stop_token_ids,
             )
         )
+        self.logprobs: list[TokenLogprob] = []  # of tokens not yet in a delta
         self.held: Delta | None = None  # deltas held back by req.stream_interval_tokens
         self.cursor = 0
         self.cached = 0
@@ -92,3 +93,18 @@ class Sequence:
     @property
     def accepted_prediction(self) -> int:
         return self.confirmed - self.prompt_len
+
+    def sample(self, logits: np.ndarray) -> int:
+        """The next token from ``logits [V]`` (masked already); records its log-probabilities
+        when the request asked for them."""
+        token = self.sampler(logits)
+        if self.req.logprobs is not None:
+            self.logprobs.append(token_logprob(logits, token, self.req.logprobs))
+        return token
+
+    def attach_logprobs(self, delta: Delta) -> Delta:
+        """Move the log-probabilities of ``delta``'s tokens (the oldest recorded) onto it."""
+        if self.logprobs:
+            n = len(delta.token_ids)
+            delta.logprobs, self.logprobs = self.logprobs[:n], self.logprobs[n:]
+        return delta

@@ -185,7 +185,49 @@ def build_request(
         stream_interval_tokens=max(1, pb.stream_interval_tokens),
         constraint=constraint,
         keep_tool_call_markers=tools.parse,
+        logprobs=logprobs_from_pb(pb),
     )
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+def logprobs_from_pb(pb: decoder_pb2.GenerateRequest) -> int | None:
+    """``GenerateRequest.logprobs`` (None when unset). Raises InvalidRequest outside [0, 20]."""
+    if not pb.HasField("logprobs"):
+        return None
+    if not 0 <= pb.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(
+            f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {pb.logprobs}", param="logprobs"
+        )
+    return int(pb.logprobs)
+
+
+@functools.lru_cache(maxsize=65536)
+def _token_pb(bundle: ModelBundle, token_id: int) -> tuple[str, bytes]:
+    """A token's text and bytes for log-probabilities: byte-fallback tokens (``<0xHH>``) are their
+    byte; others their vocabulary piece decoded (special tokens kept by name)."""
+    piece = bundle.tokenizer.id_to_token(token_id) or ""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        raw = bytes([int(piece[3:5], 16)])
+        return raw.decode("utf-8", errors="replace"), raw
+    text = bundle.tokenizer.decode([token_id], skip_special_tokens=False)
+    return text, text.encode()
+
+
+def logprobs_pb(bundle: ModelBundle, entries: list, stops: frozenset[int]) -> list[decoder_pb2.TokenLogprobs]:
+    """``model.sampling.TokenLogprob`` entries -> ``TokenLogprobs`` messages, without the stop
+    tokens' (they end the answer and are not part of it, as in OpenAI's and vLLM's)."""
+
+    def one(token_id: int, logprob: float) -> decoder_pb2.TokenLogprob:
+        text, raw = _token_pb(bundle, token_id)
+        return decoder_pb2.TokenLogprob(token_id=token_id, token=text, token_bytes=raw, logprob=logprob)
+
+    return [
+        decoder_pb2.TokenLogprobs(chosen=one(e.token_id, e.logprob), top=[one(i, lp) for i, lp in e.top])
+        for e in entries
+        if e.token_id not in stops
+    ]
 
 
 @functools.lru_cache(maxsize=8)
@@ -270,6 +312,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             self.engine.metrics.errors.labels(code).inc()
             raise
         # With tools, calls are parsed out of the answer text (its markers kept for that).
+        stops = frozenset(self.engine.bundle.manifest.stop_token_ids)
         calls = ToolCallStream(
             self.engine.bundle.manifest,
             parallel=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
@@ -286,6 +329,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
                             token_ids=event.token_ids,
                             channel=_CHANNEL[event.channel],
                             tool_calls=tool_calls,
+                            logprobs=logprobs_pb(self.engine.bundle, event.logprobs, stops),
                         )
                     )
                 else:

@@ -80,6 +80,8 @@ class Sampling:
     tools_json: str = ""
     tool_choice: str = ""
     parallel_tool_calls: bool | None = None
+    # Log-probabilities (decoder.proto GenerateRequest.logprobs): None = none, N = top N too.
+    logprobs: int | None = None
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -97,6 +99,17 @@ class Delta:
     token_ids: list[int]
     channel: str
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token id, when asked
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's text, bytes and log-probability, and the most likely tokens' (same form)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -467,6 +480,7 @@ class MeshClient:
             tools_json=sampling.tools_json,
             tool_choice=sampling.tool_choice,
             parallel_tool_calls=sampling.parallel_tool_calls,
+            logprobs=sampling.logprobs,
         )
         if sampling.prediction_ids or sampling.prediction_text:
             request.prediction.token_ids.extend(sampling.prediction_ids)
@@ -483,7 +497,18 @@ class MeshClient:
                 if reply.HasField("delta"):
                     d = reply.delta
                     calls = [ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in d.tool_calls]
-                    yield Delta(d.text, list(d.token_ids), _CHANNELS.get(d.channel, "answer"), calls)
+                    logprobs = [
+                        TokenLogprobs(
+                            e.chosen.token,
+                            e.chosen.token_bytes,
+                            e.chosen.logprob,
+                            [(t.token, t.token_bytes, t.logprob) for t in e.top],
+                        )
+                        for e in d.logprobs
+                    ]
+                    yield Delta(
+                        d.text, list(d.token_ids), _CHANNELS.get(d.channel, "answer"), calls, logprobs
+                    )
                 else:
                     f = reply.finished
                     yield Done(

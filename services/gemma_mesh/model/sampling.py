@@ -49,6 +49,36 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a chosen token and of the ``top`` most likely tokens (id, logprob),
+    most likely first (ties: lowest id first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token_id: int, top: int) -> TokenLogprob:
+    """Log-softmax of ``logits [V]`` (float64; ``-inf`` entries, masked tokens, get ``-inf``) at
+    ``token_id``, and the ``top`` best entries. OpenAI's ``logprobs``/``top_logprobs``; the
+    values are those of the distribution the sampler was given, before temperature (vLLM's
+    default ``raw_logprobs``, with grammar masks applied)."""
+    scores = logits.astype(np.float64)
+    shifted = scores - scores.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        ids = (
+            np.argpartition(-logprobs, top - 1)[:top]
+            if top < logprobs.shape[0]
+            else np.arange(logprobs.shape[0])
+        )
+        ids = ids[np.lexsort((ids, -logprobs[ids]))]
+        best = tuple((int(i), float(logprobs[i])) for i in ids)
+    return TokenLogprob(int(token_id), float(logprobs[token_id]), best)
+
+
 class Sampler:
     """Chooses the next token for one sequence; owns that sequence's random generator."""
 

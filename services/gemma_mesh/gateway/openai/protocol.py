@@ -240,13 +240,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise _unsupported("a non-zero penalty", "the decoder has no repetition penalties")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise _unsupported("logprobs", "the decoder does not return log-probabilities")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
     def _no_logit_bias(cls, value: dict | None) -> dict | None:
@@ -283,8 +276,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def _cross_field(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.top_logprobs:
-            raise ValueError("top_logprobs needs logprobs, which is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         explicit = (self.chat_template_kwargs or {}).get("enable_thinking")
         if explicit is not None and self.reasoning_effort is not None:
             if explicit != (self.reasoning_effort not in ("none", "minimal")):
@@ -332,6 +325,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
             else "",
             tool_choice=self._tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
         )
 
     def check_tool_choice(self) -> None:
@@ -393,10 +387,30 @@ class ChatCompletionMessage(OpenAIBaseModel):
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(OpenAIBaseModel):
+    """One answer token: its text, log-probability, UTF-8 bytes and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class ChatCompletionResponseChoice(OpenAIBaseModel):
     index: int = 0
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -421,7 +435,7 @@ class DeltaMessage(OpenAIBaseModel):
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
     index: int = 0
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

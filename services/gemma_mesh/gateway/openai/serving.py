@@ -28,7 +28,15 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import ChatMessage, Delta, Done, MeshClient, Part, ToolCallDelta
+from gemma_mesh.gateway.clients import (
+    ChatMessage,
+    Delta,
+    Done,
+    MeshClient,
+    Part,
+    TokenLogprobs,
+    ToolCallDelta,
+)
 from gemma_mesh.gateway.live.captions import RATE_HZ
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import (
@@ -43,12 +51,15 @@ from gemma_mesh.gateway.openai.protocol import (
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
     ChatCompletionSystemMessage,
+    ChatCompletionTokenLogprob,
     ChatCompletionToolMessage,
+    ChoiceLogprobs,
     CompletionTokensDetails,
     DeltaMessage,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    TopLogprob,
     UsageInfo,
 )
 from gemma_mesh.gateway.openai.protocol_base import ErrorInfo, ErrorResponse
@@ -152,6 +163,19 @@ def _request_field(error: InvalidRequest) -> InvalidRequest:
     if field is None:
         return error
     return InvalidRequest(field + error.message.removeprefix(error.param or ""), param=field)
+
+
+def _logprobs(entries: list[TokenLogprobs]) -> list[ChatCompletionTokenLogprob]:
+    """The decoder's per-token log-probabilities in OpenAI's shape."""
+    return [
+        ChatCompletionTokenLogprob(
+            token=e.token,
+            logprob=e.logprob,
+            bytes=list(e.token_bytes),
+            top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(b)) for t, b, lp in e.top],
+        )
+        for e in entries
+    ]
 
 
 def _delta_tool_call(call: ToolCallDelta) -> DeltaToolCall:
@@ -345,6 +369,7 @@ class OpenAIServingChat:
         reasoning: list[str] = []
         reasoning_tokens = 0
         calls: dict[int, ToolCall] = {}
+        logprobs: list[ChatCompletionTokenLogprob] = []
         done: Done | None = None
         async for event in self._events(first, events):
             if isinstance(event, Done):
@@ -354,6 +379,7 @@ class OpenAIServingChat:
                 reasoning_tokens += len(event.token_ids)
             else:
                 answer.append(event.text)
+                logprobs += _logprobs(event.logprobs)
                 for delta in event.tool_calls:
                     if delta.name:
                         calls[delta.index] = ToolCall(
@@ -371,7 +397,13 @@ class OpenAIServingChat:
         return ChatCompletionResponse(
             id=request_id,
             model=self.settings.served_model_name,
-            choices=[ChatCompletionResponseChoice(message=message, finish_reason=done.finish_reason)],
+            choices=[
+                ChatCompletionResponseChoice(
+                    message=message,
+                    finish_reason=done.finish_reason,
+                    logprobs=ChoiceLogprobs(content=logprobs) if request.logprobs else None,
+                )
+            ],
             usage=self._usage(done, reasoning_tokens, request),
         )
 
@@ -388,8 +420,14 @@ class OpenAIServingChat:
         created = int(time.time())
         thinking = request.enable_thinking
 
-        def chunk(delta: DeltaMessage, finish_reason: str | None = None) -> str:
-            choice = ChatCompletionResponseStreamChoice(delta=delta, finish_reason=finish_reason)
+        def chunk(
+            delta: DeltaMessage, finish_reason: str | None = None, logprobs: list[TokenLogprobs] | None = None
+        ) -> str:
+            choice = ChatCompletionResponseStreamChoice(
+                delta=delta,
+                finish_reason=finish_reason,
+                logprobs=ChoiceLogprobs(content=_logprobs(logprobs)) if logprobs else None,
+            )
             return sse(
                 ChatCompletionStreamResponse(
                     id=request_id, created=created, model=self.settings.served_model_name, choices=[choice]
@@ -418,8 +456,8 @@ class OpenAIServingChat:
                         if thinking and event.text:
                             yield chunk(DeltaMessage(reasoning_content=event.text))
                     else:
-                        if event.text:
-                            yield chunk(DeltaMessage(content=event.text))
+                        if event.text or event.logprobs:
+                            yield chunk(DeltaMessage(content=event.text), logprobs=event.logprobs)
                         for call in event.tool_calls:
                             yield chunk(DeltaMessage(tool_calls=[_delta_tool_call(call)]))
             except MeshError as error:
