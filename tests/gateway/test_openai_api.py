@@ -419,7 +419,7 @@ def _audio_message(data: str, fmt: str) -> list[dict]:
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
         ({"temperature": "hot"}, "temperature"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": "yes"}, "logprobs"),
         ({"prediction": {"type": "file", "content": "x"}}, "prediction.type"),
         ({"max_tokens": "5"}, "max_tokens"),  # no coercion: a string or a bool is not a count
         ({"max_tokens": True}, "max_tokens"),

@@ -59,7 +59,7 @@ class Sequence:
             max_tokens=req.max_tokens,
             keep_token_ids=engine.tool_call_marker_ids if req.keep_tool_call_markers else (),
         )
-        self.sampler = Sampler(req.sampling)
+        self.sampler = Sampler(req.sampling, prompt_ids=req.input_ids)
         self.grammar = (
             None
             if req.constraint is None

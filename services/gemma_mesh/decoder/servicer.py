@@ -24,6 +24,7 @@ from gemma_mesh.decoder.output import Channel, Delta, FinishReason
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.decoder.tools import ToolCallStream, message_extras, parse_tools
 from gemma_mesh.model.bundle import ModelBundle
+from gemma_mesh.model.manifest import Manifest
 from gemma_mesh.model.sampling import SamplingParams
 from gemma_mesh.proto.v1 import common_pb2, decoder_pb2, decoder_pb2_grpc
 
@@ -37,20 +38,34 @@ _FINISH = {FinishReason.STOP: decoder_pb2.STOP, FinishReason.LENGTH: decoder_pb2
 _NO_TOOL_CALLS: tuple[str, list] = ("", [])
 
 
-def sampling_from_pb(pb: decoder_pb2.SamplingParams) -> SamplingParams:
-    """``SamplingParams`` from the request (unset top_p = 1; temperature 0 = greedy).
+def sampling_from_pb(pb: decoder_pb2.SamplingParams, manifest: Manifest) -> SamplingParams:
+    """``SamplingParams`` from the request (unset top_p = 1, repetition_penalty = 1; temperature 0 =
+    greedy).
 
     Raises:
-        InvalidRequest: temperature < 0 or not finite, top_p outside (0, 1], top_k < 0.
+        InvalidRequest: temperature < 0 or not finite, top_p outside (0, 1], top_k < 0, a penalty,
+            min_p or bias out of range, a logit_bias token outside the vocabulary.
     """
     top_p = pb.top_p if pb.HasField("top_p") else 1.0
     if not math.isfinite(pb.temperature):
         raise InvalidRequest("temperature must be a finite number", param="sampling.temperature")
+    vocab = manifest.text.vocab_size
+    bad = [t for t in pb.logit_bias if not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequest(
+            f"logit_bias names token {bad[0]}, outside the vocabulary [0, {vocab})",
+            param="sampling.logit_bias",
+        )
     return SamplingParams(
         temperature=float(pb.temperature),
         top_k=int(pb.top_k),
         top_p=float(top_p),
         seed=int(pb.seed) if pb.HasField("seed") else None,
+        presence_penalty=float(pb.presence_penalty),
+        frequency_penalty=float(pb.frequency_penalty),
+        repetition_penalty=float(pb.repetition_penalty) if pb.HasField("repetition_penalty") else 1.0,
+        min_p=float(pb.min_p),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in pb.logit_bias.items())),
     )
 
 
@@ -174,7 +189,7 @@ def build_request(
         request_id=pb.request_id,
         input_ids=prompt.input_ids,
         soft_tokens=soft,
-        sampling=sampling_from_pb(pb.sampling),
+        sampling=sampling_from_pb(pb.sampling, manifest),
         max_tokens=int(pb.max_tokens),
         stop=list(pb.stop),
         enable_thinking=pb.enable_thinking,

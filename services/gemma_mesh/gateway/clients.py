@@ -82,6 +82,13 @@ class Sampling:
     parallel_tool_calls: bool | None = None
     # Log-probabilities (decoder.proto GenerateRequest.logprobs): None = none, N = top N too.
     logprobs: int | None = None
+    # Logit processors (decoder.proto SamplingParams): OpenAI's penalties and logit_bias, vLLM's
+    # repetition_penalty (None = off) and min_p.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -470,6 +477,11 @@ class MeshClient:
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
                 seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                min_p=sampling.min_p,
+                logit_bias=sampling.logit_bias,
             ),
             max_tokens=sampling.max_tokens,
             stop=list(sampling.stop),

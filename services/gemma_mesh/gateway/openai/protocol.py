@@ -39,6 +39,7 @@ from gemma_mesh.gateway.openai.protocol_tools import (
 
 log = get_logger(__name__)
 
+MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; the decoder checks every stop string each step
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm")
 """Containers ``input_audio.format`` may name (the file's header decides how it is decoded)."""
@@ -207,6 +208,12 @@ class ChatCompletionRequest(OpenAIBaseModel):
         strict=True,
         description="Sample from the k most likely tokens; 0 or -1 = all",
     )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=2.0, description="vLLM's: > 1 discourages tokens of the prompt and the answer"
+    )
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="vLLM's: drop tokens below min_p times the top probability"
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
         None,
         description='Chat template variables; only {"enable_thinking": bool} (Gemma 4 thinking) is supported',
@@ -233,18 +240,18 @@ class ChatCompletionRequest(OpenAIBaseModel):
             raise ValueError("stop sequences must not be empty")
         return stop
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise _unsupported("a non-zero penalty", "the decoder has no repetition penalties")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's form: token ids (as JSON object keys) -> bias in [-100, 100], at most 300."""
         if value:
-            raise _unsupported("logit_bias", "the decoder has no logit processors")
+            if len(value) > MAX_LOGIT_BIAS_TOKENS:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(value)}")
+            for key, bias in value.items():
+                if not key.isdigit() or int(key) >= 2**31:
+                    raise ValueError(f"keys must be token ids, got {key!r}")
+                if not -100.0 <= bias <= 100.0:
+                    raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}")
         return value
 
     @field_validator("audio")
@@ -326,6 +333,11 @@ class ChatCompletionRequest(OpenAIBaseModel):
             tool_choice=self._tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            min_p=self.min_p or 0.0,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
         )
 
     def check_tool_choice(self) -> None:
