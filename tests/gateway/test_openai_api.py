@@ -415,7 +415,7 @@ def _audio_message(data: str, fmt: str) -> list[dict]:
         ({"messages": _audio_message("AAAA", "aiff")}, "messages.0.content.0.input_audio.format"),
         ({"messages": _audio_message("AAAA", "wav")}, "messages.0.content.0.input_audio.data"),
         ({"messages": [{"role": "user", "content": [{"type": "video_url"}]}]}, "messages.0.content.0"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools.0.function.name"),
         ({"temperature": "hot"}, "temperature"),

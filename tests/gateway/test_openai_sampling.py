@@ -7,6 +7,8 @@ logits with OpenAI's / vLLM's formula; ``logit_bias`` +100 makes a token the onl
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import openai
 import pytest
@@ -106,9 +108,53 @@ def test_logit_bias_forces_a_token(client, tiny_bundle) -> None:
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"extra_body": {"min_p": 2}}, "min_p"),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"n": 9}, "n"),
     ],
 )
 def test_bad_processor_settings_are_400s(client: openai.OpenAI, kwargs: dict, param: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **kwargs)
     assert info.value.body["param"] == param, info.value.body
+
+
+# --- n > 1 ------------------------------------------------------------------------------------
+
+
+def _cached_prompt_tokens(backends) -> float:
+    registry = backends.decoder_server.engine.metrics.registry
+    return registry.get_sample_value("gemma_mesh_decoder_cached_prompt_tokens_total") or 0.0
+
+
+def test_n_seeded_choices_equal_solo_runs_with_derived_seeds(client: openai.OpenAI, backends) -> None:
+    # A prompt no earlier request had: choice 0 prefills it, the others restore its KV.
+    messages = [
+        {"role": "user", "content": f"Write a list of rivers ({uuid.uuid4().hex}), with their lengths."}
+    ]
+    kwargs = {"model": MODEL, "messages": messages, "max_tokens": 12, "temperature": 1.0}
+    before = _cached_prompt_tokens(backends)
+    both = client.chat.completions.create(**kwargs, n=3, seed=41)
+    shared = _cached_prompt_tokens(backends) - before
+    solo = [client.chat.completions.create(**kwargs, seed=41 + i) for i in range(3)]
+    assert [c.index for c in both.choices] == [0, 1, 2]
+    assert [c.message.content for c in both.choices] == [s.choices[0].message.content for s in solo]
+    assert len({c.message.content for c in both.choices}) > 1  # different seeds, different answers
+    assert both.usage.prompt_tokens == solo[0].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(s.usage.completion_tokens for s in solo)
+    # Choices 1 and 2 restored choice 0's prompt (up to its last prefix-cache snapshot).
+    assert shared >= 2 * (solo[0].usage.prompt_tokens - 16) > 0
+
+
+def test_n_streamed_choices_reassemble_to_the_non_streamed_ones(client: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL, "messages": ASK, "max_tokens": 10, "temperature": 0.8, "seed": 5, "n": 2}
+    full = client.chat.completions.create(**kwargs)
+    texts, finished = ["", ""], [None, None]
+    for chunk in client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == full.usage.completion_tokens
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert texts == [c.message.content for c in full.choices]
+    assert finished == [c.finish_reason for c in full.choices]

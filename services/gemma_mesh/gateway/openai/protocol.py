@@ -40,6 +40,7 @@ from gemma_mesh.gateway.openai.protocol_tools import (
 log = get_logger(__name__)
 
 MAX_LOGIT_BIAS_TOKENS = 300  # OpenAI's limit
+MAX_CHOICES = 8  # n: each choice is a decoder row
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; the decoder checks every stop string each step
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm")
 """Containers ``input_audio.format`` may name (the file's header decides how it is decoded)."""
@@ -225,9 +226,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
-            raise ValueError(f"only n=1 is supported, got {n}")
+    def _choices(cls, n: int | None) -> int | None:
+        if n is not None and not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be in [1, {MAX_CHOICES}], got {n}")
         return n
 
     @field_validator("stop")

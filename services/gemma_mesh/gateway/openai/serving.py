@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import time
 import uuid
@@ -34,6 +35,7 @@ from gemma_mesh.gateway.clients import (
     Done,
     MeshClient,
     Part,
+    Sampling,
     TokenLogprobs,
     ToolCallDelta,
 )
@@ -165,6 +167,27 @@ def _request_field(error: InvalidRequest) -> InvalidRequest:
     return InvalidRequest(field + error.message.removeprefix(error.param or ""), param=field)
 
 
+_Stream = tuple[Delta | Done, AsyncIterator[Delta | Done]]  # a decoder call's first event and the rest
+
+
+def _child_sampling(sampling: Sampling, index: int) -> Sampling:
+    """Choice ``index``'s sampling: seed + index (vLLM's parallel sampling), or unseeded."""
+    if sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=(sampling.seed + index) % 2**63)
+
+
+def _total(dones: list[Done]) -> Done:
+    """The usage of n choices of one prompt: the prompt once (choice 0's), completions summed."""
+    first = dones[0]
+    return dataclasses.replace(
+        first,
+        completion_tokens=sum(d.completion_tokens for d in dones),
+        accepted_prediction_tokens=sum(d.accepted_prediction_tokens for d in dones),
+        rejected_prediction_tokens=sum(d.rejected_prediction_tokens for d in dones),
+    )
+
+
 def _logprobs(entries: list[TokenLogprobs]) -> list[ChatCompletionTokenLogprob]:
     """The decoder's per-token log-probabilities in OpenAI's shape."""
     return [
@@ -242,18 +265,40 @@ class OpenAIServingChat:
             )
         messages = await self._mesh_messages(request.messages)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        events = self.clients.generate(messages, request.to_sampling(max_tokens), request_id=request_id)
+        sampling = request.to_sampling(max_tokens)
+        # Choice 0 first: once its first token is out, its prompt's KV is in the prefix cache, and
+        # the other n - 1 choices (started together) restore it instead of prefilling it again.
+        streams = [
+            await self._start(messages, sampling, f"{request_id}-0" if (request.n or 1) > 1 else request_id)
+        ]
         try:
-            first = await anext(events)
+            streams += await gather_or_cancel(
+                *(
+                    self._start(messages, _child_sampling(sampling, i), f"{request_id}-{i}")
+                    for i in range(1, request.n or 1)
+                )
+            )
+        except BaseException:
+            for _, events in streams:
+                await events.aclose()
+            raise
+        if request.stream:
+            return self._stream(request, request_id, streams)
+        return await self._full(request, request_id, streams)
+
+    async def _start(
+        self, messages: list[ChatMessage], sampling: Sampling, request_id: str
+    ) -> tuple[Delta | Done, AsyncIterator[Delta | Done]]:
+        """One decoder call, up to its first event (so that its errors are the request's)."""
+        events = self.clients.generate(messages, sampling, request_id=request_id)
+        try:
+            return await anext(events), events
         except InvalidRequest as error:
             await events.aclose()
             raise _request_field(error) from None
         except BaseException:
             await events.aclose()
             raise
-        if request.stream:
-            return self._stream(request, request_id, first, events)
-        return await self._full(request, request_id, first, events)
 
     # --- request -> mesh messages -------------------------------------------------------
     async def _mesh_messages(self, messages: list[ChatCompletionMessageParam]) -> list[ChatMessage]:
@@ -339,6 +384,38 @@ class OpenAIServingChat:
         async for event in events:
             yield event
 
+    async def _merged(self, streams: list[_Stream]) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """The choices' events as they come, tagged with the choice index (one pump task per choice
+        when n > 1). Raises the first choice's error."""
+        if len(streams) == 1:
+            async for event in self._events(*streams[0]):
+                yield 0, event
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: _Stream) -> None:
+            try:
+                async for event in self._events(*stream):
+                    queue.put_nowait((index, event))
+                queue.put_nowait((index, None))
+            except Exception as error:  # handed to the consumer, which raises it
+                queue.put_nowait((index, error))
+
+        tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+        try:
+            running = len(tasks)
+            while running:
+                index, event = await queue.get()
+                if event is None:
+                    running -= 1
+                elif isinstance(event, Exception):
+                    raise event
+                else:
+                    yield index, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
     def _usage(self, done: Done, reasoning_tokens: int, request: ChatCompletionRequest) -> UsageInfo:
         """Usage; ``completion_tokens_details`` when thinking was on or a prediction was given."""
         self.metrics.tokens_generated.inc(done.completion_tokens)
@@ -358,12 +435,27 @@ class OpenAIServingChat:
         )
 
     async def _full(
-        self,
-        request: ChatCompletionRequest,
-        request_id: str,
-        first: Delta | Done,
-        events: AsyncIterator[Delta | Done],
+        self, request: ChatCompletionRequest, request_id: str, streams: list[_Stream]
     ) -> ChatCompletionResponse:
+        try:
+            collected = await gather_or_cancel(
+                *(self._collect(request, i, stream) for i, stream in enumerate(streams))
+            )
+        finally:
+            for _, events in streams:
+                await events.aclose()
+        dones = [done for _, done, _ in collected]
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.settings.served_model_name,
+            choices=[choice for choice, _, _ in collected],
+            usage=self._usage(_total(dones), sum(r for _, _, r in collected), request),
+        )
+
+    async def _collect(
+        self, request: ChatCompletionRequest, index: int, stream: _Stream
+    ) -> tuple[ChatCompletionResponseChoice, Done, int]:
+        """One choice's answer, its ``Done`` and its reasoning tokens."""
         thinking = request.enable_thinking
         answer: list[str] = []
         reasoning: list[str] = []
@@ -371,7 +463,7 @@ class OpenAIServingChat:
         calls: dict[int, ToolCall] = {}
         logprobs: list[ChatCompletionTokenLogprob] = []
         done: Done | None = None
-        async for event in self._events(first, events):
+        async for event in self._events(*stream):
             if isinstance(event, Done):
                 done = event
             elif event.channel == "reasoning":
@@ -394,36 +486,32 @@ class OpenAIServingChat:
             reasoning_content="".join(reasoning) if thinking else None,
             tool_calls=[calls[i] for i in sorted(calls)],
         )
-        return ChatCompletionResponse(
-            id=request_id,
-            model=self.settings.served_model_name,
-            choices=[
-                ChatCompletionResponseChoice(
-                    message=message,
-                    finish_reason=done.finish_reason,
-                    logprobs=ChoiceLogprobs(content=logprobs) if request.logprobs else None,
-                )
-            ],
-            usage=self._usage(done, reasoning_tokens, request),
+        choice = ChatCompletionResponseChoice(
+            index=index,
+            message=message,
+            finish_reason=done.finish_reason,
+            logprobs=ChoiceLogprobs(content=logprobs) if request.logprobs else None,
         )
+        return choice, done, reasoning_tokens
 
     async def _stream(
-        self,
-        request: ChatCompletionRequest,
-        request_id: str,
-        first: Delta | Done,
-        events: AsyncIterator[Delta | Done],
+        self, request: ChatCompletionRequest, request_id: str, streams: list[_Stream]
     ) -> AsyncIterator[str]:
-        """SSE lines as OpenAI sends them: a role chunk, content/reasoning deltas, a chunk with the
-        finish reason, the usage chunk (``include_usage``), ``[DONE]``. A failure midway is sent as
-        an error event, then ``[DONE]``. Closing this generator cancels the decoder call."""
+        """SSE lines as OpenAI sends them: per choice a role chunk, content/reasoning/tool-call
+        deltas and a chunk with its finish reason (choices interleaved, each chunk naming its
+        index), then the usage chunk (``include_usage``), ``[DONE]``. A failure midway is sent as
+        an error event, then ``[DONE]``. Closing this generator cancels the decoder calls."""
         created = int(time.time())
         thinking = request.enable_thinking
 
         def chunk(
-            delta: DeltaMessage, finish_reason: str | None = None, logprobs: list[TokenLogprobs] | None = None
+            index: int,
+            delta: DeltaMessage,
+            finish_reason: str | None = None,
+            logprobs: list[TokenLogprobs] | None = None,
         ) -> str:
             choice = ChatCompletionResponseStreamChoice(
+                index=index,
                 delta=delta,
                 finish_reason=finish_reason,
                 logprobs=ChoiceLogprobs(content=_logprobs(logprobs)) if logprobs else None,
@@ -436,30 +524,33 @@ class OpenAIServingChat:
 
         try:
             try:
-                yield chunk(DeltaMessage(role="assistant", content=""))
+                for i in range(len(streams)):
+                    yield chunk(i, DeltaMessage(role="assistant", content=""))
                 reasoning_tokens = 0
-                async for event in self._events(first, events):
+                dones: list[Done] = []
+                async for i, event in self._merged(streams):
                     if isinstance(event, Done):
-                        yield chunk(DeltaMessage(), event.finish_reason)
-                        usage = self._usage(event, reasoning_tokens, request)
-                        if request.include_usage:
-                            final = ChatCompletionStreamResponse(
-                                id=request_id,
-                                created=created,
-                                model=self.settings.served_model_name,
-                                choices=[],
-                                usage=usage,
-                            )
-                            yield sse(final.model_dump_json())
+                        yield chunk(i, DeltaMessage(), event.finish_reason)
+                        dones.append(event)
                     elif event.channel == "reasoning":
                         reasoning_tokens += len(event.token_ids)
                         if thinking and event.text:
-                            yield chunk(DeltaMessage(reasoning_content=event.text))
+                            yield chunk(i, DeltaMessage(reasoning_content=event.text))
                     else:
                         if event.text or event.logprobs:
-                            yield chunk(DeltaMessage(content=event.text), logprobs=event.logprobs)
+                            yield chunk(i, DeltaMessage(content=event.text), logprobs=event.logprobs)
                         for call in event.tool_calls:
-                            yield chunk(DeltaMessage(tool_calls=[_delta_tool_call(call)]))
+                            yield chunk(i, DeltaMessage(tool_calls=[_delta_tool_call(call)]))
+                usage = self._usage(_total(dones), reasoning_tokens, request)
+                if request.include_usage:
+                    final = ChatCompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.settings.served_model_name,
+                        choices=[],
+                        usage=usage,
+                    )
+                    yield sse(final.model_dump_json())
             except MeshError as error:
                 self.metrics.errors.labels(error.code).inc()
                 yield error_event(error)
@@ -468,4 +559,5 @@ class OpenAIServingChat:
                 yield error_event(MeshError(f"internal error: {type(error).__name__}"))
             yield sse("[DONE]")
         finally:
-            await events.aclose()
+            for _, events in streams:
+                await events.aclose()
