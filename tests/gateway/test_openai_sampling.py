@@ -158,3 +158,26 @@ def test_n_streamed_choices_reassemble_to_the_non_streamed_ones(client: openai.O
             finished[choice.index] = choice.finish_reason or finished[choice.index]
     assert texts == [c.message.content for c in full.choices]
     assert finished == [c.finish_reason for c in full.choices]
+
+
+def test_a_thinking_budget_closes_the_thoughts_and_the_answer_follows(
+    client: openai.OpenAI, tiny_bundle
+) -> None:
+    """A bias makes the tiny model open the thought channel and never leave it; the budget closes it."""
+    start = tiny_bundle.manifest.token_id("channel_start")
+    kwargs = {
+        "model": MODEL,
+        "messages": ASK,
+        "max_tokens": 30,
+        "temperature": 0,
+        "logit_bias": {str(start): 100},
+    }
+    unbounded = client.chat.completions.create(
+        **kwargs, reasoning_effort="high", extra_body={"thinking_token_budget": 1000}
+    )
+    bounded = client.chat.completions.create(
+        **kwargs, reasoning_effort="low", extra_body={"thinking_token_budget": 4}
+    )
+    assert unbounded.choices[0].message.content == ""  # it thought until max_tokens
+    assert bounded.choices[0].message.content  # the answer after the closed channel
+    assert bounded.choices[0].finish_reason == unbounded.choices[0].finish_reason == "length"

@@ -509,6 +509,8 @@ class Engine:
         seq.last_token = token
         if seq.grammar is not None:
             seq.grammar.accept(token)
+        if seq.budget is not None:
+            seq.budget.accept(token)
         self.metrics.generated_tokens.inc()
         for delta in seq.processor.push(token):
             self._stream(seq, seq.attach_logprobs(delta))

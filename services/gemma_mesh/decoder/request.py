@@ -55,6 +55,8 @@ class GenerationRequest:
     keep_tool_call_markers: bool = False
     # Log-probabilities: None = none; N = the chosen token's and the N most likely (0-20).
     logprobs: int | None = None
+    # Thought-channel tokens allowed before the engine closes the channel (None = no limit).
+    thinking_token_budget: int | None = None
 
 
 @dataclass

@@ -16,6 +16,34 @@ from gemma_mesh.model.generation import embed_prompt
 from gemma_mesh.model.sampling import Sampler, TokenLogprob, token_logprob
 
 
+class ThoughtBudget:
+    """Counts a request's thought-channel tokens (``channel_start`` .. ``channel_end``, the
+    bundle's markers). Once ``budget`` tokens were thought, the open channel is closed (the engine
+    writes ``channel_end`` instead of sampling) and no new one may open: the answer follows
+    (vLLM's ``thinking_token_budget``)."""
+
+    def __init__(self, budget: int, start_id: int, end_id: int) -> None:
+        self.budget, self.start_id, self.end_id = budget, start_id, end_id
+        self.thought = 0
+        self.inside = False
+
+    @property
+    def spent(self) -> bool:
+        return self.thought >= self.budget
+
+    def forced(self) -> int | None:
+        """The token to write instead of sampling (the channel's end), or None."""
+        return self.end_id if self.inside and self.spent else None
+
+    def accept(self, token: int) -> None:
+        if not self.inside:
+            self.inside = token == self.start_id
+        elif token == self.end_id:
+            self.inside = False
+        else:
+            self.thought += 1
+
+
 class Sequence:
     """A request admitted to ``engine`` (the ``Engine``, untyped here so that this module does not
     import it); its rows, cursors and outputs are the engine's to update."""
@@ -71,6 +99,12 @@ class Sequence:
                 stop_token_ids=bundle.manifest.stop_token_ids,
             )
         )
+        start, end = engine.channel_ids
+        self.budget = (
+            ThoughtBudget(req.thinking_token_budget, start, end)
+            if req.thinking_token_budget is not None and start is not None and end is not None
+            else None
+        )
         self.logprobs: list[TokenLogprob] = []  # of tokens not yet in a delta
         self.held: Delta | None = None  # deltas held back by req.stream_interval_tokens
         self.cursor = 0
@@ -97,7 +131,13 @@ class Sequence:
     def sample(self, logits: np.ndarray) -> int:
         """The next token from ``logits [V]`` (masked already); records its log-probabilities
         when the request asked for them."""
-        token = self.sampler(logits)
+        forced = self.budget.forced() if self.budget is not None else None
+        if forced is not None:
+            token = forced
+        else:
+            if self.budget is not None and self.budget.spent:  # no new thought once it is spent
+                logits[self.budget.start_id] = -np.inf
+            token = self.sampler(logits)
         if self.req.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.req.logprobs))
         return token

@@ -201,10 +201,36 @@ def build_request(
         constraint=constraint,
         keep_tool_call_markers=tools.parse,
         logprobs=logprobs_from_pb(pb),
+        thinking_token_budget=thinking_budget_from_pb(pb, settings),
     )
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+def thinking_budget_from_pb(pb: decoder_pb2.GenerateRequest, settings: DecoderSettings) -> int | None:
+    """The thought-token budget: ``thinking_token_budget``, else the setting named by
+    ``reasoning_effort``, else None (no limit).
+
+    Raises:
+        InvalidRequest: a negative budget, an unknown effort.
+    """
+    if pb.HasField("thinking_token_budget"):
+        if pb.thinking_token_budget < 0:
+            raise InvalidRequest(
+                f"thinking_token_budget must be >= 0, got {pb.thinking_token_budget}",
+                param="thinking_token_budget",
+            )
+        return int(pb.thinking_token_budget)
+    if not pb.reasoning_effort:
+        return None
+    if pb.reasoning_effort not in REASONING_EFFORTS:
+        raise InvalidRequest(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {pb.reasoning_effort!r}",
+            param="reasoning_effort",
+        )
+    return int(getattr(settings, f"thinking_budget_{pb.reasoning_effort}"))
 
 
 def logprobs_from_pb(pb: decoder_pb2.GenerateRequest) -> int | None:

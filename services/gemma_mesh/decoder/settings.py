@@ -64,6 +64,15 @@ class DecoderSettings(GrpcServiceSettings):
         description="JSON schemas allow any whitespace between tokens (llguidance's default) instead of the "
         "compact form; off, a model cannot spend max_tokens on whitespace (vLLM's disable_any_whitespace)",
     )
+    thinking_budget_low: int = Field(
+        256,
+        ge=0,
+        description="Thought tokens for reasoning_effort 'low' (then the thought channel is closed)",
+    )
+    thinking_budget_medium: int = Field(
+        1024, ge=0, description="Thought tokens for reasoning_effort 'medium'"
+    )
+    thinking_budget_high: int = Field(4096, ge=0, description="Thought tokens for reasoning_effort 'high'")
     max_grammar_size: int = Field(
         500_000, ge=1, description="llguidance's grammar size limit (symbols); larger constraints are refused"
     )

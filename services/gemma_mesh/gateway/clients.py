@@ -89,6 +89,9 @@ class Sampling:
     repetition_penalty: float | None = None
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Thinking budget (decoder.proto): explicit tokens, or a named effort (low/medium/high).
+    thinking_token_budget: int | None = None
+    reasoning_effort: str = ""
 
 
 # Decoder scheduling priorities (lower is admitted first): a live caption is waited on by a person
@@ -493,6 +496,8 @@ class MeshClient:
             tool_choice=sampling.tool_choice,
             parallel_tool_calls=sampling.parallel_tool_calls,
             logprobs=sampling.logprobs,
+            thinking_token_budget=sampling.thinking_token_budget,
+            reasoning_effort=sampling.reasoning_effort,
         )
         if sampling.prediction_ids or sampling.prediction_text:
             request.prediction.token_ids.extend(sampling.prediction_ids)

@@ -9,8 +9,9 @@ OpenAI's (vLLM's) sit between ``--8<--`` markers, each with a description.
 
 Thinking: Gemma 4 thinks when its chat template gets ``enable_thinking=True``. The switch is vLLM's
 ``chat_template_kwargs: {"enable_thinking": true}``; OpenAI's ``reasoning_effort`` is accepted
-too (``none``/``minimal`` = off, ``low``/``medium``/``high`` = on; Gemma has no effort levels).
-Default: off. Thoughts come back as ``reasoning_content`` (message and stream deltas) only when on.
+too (``none``/``minimal`` = off, ``low``/``medium``/``high`` = on, with the decoder's named
+thought-token budgets ``thinking_budget_low/medium/high``; vLLM's ``thinking_token_budget`` sets
+one explicitly). Default: off. Thoughts come back as ``reasoning_content`` (message and stream deltas) only when on.
 
 Field limits and cross-field rules raise ``ValueError`` here (a 400 naming the parameter, through
 the app's validation handler); checks needing server state (model name, token and media limits)
@@ -209,6 +210,13 @@ class ChatCompletionRequest(OpenAIBaseModel):
         strict=True,
         description="Sample from the k most likely tokens; 0 or -1 = all",
     )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        strict=True,
+        description="vLLM's: thought tokens before the decoder closes the thought channel (wins over reasoning_effort)",
+    )
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=2.0, description="vLLM's: > 1 discourages tokens of the prompt and the answer"
     )
@@ -339,6 +347,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
             repetition_penalty=self.repetition_penalty,
             min_p=self.min_p or 0.0,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            thinking_token_budget=self.thinking_token_budget,
+            reasoning_effort=self.reasoning_effort
+            if self.reasoning_effort in ("low", "medium", "high")
+            else "",
         )
 
     def check_tool_choice(self) -> None:

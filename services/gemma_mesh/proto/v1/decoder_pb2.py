@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gemma_mesh.proto.v1 import common_pb2 as gemma__mesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgemma_mesh/v1/decoder.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\":\n\nVideoFrame\x12\x13\n\x0btimestamp_s\x18\x01 \x01(\x01\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\"\x89\x01\n\nSoftTokens\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.gemma_mesh.v1.Modality\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12)\n\x06\x66rames\x18\x03 \x03(\x0b\x32\x19.gemma_mesh.v1.VideoFrame\"W\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x0bsoft_tokens\x18\x02 \x01(\x0b\x32\x19.gemma_mesh.v1.SoftTokensH\x00\x42\x06\n\x04kind\"\x81\x01\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.gemma_mesh.v1.ContentPart\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xde\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.gemma_mesh.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x80\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.gemma_mesh.v1.Message\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.gemma_mesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x17\n\x0f\x65nable_thinking\x18\x06 \x01(\x08\x12\x18\n\x10prefix_cache_key\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12-\n\nprediction\x18\n \x01(\x0b\x32\x19.gemma_mesh.v1.Prediction\x12\x1e\n\x16stream_interval_tokens\x18\x0b \x01(\x05\x12-\n\nconstraint\x18\x0c \x01(\x0b\x32\x19.gemma_mesh.v1.Constraint\x12\x12\n\ntools_json\x18\r \x01(\t\x12\x13\n\x0btool_choice\x18\x0e \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0f \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x01\x88\x01\x01\x42\x16\n\x14_parallel_tool_callsB\x0b\n\t_logprobs\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.gemma_mesh.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.gemma_mesh.v1.TokenLogprob\"c\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"-\n\nPrediction\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb7\x01\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\'\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x16.gemma_mesh.v1.Channel\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.gemma_mesh.v1.ToolCallDelta\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.gemma_mesh.v1.TokenLogprobs\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"[\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x85\x01\n\x08\x46inished\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.gemma_mesh.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.gemma_mesh.v1.Usage\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.gemma_mesh.v1.Timings\"s\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.gemma_mesh.v1.TextDeltaH\x00\x12+\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x17.gemma_mesh.v1.FinishedH\x00\x42\x07\n\x05\x65vent*=\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\n\n\x06\x41NSWER\x10\x01\x12\r\n\tREASONING\x10\x02*S\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\x0e\n\nTOOL_CALLS\x10\x03\x32X\n\x07\x44\x65\x63oder\x12M\n\x08Generate\x12\x1e.gemma_mesh.v1.GenerateRequest\x1a\x1f.gemma_mesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgemma_mesh/v1/decoder.proto\x12\rgemma_mesh.v1\x1a\x1agemma_mesh/v1/common.proto\":\n\nVideoFrame\x12\x13\n\x0btimestamp_s\x18\x01 \x01(\x01\x12\x17\n\x0fnum_soft_tokens\x18\x02 \x01(\x05\"\x89\x01\n\nSoftTokens\x12)\n\x08modality\x18\x01 \x01(\x0e\x32\x17.gemma_mesh.v1.Modality\x12%\n\x06tokens\x18\x02 \x01(\x0b\x32\x15.gemma_mesh.v1.Tensor\x12)\n\x06\x66rames\x18\x03 \x03(\x0b\x32\x19.gemma_mesh.v1.VideoFrame\"W\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x30\n\x0bsoft_tokens\x18\x02 \x01(\x0b\x32\x19.gemma_mesh.v1.SoftTokensH\x00\x42\x06\n\x04kind\"\x81\x01\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.gemma_mesh.v1.ContentPart\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"\xde\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x06 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05min_p\x18\x08 \x01(\x02\x12@\n\nlogit_bias\x18\t \x03(\x0b\x32,.gemma_mesh.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xd8\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.gemma_mesh.v1.Message\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.gemma_mesh.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x17\n\x0f\x65nable_thinking\x18\x06 \x01(\x08\x12\x18\n\x10prefix_cache_key\x18\x07 \x01(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08priority\x18\t \x01(\x05\x12-\n\nprediction\x18\n \x01(\x0b\x32\x19.gemma_mesh.v1.Prediction\x12\x1e\n\x16stream_interval_tokens\x18\x0b \x01(\x05\x12-\n\nconstraint\x18\x0c \x01(\x0b\x32\x19.gemma_mesh.v1.Constraint\x12\x12\n\ntools_json\x18\r \x01(\t\x12\x13\n\x0btool_choice\x18\x0e \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0f \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x01\x88\x01\x01\x12\"\n\x15thinking_token_budget\x18\x11 \x01(\x05H\x02\x88\x01\x01\x12\x18\n\x10reasoning_effort\x18\x12 \x01(\tB\x16\n\x14_parallel_tool_callsB\x0b\n\t_logprobsB\x18\n\x16_thinking_token_budget\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\"f\n\rTokenLogprobs\x12+\n\x06\x63hosen\x18\x01 \x01(\x0b\x32\x1b.gemma_mesh.v1.TokenLogprob\x12(\n\x03top\x18\x02 \x03(\x0b\x32\x1b.gemma_mesh.v1.TokenLogprob\"c\n\nConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04lark\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"-\n\nPrediction\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb7\x01\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\'\n\x07\x63hannel\x18\x03 \x01(\x0e\x32\x16.gemma_mesh.v1.Channel\x12\x30\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1c.gemma_mesh.v1.ToolCallDelta\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.gemma_mesh.v1.TokenLogprobs\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"[\n\x07Timings\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x85\x01\n\x08\x46inished\x12+\n\x06reason\x18\x01 \x01(\x0e\x32\x1b.gemma_mesh.v1.FinishReason\x12#\n\x05usage\x18\x02 \x01(\x0b\x32\x14.gemma_mesh.v1.Usage\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.gemma_mesh.v1.Timings\"s\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.gemma_mesh.v1.TextDeltaH\x00\x12+\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x17.gemma_mesh.v1.FinishedH\x00\x42\x07\n\x05\x65vent*=\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\n\n\x06\x41NSWER\x10\x01\x12\r\n\tREASONING\x10\x02*S\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x12\x0e\n\nTOOL_CALLS\x10\x03\x32X\n\x07\x44\x65\x63oder\x12M\n\x08Generate\x12\x1e.gemma_mesh.v1.GenerateRequest\x1a\x1f.gemma_mesh.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNEL']._serialized_start=2311
-  _globals['_CHANNEL']._serialized_end=2372
-  _globals['_FINISHREASON']._serialized_start=2374
-  _globals['_FINISHREASON']._serialized_end=2457
+  _globals['_CHANNEL']._serialized_start=2399
+  _globals['_CHANNEL']._serialized_end=2460
+  _globals['_FINISHREASON']._serialized_start=2462
+  _globals['_FINISHREASON']._serialized_end=2545
   _globals['_VIDEOFRAME']._serialized_start=74
   _globals['_VIDEOFRAME']._serialized_end=132
   _globals['_SOFTTOKENS']._serialized_start=135
@@ -51,25 +51,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=756
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=804
   _globals['_GENERATEREQUEST']._serialized_start=849
-  _globals['_GENERATEREQUEST']._serialized_end=1361
-  _globals['_TOKENLOGPROB']._serialized_start=1363
-  _globals['_TOKENLOGPROB']._serialized_end=1448
-  _globals['_TOKENLOGPROBS']._serialized_start=1450
-  _globals['_TOKENLOGPROBS']._serialized_end=1552
-  _globals['_CONSTRAINT']._serialized_start=1554
-  _globals['_CONSTRAINT']._serialized_end=1653
-  _globals['_PREDICTION']._serialized_start=1655
-  _globals['_PREDICTION']._serialized_end=1700
-  _globals['_TEXTDELTA']._serialized_start=1703
-  _globals['_TEXTDELTA']._serialized_end=1886
-  _globals['_TOOLCALLDELTA']._serialized_start=1888
-  _globals['_TOOLCALLDELTA']._serialized_end=1963
-  _globals['_TIMINGS']._serialized_start=1965
-  _globals['_TIMINGS']._serialized_end=2056
-  _globals['_FINISHED']._serialized_start=2059
-  _globals['_FINISHED']._serialized_end=2192
-  _globals['_GENERATERESPONSE']._serialized_start=2194
-  _globals['_GENERATERESPONSE']._serialized_end=2309
-  _globals['_DECODER']._serialized_start=2459
-  _globals['_DECODER']._serialized_end=2547
+  _globals['_GENERATEREQUEST']._serialized_end=1449
+  _globals['_TOKENLOGPROB']._serialized_start=1451
+  _globals['_TOKENLOGPROB']._serialized_end=1536
+  _globals['_TOKENLOGPROBS']._serialized_start=1538
+  _globals['_TOKENLOGPROBS']._serialized_end=1640
+  _globals['_CONSTRAINT']._serialized_start=1642
+  _globals['_CONSTRAINT']._serialized_end=1741
+  _globals['_PREDICTION']._serialized_start=1743
+  _globals['_PREDICTION']._serialized_end=1788
+  _globals['_TEXTDELTA']._serialized_start=1791
+  _globals['_TEXTDELTA']._serialized_end=1974
+  _globals['_TOOLCALLDELTA']._serialized_start=1976
+  _globals['_TOOLCALLDELTA']._serialized_end=2051
+  _globals['_TIMINGS']._serialized_start=2053
+  _globals['_TIMINGS']._serialized_end=2144
+  _globals['_FINISHED']._serialized_start=2147
+  _globals['_FINISHED']._serialized_end=2280
+  _globals['_GENERATERESPONSE']._serialized_start=2282
+  _globals['_GENERATERESPONSE']._serialized_end=2397
+  _globals['_DECODER']._serialized_start=2547
+  _globals['_DECODER']._serialized_end=2635
 # @@protoc_insertion_point(module_scope)
