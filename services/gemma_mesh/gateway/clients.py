@@ -432,6 +432,29 @@ class MeshClient:
             SoftTokens(modality=common_pb2.IMAGE, tokens=reply.soft_tokens), reply.width, reply.height
         )
 
+    async def encode_video(self, data: bytes, *, max_soft_tokens: int = 0, num_frames: int = 0) -> SoftTokens:
+        """Vision soft tokens of an encoded video (MP4, WebM, ...): the encoder samples its frames
+        (0 = the bundle's defaults) and encodes each at the per-frame budget; one VIDEO part with
+        the frames' timestamps, which the decoder's template writes as mm:ss.
+
+        Raises:
+            InvalidRequest: not a decodable video, too long or too large (the encoder's limits).
+            BackendUnavailable: the vision encoder cannot be reached.
+        """
+        request = vision_pb2.EncodeVideoRequest(
+            data=data, max_soft_tokens=max_soft_tokens, num_frames=num_frames
+        )
+        try:
+            reply = await self._vision.EncodeVideo(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise _mesh_error(error, "vision encoder") from None
+        tokens = np.concatenate([from_tensor_pb(f.soft_tokens) for f in reply.frames])
+        frames = [
+            decoder_pb2.VideoFrame(timestamp_s=f.timestamp_s, num_soft_tokens=f.num_soft_tokens)
+            for f in reply.frames
+        ]
+        return SoftTokens(modality=common_pb2.VIDEO, tokens=to_tensor_pb(tokens), frames=frames)
+
     async def vision_budgets(self) -> tuple[int, ...]:
         """The soft-token budgets the vision encoder accepts (``Describe``; cached once known).
 

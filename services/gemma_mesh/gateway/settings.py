@@ -118,6 +118,9 @@ class GatewaySettings(BaseSettings):
     max_request_bytes: int = Field(32 * MiB, ge=1024, description="Largest JSON request body")
     max_audio_s: float = Field(1800.0, gt=0, description="Longest audio of one transcription request")
     max_images_per_request: int = Field(8, ge=1, description="Images in one chat completion")
+    max_videos_per_request: int = Field(
+        1, ge=0, description="Videos (video_url parts) in one chat completion"
+    )
     max_completion_tokens: int = Field(4096, ge=1, description="Largest max_tokens of a chat completion")
 
     @field_validator("redis_url")

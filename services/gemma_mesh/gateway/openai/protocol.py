@@ -75,13 +75,28 @@ class ChatCompletionContentPartText(OpenAIBaseModel):
 class ImageURL(OpenAIBaseModel):
     url: str = Field(description="A base64 data URL (data:image/jpeg;base64,...); remote URLs are refused")
     detail: Literal["auto", "low", "high"] = Field(
-        "auto", description="Accepted and ignored: the vision encoder's default soft-token budget is used"
+        "auto",
+        description="The vision soft-token budget: low = the encoder's smallest, high = its largest, "
+        "auto = its default for images",
     )
 
 
 class ChatCompletionContentPartImage(OpenAIBaseModel):
     type: Literal["image_url"]
     image_url: ImageURL
+
+
+class VideoURL(OpenAIBaseModel):
+    url: str = Field(
+        description="A base64 data URL (data:video/mp4;base64,... or video/webm); remote URLs are refused"
+    )
+
+
+class ChatCompletionContentPartVideo(OpenAIBaseModel):
+    """vLLM's ``video_url`` part: frames sampled and encoded at the model's per-frame budget."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
 
 
 class InputAudio(OpenAIBaseModel):
@@ -95,7 +110,10 @@ class ChatCompletionContentPartInputAudio(OpenAIBaseModel):
 
 
 ContentPart = Annotated[
-    ChatCompletionContentPartText | ChatCompletionContentPartImage | ChatCompletionContentPartInputAudio,
+    ChatCompletionContentPartText
+    | ChatCompletionContentPartImage
+    | ChatCompletionContentPartInputAudio
+    | ChatCompletionContentPartVideo,
     Field(discriminator="type"),
 ]
 

@@ -16,8 +16,6 @@ encoded bytes go to ``VisionEncoder.Encode``. ``input_audio`` is decoded here (`
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
 import json
 import time
@@ -41,10 +39,12 @@ from gemma_mesh.gateway.clients import (
 )
 from gemma_mesh.gateway.live.captions import RATE_HZ
 from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.openai.media import decode_base64, image_bytes
 from gemma_mesh.gateway.openai.protocol import (
     ChatCompletionAssistantMessage,
     ChatCompletionContentPartImage,
     ChatCompletionContentPartInputAudio,
+    ChatCompletionContentPartVideo,
     ChatCompletionMessage,
     ChatCompletionMessageParam,
     ChatCompletionRequest,
@@ -88,41 +88,6 @@ def error_event(error: MeshError) -> str:
     """The SSE ``data:`` event of an error that happens after the stream started (then ``[DONE]``)."""
     info = ErrorInfo(message=error.message, type=error.code, param=error.param, code=error.code)
     return sse(ErrorResponse(error=info).model_dump_json())
-
-
-def decode_base64(data: str, *, param: str) -> bytes:
-    """Strict base64 (whitespace ignored). Raises InvalidRequest naming ``param``."""
-    try:
-        return base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{param} is not valid base64", param=param) from None
-
-
-def image_bytes(url: str, *, param: str) -> bytes:
-    """The bytes of an ``image_url``: only ``data:image/<type>;base64,<data>`` URLs.
-
-    Raises:
-        InvalidRequest: a remote (http/https) or other URL, a non-image media type, no ``;base64``,
-            bad base64 or empty data.
-    """
-    if url.startswith(("http://", "https://")):
-        raise InvalidRequest(
-            f"{param}: remote image URLs are not fetched (this server has no network access); "
-            "send the image inline as a data URL: data:image/jpeg;base64,...",
-            param=param,
-        )
-    header, comma, payload = url.partition(",")
-    if not url.startswith("data:") or not comma:
-        raise InvalidRequest(f"{param} must be a data URL (data:image/jpeg;base64,...)", param=param)
-    media_type, *params = header[len("data:") :].split(";")
-    if media_type and not media_type.startswith("image/"):
-        raise InvalidRequest(f"{param}: the data URL holds {media_type}, not an image", param=param)
-    if "base64" not in params:
-        raise InvalidRequest(f"{param}: only base64 data URLs are accepted (;base64,)", param=param)
-    data = decode_base64(payload, param=param)
-    if not data:
-        raise InvalidRequest(f"{param}: the image data is empty", param=param)
-    return data
 
 
 async def gather_or_cancel(*awaitables: Awaitable) -> list:
@@ -303,14 +268,20 @@ class OpenAIServingChat:
     # --- request -> mesh messages -------------------------------------------------------
     async def _mesh_messages(self, messages: list[ChatCompletionMessageParam]) -> list[ChatMessage]:
         """OpenAI messages -> ``ChatMessage`` parts, media encoded concurrently, in order."""
-        images: list[tuple[str, bytes]] = []
+        images: list[tuple[str, bytes, str]] = []
         audios: list[tuple[str, bytes]] = []
+        videos: list[tuple[str, bytes]] = []
         for i, message in enumerate(messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
                     if isinstance(part, ChatCompletionContentPartImage):
                         param = f"messages.{i}.content.{j}.image_url.url"
-                        images.append((param, image_bytes(part.image_url.url, param=param)))
+                        images.append(
+                            (param, image_bytes(part.image_url.url, param=param), part.image_url.detail)
+                        )
+                    elif isinstance(part, ChatCompletionContentPartVideo):
+                        param = f"messages.{i}.content.{j}.video_url.url"
+                        videos.append((param, image_bytes(part.video_url.url, param=param, kind="video")))
                     elif isinstance(part, ChatCompletionContentPartInputAudio):
                         param = f"messages.{i}.content.{j}.input_audio.data"
                         audios.append((param, decode_base64(part.input_audio.data, param=param)))
@@ -320,6 +291,13 @@ class OpenAIServingChat:
                 "(max_images_per_request)",
                 param="messages",
             )
+        if len(videos) > self.settings.max_videos_per_request:
+            raise InvalidRequest(
+                f"{len(videos)} videos in one request; the limit is {self.settings.max_videos_per_request} "
+                "(max_videos_per_request)",
+                param="messages",
+            )
+        budgets = await self._image_budgets([detail for _, _, detail in images])
         pcm = await gather_or_cancel(*(self._decode_audio(param, data) for param, data in audios))
         total_s = sum(a.shape[0] for a in pcm) / RATE_HZ
         if total_s > self.settings.max_audio_s:
@@ -329,18 +307,35 @@ class OpenAIServingChat:
                 param="messages",
             )
         encoded = await gather_or_cancel(
-            *(_naming(param, self.clients.encode_image(data)) for param, data in images),
+            *(
+                _naming(param, self.clients.encode_image(data, max_soft_tokens=budget))
+                for (param, data, _), budget in zip(images, budgets, strict=True)
+            ),
             *(
                 _naming(param, self.clients.encode_audio(pcm_f32=a, sample_rate_hz=RATE_HZ))
                 for (param, _), a in zip(audios, pcm, strict=True)
             ),
+            *(_naming(param, self.clients.encode_video(data)) for param, data in videos),
         )
-        image_parts = [[Part(soft_tokens=e.soft_tokens)] for e in encoded[: len(images)]]
-        audio_parts = [[Part(soft_tokens=s.soft_tokens) for s in e[0]] for e in encoded[len(images) :]]
+        n_images, n_audios = len(images), len(audios)
+        image_parts = [[Part(soft_tokens=e.soft_tokens)] for e in encoded[:n_images]]
+        audio_parts = [
+            [Part(soft_tokens=s.soft_tokens) for s in e[0]] for e in encoded[n_images : n_images + n_audios]
+        ]
+        video_parts = [[Part(soft_tokens=e)] for e in encoded[n_images + n_audios :]]
         out = []
         for i, message in enumerate(messages):
-            out.append(self._mesh_message(i, message, image_parts, audio_parts))
+            out.append(self._mesh_message(i, message, image_parts, audio_parts, video_parts))
         return out
+
+    async def _image_budgets(self, details: list[str]) -> list[int]:
+        """``image_url.detail`` -> the vision soft-token budget: ``low`` the encoder's smallest,
+        ``high`` its largest (``Describe``), ``auto`` 0 (its default for images)."""
+        if all(detail == "auto" for detail in details):
+            return [0] * len(details)
+        budgets = await self.clients.vision_budgets()
+        pick = {"auto": 0, "low": min(budgets), "high": max(budgets)}
+        return [pick[detail] for detail in details]
 
     async def _decode_audio(self, param: str, data: bytes) -> np.ndarray:
         try:
@@ -352,7 +347,11 @@ class OpenAIServingChat:
 
     @staticmethod
     def _mesh_message(
-        i: int, message: ChatCompletionMessageParam, images: list[list[Part]], audios: list[list[Part]]
+        i: int,
+        message: ChatCompletionMessageParam,
+        images: list[list[Part]],
+        audios: list[list[Part]],
+        videos: list[list[Part]],
     ) -> ChatMessage:
         if isinstance(message, ChatCompletionToolMessage):
             return ChatMessage(
@@ -371,6 +370,8 @@ class OpenAIServingChat:
                 parts.extend(images.pop(0))
             elif isinstance(part, ChatCompletionContentPartInputAudio):
                 parts.extend(audios.pop(0))
+            elif isinstance(part, ChatCompletionContentPartVideo):
+                parts.extend(videos.pop(0))
             else:
                 parts.append(Part(text=part.text))
         return ChatMessage("user", parts)
