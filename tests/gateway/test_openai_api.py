@@ -12,6 +12,7 @@ import base64
 import io
 import itertools
 import json
+import math
 import re
 import subprocess
 import time
@@ -292,7 +293,9 @@ def _seconds(h: str, m: str, s: str, ms: str) -> float:
     return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
 
 
-def test_transcription_in_every_response_format(client: openai.OpenAI, librivox_clips: list[Path]) -> None:
+def test_transcription_in_every_response_format(
+    client: openai.OpenAI, librivox_clips: list[Path], tiny_bundle
+) -> None:
     clip = librivox_clips[0]
     duration = sf.info(clip).duration
 
@@ -306,8 +309,11 @@ def test_transcription_in_every_response_format(client: openai.OpenAI, librivox_
     verbose = transcribe("verbose_json")
     assert verbose.text == text and abs(verbose.duration - duration) < 0.01 and verbose.task == "transcribe"
     assert verbose.segments and " ".join(s.text for s in verbose.segments) == text
+    vocab = tiny_bundle.manifest.text.vocab_size
     for s in verbose.segments:
         assert 0 <= s.start < s.end <= duration + 1e-3
+        # Greedy picks the most likely token, whose probability is at least 1 / vocab.
+        assert -math.log(vocab) <= s.avg_logprob < 0
     srt = transcribe("srt").strip().split("\n\n")
     for n, cue in enumerate(srt, start=1):
         match = SRT_CUE.match(cue)

@@ -139,6 +139,7 @@ class Answer:
     text: str
     token_ids: list[int]
     completion_tokens: int
+    logprobs: list[float] = field(default_factory=list)  # per answer token, when the sampling asked
 
 
 @dataclass
@@ -585,6 +586,7 @@ class MeshClient:
         """
         text = ""
         token_ids: list[int] = []
+        logprobs: list[float] = []
         completion_tokens = None
         stream = self.generate(messages, sampling)
         try:
@@ -595,6 +597,7 @@ class MeshClient:
                 if event.channel != "answer":
                     continue
                 token_ids += event.token_ids
+                logprobs += [entry.logprob for entry in event.logprobs]
                 if not event.text:
                     continue
                 text += event.text
@@ -604,7 +607,8 @@ class MeshClient:
                     break
         finally:
             await stream.aclose()
-        return Answer(text, token_ids, len(token_ids) if completion_tokens is None else completion_tokens)
+        completion = len(token_ids) if completion_tokens is None else completion_tokens
+        return Answer(text, token_ids, completion, logprobs)
 
     async def complete(self, messages: Sequence[ChatMessage], sampling: Sampling) -> tuple[str, Done]:
         """The whole answer of one generation (answer channel only) and its ``Done``."""

@@ -89,6 +89,8 @@ class CaptionDecode:
     text: str
     token_ids: list[int]
     completion_tokens: int
+    # Mean log-probability of the answer's tokens (stop token excluded), when asked for; else None.
+    avg_logprob: float | None = None
 
 
 async def transcribe(
@@ -100,8 +102,10 @@ async def transcribe(
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
     prediction: Sequence[int] = (),
+    logprobs: bool = False,
 ) -> CaptionDecode:
-    """One decode of 16 kHz float32 mono ``audio`` for the session's task.
+    """One decode of 16 kHz float32 mono ``audio`` for the session's task (``logprobs``: also its
+    ``avg_logprob``, which does not change the text).
 
     The same call serves live finals and ``/v1/audio/transcriptions``, so both give the same text
     for the same audio; its output has been through the ``RepetitionGuard`` (loops cut; text
@@ -119,6 +123,7 @@ async def transcribe(
         tokens_per_audio_s=tokens_per_audio_s,
         priority=priority,
         prediction=prediction,
+        logprobs=logprobs,
     )
 
 
@@ -132,6 +137,7 @@ async def caption_soft_tokens(
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
     prediction: Sequence[int] = (),
+    logprobs: bool = False,
 ) -> CaptionDecode:
     """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> caption.
 
@@ -156,11 +162,13 @@ async def caption_soft_tokens(
         priority=priority,
         prediction_ids=list(prediction),
         stream_interval_tokens=CAPTION_STREAM_INTERVAL_TOKENS,
+        logprobs=0 if logprobs else None,
     )
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
     answer = await clients.stream_answer([ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop)
-    return CaptionDecode(_GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens)
+    avg = sum(answer.logprobs) / len(answer.logprobs) if answer.logprobs else None
+    return CaptionDecode(_GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens, avg)
 
 
 class CaptionPipeline:

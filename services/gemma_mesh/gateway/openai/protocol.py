@@ -541,7 +541,9 @@ class TranscriptionResponse(OpenAIBaseModel):
 
 class TranscriptionSegment(OpenAIBaseModel):
     """One VAD segment. ``start``/``end`` in seconds of the file; ``seek`` in 10 ms frames (Whisper's
-    unit); ``avg_logprob`` and ``no_speech_prob`` are null (the decoder returns no log-probabilities);
+    unit); ``avg_logprob`` is the mean log-probability of the segment's text tokens (Whisper also
+    averages in its end token; here the stop token has none); ``no_speech_prob`` is null (no such
+    head);
     ``compression_ratio`` is Whisper's (UTF-8 bytes / zlib-compressed bytes of the text)."""
 
     id: int

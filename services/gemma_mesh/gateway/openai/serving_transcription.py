@@ -21,7 +21,7 @@ from gemma_mesh.gateway.captioning import (
     VadSettings,
 )
 from gemma_mesh.gateway.clients import PRIORITY_REQUEST, MeshClient
-from gemma_mesh.gateway.live.captions import RATE_HZ, transcribe
+from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionDecode, transcribe
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import (
     TranscriptionRequest,
@@ -128,18 +128,19 @@ class OpenAIServingTranscription:
             raise InvalidRequest(f"file: {error.message}", param="file") from None
         duration_s = audio.shape[0] / RATE_HZ
         spans = await self._segments(audio)
-        texts = await self._decode_all(spans, config)
+        decodes = await self._decode_all(spans, config, logprobs=request.response_format == "verbose_json")
         segments = [
             TranscriptionSegment(
                 id=n,
                 seek=start * 100 // RATE_HZ,
                 start=round(start / RATE_HZ, 3),
                 end=round(end / RATE_HZ, 3),
-                text=text,
-                compression_ratio=compression_ratio(text),
+                text=decode.text,
+                compression_ratio=compression_ratio(decode.text),
+                avg_logprob=decode.avg_logprob,
             )
-            for n, ((start, end, _), text) in enumerate(
-                (s, t) for s, t in zip(spans, texts, strict=True) if t
+            for n, ((start, end, _), decode) in enumerate(
+                (s, d) for s, d in zip(spans, decodes, strict=True) if d.text
             )
         ]
         text = " ".join(s.text for s in segments)
@@ -182,10 +183,12 @@ class OpenAIServingTranscription:
         events += segmenter.flush()
         return [e for e in events if isinstance(e, SegmentClosed)]
 
-    async def _decode_all(self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig) -> list[str]:
+    async def _decode_all(
+        self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig, *, logprobs: bool
+    ) -> list[CaptionDecode]:
         limit = asyncio.Semaphore(MAX_CONCURRENT_SEGMENT_DECODES)
 
-        async def one(audio: np.ndarray) -> str:
+        async def one(audio: np.ndarray) -> CaptionDecode:
             async with limit:
                 decoded = await transcribe(
                     self.clients,
@@ -194,8 +197,9 @@ class OpenAIServingTranscription:
                     self.settings.max_caption_tokens,
                     tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
                     priority=PRIORITY_REQUEST,
+                    logprobs=logprobs,
                 )
             self.metrics.tokens_generated.inc(decoded.completion_tokens)
-            return decoded.text
+            return decoded
 
         return await gather_or_cancel(*(one(audio) for _, _, audio in spans))
