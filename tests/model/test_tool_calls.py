@@ -237,3 +237,24 @@ def test_the_call_grammar_refuses_what_it_cannot_express() -> None:
     ]
     with pytest.raises(ToolSchemaError, match=r"f.parameters.properties.a: unsupported type 'date'"):
         tool_call_grammar(bad, **kw)
+
+
+def test_optional_properties_may_be_written_in_template_order() -> None:
+    ids, _ = _matcher('start: "x"')
+    kw = dict(
+        call_start_id=ids["tool_call_start"],
+        call_end_id=ids["tool_call_end"],
+        quote_id=ids["string_delimiter"],
+    )
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}, "c": {"type": "integer"}},
+        "required": ["b"],
+    }
+    _, accepts = _matcher(
+        tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}], **kw)
+    )
+    for body in ("b:true", "a:1,b:true", "b:true,c:2", "a:1,b:false,c:3"):
+        assert accepts(call("f", body)), body
+    for body in ("", "a:1", "b:true,a:1", "a:1,,b:true", ",b:true", "b:true,", "a:1,c:2"):
+        assert not accepts(call("f", body)), body

@@ -382,19 +382,29 @@ class _GrammarWriter:
         raise ToolSchemaError(f"{where}: unsupported type {kind!r}")
 
     def object_body(self, schema: Mapping[str, Any], where: str) -> str:
-        """``{key:value,...}``: the required properties, in sorted order (as the template's
-        ``dictsort``); optional ones are left out; without properties, any object."""
+        """``{key:value,...}``: the properties in sorted order (as the template's ``dictsort``), the
+        required ones always, the optional ones at will; without properties, any object.
+
+        Commas go only between written pairs: ``first_i`` is the rest of the object from key ``i``
+        on when nothing was written yet, ``after_i`` the same after a written pair (one rule each,
+        so the grammar grows linearly with the properties)."""
         properties = schema.get("properties")
         if not properties:
             return "gobj"
-        required = sorted(k for k in schema.get("required", []) if k in properties)
-        if not required:
-            return '"{" "}"'
+        required = set(schema.get("required", []))
+        keys = sorted(properties)
         pairs = [
             f"{json.dumps(key + ':')} {self.value(properties[key], f'{where}.properties.{key}')}"
-            for key in required
+            for key in keys
         ]
-        return '"{" ' + ' "," '.join(pairs) + ' "}"'
+        first, after = '""', '""'  # past the last key
+        for key, pair in zip(reversed(keys), reversed(pairs), strict=True):
+            if key in required:
+                first, after = self.rule(f"{pair} {after}"), self.rule(f'"," {pair} {after}')
+            else:
+                first = self.rule(f"{pair} {after} | {first}")
+                after = self.rule(f'"," {pair} {after} | {after}')
+        return f'"{{" {first} "}}"'
 
     def literal(self, value: Any, where: str) -> str:
         if isinstance(value, str):
