@@ -19,6 +19,7 @@ Pure logic over llguidance and numpy; no ONNX Runtime.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -249,11 +250,20 @@ def _set_bits(row: np.ndarray, ids: Sequence[int | None]) -> None:
             words[token // 32] |= np.uint32(1 << (token % 32))
 
 
-def allowed_tokens(mask_row: np.ndarray, vocab_size: int) -> np.ndarray:
-    """bool ``[vocab_size]``: the tokens a bitmask row (int32, bit ``i % 32`` of word ``i // 32``)
-    allows."""
-    bits = np.unpackbits(mask_row.view(np.uint8), bitorder="little", count=vocab_size)
-    return bits.astype(bool)
+def mask_row(logits: np.ndarray, mask: np.ndarray) -> None:
+    """Set ``logits [V]`` to ``-inf`` in place where the bitmask row ``mask`` (int32, bit ``i % 32``
+    of word ``i // 32``) disallows token ``i``.
+
+    Adds a 0 / ``-inf`` bias looked up from the unpacked bits: a masked store (``copyto(where=)``,
+    ``putmask``) branches per element and was 5x slower on a 262k vocabulary.
+    """
+    bits = np.unpackbits(mask.view(np.uint8), bitorder="little", count=logits.shape[-1])
+    np.add(logits, np.take(_mask_bias(logits.dtype), bits), out=logits)
+
+
+@functools.cache
+def _mask_bias(dtype: np.dtype) -> np.ndarray:
+    return np.array([-np.inf, 0.0], dtype=dtype)
 
 
 class MaskBatch:
@@ -277,12 +287,7 @@ class MaskBatch:
         self._future.result()
         for row, state in self.rows:
             state.finish_mask(self._bitmask[row])
-        # One unpack and one select for all constrained rows.
-        rows = np.fromiter((row for row, _ in self.rows), dtype=np.intp, count=len(self.rows))
-        bits = np.unpackbits(
-            self._bitmask[rows].view(np.uint8), axis=1, bitorder="little", count=logits.shape[-1]
-        )
-        logits[rows] = np.where(bits.astype(bool), logits[rows], -np.inf)
+            mask_row(logits[row], self._bitmask[row])
 
 
 class GrammarMasker:
@@ -317,7 +322,7 @@ class GrammarMasker:
             return
         fill_next_token_bitmask(state.matcher, self._one)
         state.finish_mask(self._one[0])
-        logits[~allowed_tokens(self._one[0], logits.shape[-1])] = -np.inf
+        mask_row(logits, self._one[0])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
