@@ -22,6 +22,11 @@ never enters the cache, nor overwrites a sliding-window slot still in use), and 
 once per token as in plain decoding, so the output is the same as without a prediction, in one
 prefill run per ``prediction_block_tokens`` accepted instead of one step per token.
 
+**Constrained rows** (``GenerationRequest.constraint``): their token masks are computed by
+llguidance on a helper thread while the step runs (``grammar.GrammarMasker``) and applied to their
+logits before their samplers; every token a row takes, predicted ones included, advances its
+grammar. Unconstrained rows are untouched.
+
 Rows ``0 .. n_decoding-1`` decode; rows ``n_decoding ..`` are being prefilled. Each sequence sees
 only its own keys (the masks come from its own length and ring), so batched greedy output equals
 the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue);
