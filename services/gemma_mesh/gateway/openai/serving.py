@@ -8,7 +8,8 @@ parameter and the limit, ``NotFound`` (404) an unknown model, ``PayloadTooLarge`
 ``max_request_bytes`` or an upload over ``max_upload_bytes``; backend errors pass through.
 
 Media: ``image_url`` must be a base64 ``data:image/...`` URL (the gateway fetches nothing); the
-encoded bytes go to ``VisionEncoder.Encode``. ``input_audio`` is decoded here (``model.audio_io``,
+encoded bytes go to ``VisionEncoder.Encode`` at the budget ``detail`` names; a ``video_url``
+(``data:video/...``) goes to ``VisionEncoder.EncodeVideo``. ``input_audio`` is decoded here (``model.audio_io``,
 16 kHz mono float32; over ``max_audio_s`` refused from the header) and sent as PCM to
 ``AudioFrontend.Encode``, which splits clips longer than the model's audio window.
 """
