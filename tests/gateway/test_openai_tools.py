@@ -29,7 +29,7 @@ WEATHER = {
     "properties": {
         "city": {"type": "string", "pattern": "^[A-Z][a-z]{2,10}$"},
         "unit": {"enum": ["celsius", "fahrenheit"]},
-        "days": {"type": "integer"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
         "detail": {
             "type": "object",
             "properties": {

@@ -258,3 +258,27 @@ def test_optional_properties_may_be_written_in_template_order() -> None:
         assert accepts(call("f", body)), body
     for body in ("", "a:1", "b:true,a:1", "a:1,,b:true", ",b:true", "b:true,", "a:1,c:2"):
         assert not accepts(call("f", body)), body
+
+
+def test_numeric_bounds_are_enforced() -> None:
+    ids, _ = _matcher('start: "x"')
+    kw = dict(
+        call_start_id=ids["tool_call_start"],
+        call_end_id=ids["tool_call_end"],
+        quote_id=ids["string_delimiter"],
+    )
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 3, "maximum": 17},
+            "x": {"type": "number", "exclusiveMinimum": -1.5, "maximum": 2},
+        },
+        "required": ["n", "x"],
+    }
+    _, accepts = _matcher(
+        tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}], **kw)
+    )
+    for body in ("n:3,x:2", "n:17,x:-1.25", "n:10,x:0.5"):
+        assert accepts(call("f", body)), body
+    for body in ("n:2,x:0", "n:18,x:0", "n:5,x:-1.5", "n:5,x:2.5", "n:5.5,x:0"):
+        assert not accepts(call("f", body)), body

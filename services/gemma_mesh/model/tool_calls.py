@@ -320,6 +320,9 @@ INTEGER: /-?(0|[1-9][0-9]{{0,15}})/
 """
 
 
+_NUMERIC_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
 class _GrammarWriter:
     """JSON schema -> Lark rules for Gemma's argument syntax (keys sorted as the template writes them)."""
 
@@ -364,10 +367,11 @@ class _GrammarWriter:
                     f"{self.quote} /[^<]{{{low or 0},{high if isinstance(high, int) else ''}}}/ {self.quote}"
                 )
             return "gstr"
-        if kind == "integer":
-            return "INTEGER"
-        if kind == "number":
-            return "NUMBER"
+        if kind in ("integer", "number"):
+            bounds = {k: schema[k] for k in _NUMERIC_KEYWORDS if k in schema}
+            if bounds:  # numbers are written as JSON writes them: llguidance's JSON compiler bounds them
+                return self.rule(f"%json {json.dumps({'type': kind, **bounds})}")
+            return "INTEGER" if kind == "integer" else "NUMBER"
         if kind == "boolean":
             return self.rule('"true" | "false"')
         if kind == "null":
