@@ -34,7 +34,7 @@ WEATHER = {
             "type": "object",
             "properties": {
                 "hourly": {"type": "boolean"},
-                "fields": {"type": "array", "items": {"enum": ["t", "w"]}},
+                "fields": {"type": "array", "items": {"enum": ["t", "w"]}, "maxItems": 2},
             },
             "required": ["hourly", "fields"],
         },

@@ -282,3 +282,24 @@ def test_numeric_bounds_are_enforced() -> None:
         assert accepts(call("f", body)), body
     for body in ("n:2,x:0", "n:18,x:0", "n:5,x:-1.5", "n:5,x:2.5", "n:5.5,x:0"):
         assert not accepts(call("f", body)), body
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 2), (1, 3), (2, 2), (0, None), (2, None), (0, 0)])
+def test_array_lengths_are_enforced(low: int, high: int | None) -> None:
+    ids, _ = _matcher('start: "x"')
+    kw = dict(
+        call_start_id=ids["tool_call_start"],
+        call_end_id=ids["tool_call_end"],
+        quote_id=ids["string_delimiter"],
+    )
+    items = {"type": "array", "items": {"type": "integer"}, "minItems": low}
+    if high is not None:
+        items["maxItems"] = high
+    schema = {"type": "object", "properties": {"a": items}, "required": ["a"]}
+    _, accepts = _matcher(
+        tool_call_grammar([{"type": "function", "function": {"name": "f", "parameters": schema}}], **kw)
+    )
+    for n in range(6):
+        body = "a:[" + ",".join(str(i) for i in range(n)) + "]"
+        assert accepts(call("f", body)) == (low <= n and (high is None or n <= high)), (n, body)
+    assert not accepts(call("f", "a:[1,,2]")) and not accepts(call("f", "a:[,1]"))

@@ -320,6 +320,7 @@ INTEGER: /-?(0|[1-9][0-9]{{0,15}})/
 """
 
 
+MAX_BOUNDED_ITEMS = 32  # maxItems written into the grammar item by item; larger ones are not enforced
 _NUMERIC_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
@@ -378,7 +379,7 @@ class _GrammarWriter:
             return self.rule('"null"')
         if kind == "array":
             item = self.value(schema.get("items", True), f"{where}.items")
-            return self.rule(f'"[" ({item} ("," {item})*)? "]"')
+            return self.rule(self.array_body(item, schema.get("minItems", 0), schema.get("maxItems")))
         if kind == "object" or "properties" in schema:
             return self.rule(self.object_body(schema, where))
         if kind is None:
@@ -409,6 +410,21 @@ class _GrammarWriter:
                 first = self.rule(f"{pair} {after} | {first}")
                 after = self.rule(f'"," {pair} {after} | {after}')
         return f'"{{" {first} "}}"'
+
+    def array_body(self, item: str, low: int, high: int | None) -> str:
+        """``[item,...]`` with ``low`` to ``high`` items (None = no limit); each optional item past
+        ``low`` nests in the one before, so commas go only between items."""
+        if high is not None and high < low:
+            raise ToolSchemaError(f"maxItems {high} < minItems {low}")
+        if high is not None and high > MAX_BOUNDED_ITEMS:
+            high = None  # a long bound is not worth its rules: only the minimum is kept
+        tail = f'("," {item})*' if high is None else ""
+        # Items after the first written one (the first is the one in front of the tail).
+        for _ in range(high - max(low, 1) if high is not None else 0):
+            tail = f'("," {item} {tail})?'
+        if low == 0:
+            return f'"[" ({item} {tail})? "]"' if high != 0 else '"[" "]"'
+        return '"[" ' + ' "," '.join([item] * low) + f' {tail} "]"'
 
     def literal(self, value: Any, where: str) -> str:
         if isinstance(value, str):
