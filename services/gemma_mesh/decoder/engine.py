@@ -27,6 +27,12 @@ only its own keys (the masks come from its own length and ring), so batched gree
 the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue);
 a request's ``stream_interval_tokens`` holds its deltas until they carry that many tokens (vLLM's
 stream interval), for callers that read the text rather than each token.
+
+**Health.** Both graphs (``decoder_model_merged`` and ``embed_tokens``) load in ``__init__`` and
+``warm_up`` runs one prefill and one decode step through the scheduler before the server reports
+SERVING. A step that raises fails the requests it ran, not the server; ``unhealthy_after_failed_steps``
+of them in a row (a broken session fails every step), or the scheduler thread ending while not
+stopped, calls ``on_broken(reason)`` once (the server then reports neither ready nor live).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
+from gemma_mesh.common.health import FailedStepStreak
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
 from gemma_mesh.decoder.metrics import DecoderMetrics
@@ -152,6 +159,7 @@ class Engine:
         self.metrics = metrics or DecoderMetrics()
         manifest = bundle.manifest
         self.session = bundle.session("decoder_model_merged")
+        bundle.session("embed_tokens")  # loaded now, not by the first request after SERVING
         self._scratch: dict[str, np.ndarray] = {}  # I/O-binding output buffers, by output name
         self.kv = make_kv_cache(self.session, manifest, settings, bundle.float_dtype)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, settings.prefix_block_tokens)
@@ -177,10 +185,34 @@ class Engine:
             asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object, threading.Event]]
         ] = {}
         self.steps = 0
+        self.failed_steps = FailedStepStreak(settings.unhealthy_after_failed_steps)
+        # Called once, from the engine thread, when the engine can no longer serve.
+        self.on_broken: Any = None
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
         self._thread.start()
+
+    def warm_up(self, timeout_s: float = 600.0) -> None:
+        """Run one request (a one-token prompt, the bundle's BOS or pad, then one decode step) through
+        the running scheduler, so the first real request finds both sessions initialised and run
+        (ONNX Runtime allocates its arenas and, on CUDA, picks kernels on the first run).
+
+        Raises:
+            MeshError: the warm-up request failed (the bundle cannot serve).
+        """
+        tokens = self.bundle.manifest.special_tokens
+        first = tokens["bos"].id if "bos" in tokens else tokens["pad"].id
+        request = GenerationRequest(
+            request_id="warm-up",
+            input_ids=np.array([first], dtype=np.int64),
+            max_tokens=2,
+            ignore_eos=True,
+        )
+        started = time.monotonic()
+        for _ in self.submit(request).iter_events(timeout_s=timeout_s):
+            pass
+        log.info("warmed up", steps=self.steps, seconds=round(time.monotonic() - started, 3))
 
     def stop(self) -> None:
         with self._cond:
@@ -245,6 +277,18 @@ class Engine:
 
     # ------------------------------------------------------------- the loop
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the loop itself: nothing will serve again
+            log.exception("engine thread died")
+            self._report_broken(f"the engine thread died: {type(exc).__name__}: {exc}")
+            raise
+
+    def _report_broken(self, reason: str) -> None:
+        if self.on_broken is not None:
+            self.on_broken(reason)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and not (self._waiting or self._decoding or self._prefilling):
@@ -258,9 +302,16 @@ class Engine:
                     self._prefill_batch()
                 if self._decoding:
                     self._decode_step()
+                self.failed_steps.record(True)
             except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
+                log.exception("engine step failed", failed_in_a_row=self.failed_steps.count + 1)
+                self.metrics.failed_steps.inc()
                 self._fail_all(MeshError(f"decoder step failed: {type(exc).__name__}: {exc}"))
+                if self.failed_steps.record(False):
+                    self._report_broken(
+                        f"{self.failed_steps.count} engine steps failed in a row "
+                        f"(unhealthy_after_failed_steps); last: {type(exc).__name__}: {exc}"
+                    )
             self._flush_events()
         self._fail_all(MeshError("the decoder is shutting down"))
         self._flush_events()
