@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gemma_mesh.common.errors import MeshError
+from gemma_mesh.common.grpc_server import KeepaliveSettings
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
@@ -30,6 +31,7 @@ from gemma_mesh.gateway.clients import MeshClient
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.readiness import check_dependencies
 from gemma_mesh.gateway.sessions import SessionStore, open_store
 from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
 from gemma_mesh.gateway.settings import GatewaySettings
@@ -99,6 +101,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.vision_target,
             max_message_bytes=settings.max_grpc_message_bytes,
             timeout_s=settings.backend_timeout_s,
+            keepalive=KeepaliveSettings(
+                settings.grpc_keepalive_time_s,
+                settings.grpc_keepalive_timeout_s,
+                settings.grpc_retry_attempts,
+            ),
         )
         if settings.redis_url:
             await _check_store(store)
@@ -181,17 +188,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: every gRPC backend reports SERVING and the session store answers."""
+        """Readiness: 200 while the gateway can serve some capability (the decoder is SERVING); the
+        body lists the capabilities lost to a backend or the session store (``gateway.readiness``).
+        Every check runs at once, each cut off after ``readiness_check_timeout_s``."""
         gw: GatewayState = request.app.state.gw
-        backends = await gw.clients.health()
-        try:
-            store_s = await asyncio.wait_for(gw.store.ping(), timeout=1.0)
-            store_ok = True
-        except Exception:
-            store_s, store_ok = None, False
-        ready = all(backends.values()) and store_ok
-        body = {"ready": ready, "backends": backends, "store": {"ok": store_ok, "latency_s": store_s}}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        timeout_s = gw.settings.readiness_check_timeout_s
+        checks = {name: gw.clients.serving(name, timeout_s) for name in ("decoder", "audio", "vision")}
+        readiness = await check_dependencies(checks, gw.store.ping(), timeout_s)
+        for name, ok in readiness.capabilities.items():
+            gw.metrics.capability_up.labels(name).set(1 if ok else 0)
+        return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:

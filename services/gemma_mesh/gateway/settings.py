@@ -37,6 +37,34 @@ class GatewaySettings(BaseSettings):
     served_model_name: str = Field("gemma-4-e4b-it", description="The model id of /v1/models")
     max_grpc_message_bytes: int = Field(64 * MiB, ge=MiB, description="Largest gRPC message to a backend")
     backend_timeout_s: float = Field(120.0, gt=0, description="Deadline of one backend call")
+    readiness_check_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Deadline of each /readyz check (backends' health, Redis ping); they run at once, so "
+        "/readyz answers within about this long (keep it under the readiness probe's timeoutSeconds)",
+    )
+    grpc_keepalive_time_s: float = Field(
+        20.0, gt=0, description="HTTP/2 keepalive ping interval on the channels to the backends"
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A keepalive ping not acknowledged in this long closes the connection (its calls fail "
+        "UNAVAILABLE instead of hanging to their deadline when a node is lost)",
+    )
+    grpc_retry_attempts: int = Field(
+        3,
+        ge=1,
+        le=5,
+        description="Attempts of an idempotent unary backend call that got UNAVAILABLE (a draining or "
+        "lost pod), first included; 1 = no retries. Streams are not retried by the channel",
+    )
+    drain_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM: seconds live sessions get to deliver their finals before the socket "
+        "closes with 1012 (keep it under terminationGracePeriodSeconds, minus the preStop sleep)",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     # --- security ---------------------------------------------------------------------------
