@@ -221,9 +221,11 @@ def channel_options(max_message_bytes: int, keepalive: KeepaliveSettings) -> lis
         ("grpc.enable_retries", 1 if keepalive.retry_attempts > 1 else 0),
         ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(keepalive.timeout_s * 1000)),
         # Ping idle connections too: the next call must not be the one that finds the peer gone.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", int(keepalive.time_s * 1000)),
     ]
 
 
