@@ -16,16 +16,14 @@ import pytest
 from openai import OpenAI
 
 from gemma_mesh.gateway.readiness import CAPABILITIES, capabilities
-from gemma_mesh.model.bundle import ModelBundle
-from tests.gateway.mesh import Backends, GatewayThread, free_port, start_backends
+from tests.gateway.mesh import Backends, GatewayThread, free_port
 
 ALL = sorted(CAPABILITIES)
 
 
 @pytest.fixture(scope="module")
-def live_backends():
-    with contextlib.ExitStack() as stack:
-        yield start_backends(ModelBundle(None, providers=["CPUExecutionProvider"]), stack)
+def live_backends(embedded_backends: Backends) -> Backends:
+    return embedded_backends
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
@@ -28,6 +28,7 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.drain import LiveConnections
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
@@ -55,6 +56,7 @@ class GatewayState:
     vad_batcher: VadBatcher
     caption_latency: CaptionLatencyMonitor
     analysis_slots: asyncio.Semaphore  # max_concurrent_analyses, shared by every session's frames
+    live: LiveConnections = field(default_factory=LiveConnections)  # drained on shutdown
 
 
 async def _check_store(store: SessionStore) -> None:
@@ -188,10 +190,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: 200 while the gateway can serve some capability (the decoder is SERVING); the
-        body lists the capabilities lost to a backend or the session store (``gateway.readiness``).
+        """Readiness: 200 while the gateway can serve some capability (the decoder is SERVING) and is
+        not draining; the body lists the capabilities lost to a backend or the session store
+        (``gateway.readiness``).
         Every check runs at once, each cut off after ``readiness_check_timeout_s``."""
         gw: GatewayState = request.app.state.gw
+        if gw.live.draining:  # shutting down: no new sessions here
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
         timeout_s = gw.settings.readiness_check_timeout_s
         checks = {name: gw.clients.serving(name, timeout_s) for name in ("decoder", "audio", "vision")}
         readiness = await check_dependencies(checks, gw.store.ping(), timeout_s)
