@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gemma_mesh.common.errors import MeshError
-from gemma_mesh.common.grpc_server import KeepaliveSettings
+from gemma_mesh.common.grpc_server import KeepaliveSettings, start_metrics_server
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
@@ -140,9 +140,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             store="redis" if settings.redis_url else "memory",
             auth=bool(settings.api_keys),
         )
+        metrics_http, metrics_port = start_metrics_server(
+            settings.metrics_port, settings.host, metrics.registry
+        )
+        if metrics_port is not None:
+            log.info("metrics on their own port", metrics_port=metrics_port)
         try:
             yield
         finally:
+            if metrics_http is not None:
+                metrics_http.shutdown()
             await clients.close()
             await store.close()
             await leases.close()
@@ -206,6 +213,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics, unless ``metrics_port`` serves them on a port of their own (404)."""
+        if settings.metrics_port is not None:
+            raise StarletteHTTPException(404, f"/metrics is served on port {settings.metrics_port}")
         return Response(
             generate_latest(request.app.state.gw.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )

@@ -20,6 +20,13 @@ class GatewaySettings(BaseSettings):
     # --- where things are -------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP/WebSocket port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics on this port only (off the public port, so an Ingress "
+        "never exposes it); None = /metrics on the main port",
+    )
     decoder_target: str = Field("127.0.0.1:50051", description="gRPC target of the decoder")
     audio_target: str = Field("127.0.0.1:50052", description="gRPC target of the audio frontend")
     vision_target: str = Field("127.0.0.1:50053", description="gRPC target of the vision encoder")
