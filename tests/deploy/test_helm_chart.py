@@ -686,3 +686,29 @@ def test_the_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
     assert rule["name"]["as"] == metric["name"]
     assert metric["name"] in rule["seriesQuery"]
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_bundled_redis_has_a_memory_cap_below_its_limit(default_manifests: list[dict[str, Any]]) -> None:
+    redis = by_kind(default_manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
+    container = redis["containers"][0]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    cap = args[args.index("--maxmemory") + 1]
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    limit = container["resources"]["limits"]["memory"]
+    limit_bytes = int(limit[:-2]) * {"Mi": 1024**2, "Gi": 1024**3}[limit[-2:]]
+    assert int(cap[:-2]) * units[cap[-2:]] < limit_bytes
+
+
+def test_export_job_checks_it_can_write_and_leaves_a_readable_bundle(render: Any) -> None:
+    values = copy.deepcopy(EXPORT_VALUES)
+    values["exportJob"]["podSecurityContext"] = {"runAsUser": 65534, "runAsGroup": 65534}
+    (job,) = by_kind(render(values), "Job").values()
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 65534 and pod["securityContext"]["runAsGroup"] == 65534
+    assert pod["securityContext"]["runAsNonRoot"] is True  # the rest of podSecurityContext stays
+    script = pod["containers"][0]["args"][0]
+    assert script.index(".gemma-mesh-write-test") < script.index("gemma-mesh export")
+    assert script.index('chmod -R a+rX "$DEST.partial"') < script.index('mv "$DEST.partial" "$DEST"')
+    (default_job,) = by_kind(render(EXPORT_VALUES), "Job").values()
+    assert default_job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
