@@ -679,12 +679,22 @@ def test_keda_needs_a_query_where_there_is_no_default(chart: Any) -> None:
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
-def test_the_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
+def test_the_prometheus_adapter_rule_serves_every_hpa_metric() -> None:
+    """deploy/prometheus-adapter/values.yaml serves every Pods metric the HPAs of the default and
+    production values ask for, under the same name, mapped to pods."""
     adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
     (rule,) = adapter["rules"]["custom"]
-    metric = yaml.safe_load((CHART / "values.yaml").read_text())["decoder"]["autoscaling"]["podsMetrics"][0]
-    assert rule["name"]["as"] == metric["name"]
-    assert metric["name"] in rule["seriesQuery"]
+    selector = re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"])[1]
+    wanted = {
+        metric["name"]
+        for values in (yaml.safe_load((CHART / "values.yaml").read_text()), production_values())
+        for c in COMPONENTS
+        for metric in values[c]["autoscaling"].get("podsMetrics", [])
+    }
+    assert wanted == {"gemma_mesh_decoder_queue_depth", "gemma_mesh_vision_queue_depth"}
+    for name in wanted:
+        assert re.fullmatch(selector, name), name
+        assert re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), name) == name
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
 
 
