@@ -5,6 +5,7 @@ security contexts, PDBs, autoscaling, network isolation, settings names and the 
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
@@ -414,7 +415,7 @@ def test_api_keys_and_token_secret_come_from_a_secret(
     default_manifests: list[dict[str, Any]], production_manifests: list[dict[str, Any]]
 ) -> None:
     secret = by_kind(default_manifests, "Secret")[f"{FULLNAME}-gateway-auth"]
-    assert set(secret["data"]) == {"api-keys", "token-secret"}
+    assert set(secret["data"]) == {"api-keys"}  # no token key: the gateways share one through Redis
     for manifests, secret_name in (
         (default_manifests, f"{FULLNAME}-gateway-auth"),
         (production_manifests, "gemma-mesh-gateway-auth"),
@@ -425,8 +426,21 @@ def test_api_keys_and_token_secret_come_from_a_secret(
             ("GEMMA_MESH_GATEWAY_API_KEYS", "api-keys"),
             ("GEMMA_MESH_GATEWAY_TOKEN_SECRET", "token-secret"),
         ):
-            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": key}
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert {k: ref[k] for k in ("name", "key")} == {"name": secret_name, "key": key}
+        token_ref = env["GEMMA_MESH_GATEWAY_TOKEN_SECRET"]["valueFrom"]["secretKeyRef"]
+        assert token_ref.get("optional") is True
     assert f"{FULLNAME}-gateway-auth" not in by_kind(production_manifests, "Secret")
+
+
+def test_the_auth_secret_renders_the_same_every_time(chart: Any, render: Any) -> None:
+    """Nothing random in the rendered Secret: a GitOps tool running `helm template` on every sync
+    sees no change (and the token secret, when given, is kept as given)."""
+    first, second = render({}), render({})
+    name = f"{FULLNAME}-gateway-auth"
+    assert by_kind(first, "Secret")[name] == by_kind(second, "Secret")[name]
+    given = by_kind(render({"gateway": {"auth": {"tokenSecret": "t" * 40}}}), "Secret")[name]
+    assert given["data"]["token-secret"] == base64.b64encode(b"t" * 40).decode()
 
 
 def test_gpus_requested_for_decoder_and_encoders_only(

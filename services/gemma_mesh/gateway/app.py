@@ -37,6 +37,7 @@ from gemma_mesh.gateway.sessions import SessionStore, open_store
 from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.gateway.stream import StreamConnection
+from gemma_mesh.gateway.token_secret import shared_token_secret
 
 log = get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -119,13 +120,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
         leases = open_leases(settings.redis_url, prefix=settings.redis_key_prefix)
+        shared_secret = None
+        if settings.token_secret is None and settings.redis_url:
+            shared_secret = await shared_token_secret(settings.redis_url, settings.redis_key_prefix)
         vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
             settings,
             clients,
             store,
             metrics,
-            Authenticator(settings),
+            Authenticator(settings, shared_secret),
             vad_settings,
             leases,
             vad_batcher,

@@ -79,7 +79,9 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Accepted API keys (Bearer); empty = no authentication"
     )
     token_secret: SecretStr | None = Field(
-        None, description="HMAC key of browser session tokens; None = a random one per process"
+        None,
+        description="HMAC key of browser session tokens; None = one the replicas share through Redis "
+        "(created by the first, gateway.token_secret), or one per process without Redis",
     )
     token_ttl_s: int = Field(300, ge=10, description="Lifetime of a browser session token, in seconds")
     allowed_origins: list[str] = Field(
