@@ -325,6 +325,8 @@ BAD_VALUES = {
     "chart-owned gateway metrics port": {"gateway": {"settings": {"metrics_port": 1}}},
     "KEDA without a fallback": {"decoder": {"autoscaling": {"keda": {"enabled": True, "fallback": None}}}},
     "ingress path without a slash": {"gateway": {"ingress": {"hosts": [{"host": "a", "paths": ["v1"]}]}}},
+    "short Redis password": {"redis": {"auth": {"password": "short"}}},
+    "Redis password unsafe in a URL": {"redis": {"auth": {"password": "a/b@c:d#e?f%g&h=long"}}},
 }
 
 
@@ -736,3 +738,39 @@ def test_export_job_checks_it_can_write_and_leaves_a_readable_bundle(render: Any
     assert script.index('chmod -R a+rX "$DEST.partial"') < script.index('mv "$DEST.partial" "$DEST"')
     (default_job,) = by_kind(render(EXPORT_VALUES), "Job").values()
     assert default_job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+
+
+def test_bundled_redis_password_reaches_redis_and_the_gateway(render: Any) -> None:
+    import kubernetes_validate
+
+    manifests = render({"redis": {"auth": {"password": "s3cret-redis-password"}}})
+    for doc in manifests:
+        kubernetes_validate.validate(doc, _kube_version("1.27.0"), strict=True)
+    secret = by_kind(manifests, "Secret")[f"{FULLNAME}-redis-auth"]
+    assert base64.b64decode(secret["data"]["redis-password"]) == b"s3cret-redis-password"
+    ref = {"secretKeyRef": {"name": f"{FULLNAME}-redis-auth", "key": "redis-password"}}
+
+    redis = by_kind(manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
+    container = redis["containers"][0]
+    assert container["args"][container["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"] == ref
+    assert env["REDISCLI_AUTH"]["value"] == "$(REDIS_PASSWORD)"  # the readiness probe's redis-cli
+
+    gateway = by_kind(manifests, "Deployment")[f"{FULLNAME}-gateway"]["spec"]["template"]["spec"]
+    names = [e["name"] for e in gateway["containers"][0]["env"]]
+    env = {e["name"]: e for e in gateway["containers"][0]["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"] == ref
+    # Defined before the URL that refers to it: the kubelet expands only earlier variables.
+    assert names.index("REDIS_PASSWORD") < names.index("GEMMA_MESH_GATEWAY_REDIS_URL")
+    assert env["GEMMA_MESH_GATEWAY_REDIS_URL"]["value"] == (
+        f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    )
+    configmap = by_kind(manifests, "ConfigMap")[f"{FULLNAME}-gateway"]["data"]
+    assert "GEMMA_MESH_GATEWAY_REDIS_URL" not in configmap  # envFrom values are not expanded
+
+
+def test_bundled_redis_without_a_password_is_unchanged(default_manifests: list[dict[str, Any]]) -> None:
+    redis = by_kind(default_manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
+    assert "--requirepass" not in redis["containers"][0]["args"]
+    assert f"{FULLNAME}-redis-auth" not in by_kind(default_manifests, "Secret")

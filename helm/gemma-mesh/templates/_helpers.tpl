@@ -138,8 +138,8 @@ app.kubernetes.io/part-of: gemma-mesh
 {{- range $b := splitList " " (include "gemma-mesh.backends" $root) -}}
 {{- $_ := set $env (printf "%s_TARGET" (upper $b)) (include "gemma-mesh.grpcTarget" (list $root $b)) -}}
 {{- end -}}
-{{- if $root.Values.redis.enabled -}}
-{{- $_ := set $env "REDIS_URL" (printf "redis://%s-redis.%s.svc.%s:6379/0" (include "gemma-mesh.fullname" $root) $root.Release.Namespace $root.Values.clusterDomain) -}}
+{{- if and $root.Values.redis.enabled (not (include "gemma-mesh.redisAuth" $root)) -}}
+{{- $_ := set $env "REDIS_URL" (include "gemma-mesh.redisUrl" (list $root "")) -}}
 {{- end -}}
 {{- end -}}
 {{- range $k, $val := $v.settings -}}
@@ -190,4 +190,25 @@ lifecycle:
 {{- define "gemma-mesh.progressDeadline" -}}
 {{- $budget := add (int (default 0 .initialDelaySeconds)) (mul (int (default 10 .periodSeconds)) (int (default 3 .failureThreshold))) -}}
 {{- max 600 (add $budget 600) -}}
+{{- end }}
+
+{{/* Whether the bundled Redis requires a password (redis.auth.existingSecret or password set). */}}
+{{- define "gemma-mesh.redisAuth" -}}
+{{- $a := .Values.redis.auth -}}
+{{- if or $a.existingSecret $a.password }}true{{ end -}}
+{{- end }}
+
+{{- define "gemma-mesh.redisSecretName" -}}
+{{- default (printf "%s-redis-auth" (include "gemma-mesh.fullname" .)) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{- define "gemma-mesh.redisSecretKey" -}}
+{{- ternary .Values.redis.auth.existingSecretKey "redis-password" (not (empty .Values.redis.auth.existingSecret)) }}
+{{- end }}
+
+{{/* URL of the bundled Redis for (list $ userinfo): userinfo ":$(REDIS_PASSWORD)@" when it needs a
+     password (the kubelet expands $(REDIS_PASSWORD) from the env variable defined before it). */}}
+{{- define "gemma-mesh.redisUrl" -}}
+{{- $root := index . 0 -}}
+{{- printf "redis://%s%s-redis.%s.svc.%s:6379/0" (index . 1) (include "gemma-mesh.fullname" $root) $root.Release.Namespace $root.Values.clusterDomain }}
 {{- end }}
