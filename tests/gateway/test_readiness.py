@@ -97,7 +97,7 @@ def test_decoder_down_is_not_ready(live_backends: Backends) -> None:
 
 
 def test_hanging_checks_run_at_once_within_the_timeout(live_backends: Backends) -> None:
-    timeout_s = 1.0
+    timeout_s = 1.5
     with black_hole() as audio, black_hole() as vision, black_hole() as redis:
         settings = live_backends.gateway_settings(
             audio_target=audio,

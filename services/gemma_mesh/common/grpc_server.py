@@ -182,6 +182,11 @@ def create_server(
         # gateway's round_robin see pods added by a scale-up (headless Services in Kubernetes).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000) + 60_000),
+        # Ping clients: a stream whose client vanished (no FIN) is cancelled after time + timeout
+        # instead of decoding for nobody until its deadline.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         # Let clients keep idle connections alive with pings (see KeepaliveSettings).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
