@@ -4,7 +4,8 @@ Retries: one target resolving to two real vision encoders (a loading one that an
 a serving one), balanced round_robin as a headless Service's addresses are; with the retry policy
 every call succeeds, without it the calls that land on the loading pod fail. Keepalive: a real
 vision encoder process frozen with SIGSTOP (its sockets stay open, as a lost node's do) fails the
-call in flight after the keepalive timeout instead of at the call's deadline.
+call in flight after the keepalive timeout instead of at the call's deadline; and the other way
+round, a server cancels the open stream of a client process frozen the same way.
 """
 
 from __future__ import annotations
@@ -149,3 +150,66 @@ def test_retry_attempts_switch_the_channel_retry_policy(attempts: int) -> None:
     assert options["grpc.enable_retries"] == (1 if attempts > 1 else 0)
     assert options["grpc.keepalive_time_ms"] == 20_000
     assert ("methodConfig" in options["grpc.service_config"]) == (attempts > 1)
+
+
+_FROZEN_CLIENT = """
+import sys, time, grpc
+from gemma_mesh.proto.v1 import audio_pb2, audio_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+config = audio_pb2.AudioStreamConfig(encoding=audio_pb2.F32LE, sample_rate_hz=16000, channels=1)
+def requests():
+    yield audio_pb2.AudioStreamRequest(config=config)
+    yield audio_pb2.AudioStreamRequest(pcm=bytes(4 * 1600))
+    time.sleep(3600)
+call = audio_pb2_grpc.AudioFrontendStub(channel).EncodeStream(requests())
+print("open", flush=True)
+for _ in call:
+    pass
+"""
+
+
+def test_server_keepalive_cancels_the_stream_of_a_vanished_client() -> None:
+    from prometheus_client import REGISTRY
+
+    from gemma_mesh.audio.server import AudioServer
+    from gemma_mesh.audio.settings import AudioSettings
+
+    def open_streams() -> float:
+        return REGISTRY.get_sample_value("gemma_mesh_audio_active_streams") or 0.0
+
+    settings = AudioSettings(
+        host="127.0.0.1", port=0, providers=CPU, keepalive_time_s=1.0, keepalive_timeout_s=1.0
+    )
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'services'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with LoopThread() as loop:
+
+        async def start() -> AudioServer:
+            server = AudioServer(settings)
+            await server.start(ModelBundle(None, providers=CPU))
+            return server
+
+        server = loop.run(start())
+        before = open_streams()
+        client = subprocess.Popen(
+            [sys.executable, "-c", _FROZEN_CLIENT, f"127.0.0.1:{server.port}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert client.stdout.readline().strip() == b"open"
+            deadline = time.monotonic() + 30
+            while open_streams() < before + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert open_streams() == before + 1
+            client.send_signal(signal.SIGSTOP)  # the client's node is gone: no FIN, no pings answered
+            frozen = time.monotonic()
+            while open_streams() > before and time.monotonic() < frozen + 30:
+                time.sleep(0.1)
+            assert open_streams() == before
+            assert time.monotonic() - frozen < 15  # about keepalive_time_s + keepalive_timeout_s
+        finally:
+            client.send_signal(signal.SIGCONT)
+            client.kill()
+            client.wait(timeout=10)
+            loop.run(server.stop(0))
