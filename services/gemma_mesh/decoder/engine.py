@@ -28,11 +28,9 @@ the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-sa
 a request's ``stream_interval_tokens`` holds its deltas until they carry that many tokens (vLLM's
 stream interval), for callers that read the text rather than each token.
 
-**Health.** Both graphs (``decoder_model_merged`` and ``embed_tokens``) load in ``__init__`` and
-``warm_up`` runs one prefill and one decode step through the scheduler before the server reports
-SERVING. A step that raises fails the requests it ran, not the server; ``unhealthy_after_failed_steps``
-of them in a row (a broken session fails every step), or the scheduler thread ending while not
-stopped, calls ``on_broken(reason)`` once (the server then reports neither ready nor live).
+**Health.** Both graphs load in ``__init__`` (``server.warm_up`` then runs one request). A step that
+raises fails its requests, not the server; ``unhealthy_after_failed_steps`` in a row (a broken
+session), or the scheduler thread dying, calls ``on_broken(reason)`` once.
 """
 
 from __future__ import annotations
@@ -49,7 +47,8 @@ import numpy as np
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
 from gemma_mesh.common.health import FailedStepStreak
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
+from gemma_mesh.decoder.kv_cache import scratch_buffer
+from gemma_mesh.decoder.kv_storage import make_kv_cache
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.output import Channel, Delta, OutputProcessor
 from gemma_mesh.decoder.prefix_cache import PrefixCache, snapshot_lengths, token_keys
@@ -62,27 +61,6 @@ from gemma_mesh.model.sampling import Sampler
 __all__ = ["Engine", "Finished", "GenerationRequest", "RequestHandle"]
 
 log = get_logger("decoder.engine")
-
-
-# ORT device names of the execution providers that keep tensors in their own memory.
-_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda"}
-
-
-def make_kv_cache(session: Any, manifest: Any, settings: DecoderSettings, dtype: np.dtype) -> BatchKVCache:
-    """The engine's KV cache: on the session's device (``DeviceKVCache``) when ``kv_storage`` is
-    ``device``, or ``auto`` and the decoder runs on a GPU provider; numpy arrays otherwise."""
-    provider = session.get_providers()[0]
-    device = _PROVIDER_DEVICES.get(provider, "cpu")
-    storage = settings.kv_storage
-    if storage == "auto":
-        storage = "device" if device != "cpu" else "host"
-    args = (manifest.text, settings.max_batch_size, dtype, settings.kv_initial_tokens)
-    if storage == "host":
-        return BatchKVCache(*args)
-    from gemma_mesh.decoder.device_kv import DeviceKVCache
-
-    log.info("KV cache on the device", device=device, provider=provider)
-    return DeviceKVCache(*args, device=device, device_id=0, providers=session.get_providers())
 
 
 class _Sequence:
@@ -192,27 +170,6 @@ class Engine:
     # ---------------------------------------------------------------- public
     def start(self) -> None:
         self._thread.start()
-
-    def warm_up(self, timeout_s: float = 600.0) -> None:
-        """Run one request (a one-token prompt, the bundle's BOS or pad, then one decode step) through
-        the running scheduler, so the first real request finds both sessions initialised and run
-        (ONNX Runtime allocates its arenas and, on CUDA, picks kernels on the first run).
-
-        Raises:
-            MeshError: the warm-up request failed (the bundle cannot serve).
-        """
-        tokens = self.bundle.manifest.special_tokens
-        first = tokens["bos"].id if "bos" in tokens else tokens["pad"].id
-        request = GenerationRequest(
-            request_id="warm-up",
-            input_ids=np.array([first], dtype=np.int64),
-            max_tokens=2,
-            ignore_eos=True,
-        )
-        started = time.monotonic()
-        for _ in self.submit(request).iter_events(timeout_s=timeout_s):
-            pass
-        log.info("warmed up", steps=self.steps, seconds=round(time.monotonic() - started, 3))
 
     def stop(self) -> None:
         with self._cond:

@@ -9,14 +9,16 @@ NOT_SERVING. The lifecycle is ``common.service.BundleService``'s.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
+import numpy as np
 
 from gemma_mesh.common.grpc_server import start_metrics_server
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.common.service import BundleService, run_service, serve_until_signal
-from gemma_mesh.decoder.engine import Engine
+from gemma_mesh.decoder.engine import Engine, GenerationRequest
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.servicer import DecoderServicer
 from gemma_mesh.decoder.settings import DecoderSettings
@@ -25,6 +27,25 @@ from gemma_mesh.proto.v1 import decoder_pb2, decoder_pb2_grpc
 
 log = get_logger("decoder.server")
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
+
+
+def warm_up(engine: Engine, timeout_s: float = 600.0) -> None:
+    """Run one request through ``engine``'s running scheduler (a one-token prompt, the bundle's BOS
+    or pad, then one decode step), so that the first real request finds both graphs initialised and
+    run once (ONNX Runtime allocates its arenas and, on CUDA, picks its kernels on the first run).
+
+    Raises:
+        MeshError: the warm-up request failed (the bundle cannot serve).
+    """
+    tokens = engine.bundle.manifest.special_tokens
+    first = tokens["bos"].id if "bos" in tokens else tokens["pad"].id
+    request = GenerationRequest(
+        request_id="warm-up", input_ids=np.array([first], dtype=np.int64), max_tokens=2, ignore_eos=True
+    )
+    started = time.monotonic()
+    for _ in engine.submit(request).iter_events(timeout_s=timeout_s):
+        pass
+    log.info("warmed up", steps=engine.steps, seconds=round(time.monotonic() - started, 3))
 
 
 class DecoderServer(BundleService):
@@ -48,7 +69,7 @@ class DecoderServer(BundleService):
         engine = Engine(bundle, self.settings, self.metrics)
         engine.start()
         try:
-            engine.warm_up()
+            warm_up(engine)
         except BaseException:
             engine.stop()
             raise

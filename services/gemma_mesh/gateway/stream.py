@@ -453,8 +453,10 @@ class StreamConnection:
                 )
                 if self._taken_over.is_set():
                     return  # a newer connection resumed the session: detach (flush) and let go
-                if self._drain_requested.is_set():
-                    await self._drain_session()
+                if self._drain_requested.is_set():  # shutdown: finals out while the client listens
+                    await self._flush()
+                    self.captions = self.frames = None  # flushed: ``_detach`` has nothing left to do
+                    self._close_code = DRAIN_CLOSE_CODE
                     return
                 if not receiving.done():
                     continue
@@ -587,15 +589,6 @@ class StreamConnection:
             await self.frames.finish()
         if self.session_id is not None:
             await self.store.save_state(self.session_id, self._state())
-
-    async def _drain_session(self) -> None:
-        """Finish the pipelines while the client still listens (their finals are sent, and logged for
-        resume), then leave the connection to be closed with ``DRAIN_CLOSE_CODE``."""
-        await self._flush()
-        self.captions = None  # flushed: ``_detach`` has nothing left to finish
-        self.frames = None
-        self._close_code = DRAIN_CLOSE_CODE
-        log.info("session drained", session_id=self.session_id)
 
     async def _save_state(self) -> None:
         if self.session_id is not None:
