@@ -171,6 +171,7 @@ def test_not_ready_until_every_graph_is_loaded_and_warmed(kind: str) -> None:
             loop.run(service.health.draining())  # what SIGTERM does first
             assert _status(health, "") == NOT_SERVING
             assert _status(health, service.service_name) == NOT_SERVING
+            assert _status(health, LIVENESS_SERVICE) == SERVING  # draining is no reason to restart
             loop.run(service.stop(0))
         finally:
             bundle.gate.set()

@@ -67,7 +67,7 @@ class Child:
     port: int
     metrics_port: int | None = None
     proc: asyncio.subprocess.Process | None = None
-    env: dict[str, str] = field(default_factory=dict)  # this child's own variables
+    env: dict[str, str] = field(default_factory=dict)  # this child's own variables, over the environment
     stop_grace_s: float = STOP_GRACE_S  # SIGTERM to SIGKILL
     restarts: int = 0
     started_at: float = 0.0
@@ -173,7 +173,7 @@ class Mesh:
         log.info("mesh ready", **self.urls())
 
     async def _spawn(self, child: Child) -> None:
-        env = {**SHARED_HOST_ENV, **child.env, **os.environ, **self.config.extra_env}
+        env = {**SHARED_HOST_ENV, **os.environ, **child.env, **self.config.extra_env}
         child.proc = await asyncio.create_subprocess_exec(
             *child.argv, env=env, stdin=asyncio.subprocess.DEVNULL
         )

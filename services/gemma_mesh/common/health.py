@@ -7,9 +7,9 @@ Two questions, two answers:
   draining. A loading, broken or draining pod gets no calls (Kubernetes drops it from the headless
   Service's addresses; the gateway's ``/readyz`` reports the capability as lost).
 - **Liveness** (service ``LIVENESS_SERVICE``): SERVING while the process can still serve, loading
-  included (the startup probe covers a slow load); NOT_SERVING once the engine is broken (its
-  scheduler thread died, or ``failed_steps`` engine steps in a row raised), which only a restart
-  cures. It is never set back: the kubelet restarts the container.
+  and draining included (the startup probe covers a slow load); NOT_SERVING once the engine is
+  broken (its scheduler thread died, or ``unhealthy_after_failed_steps`` engine steps in a row
+  raised), which only a restart cures. It is never set back: the kubelet restarts the container.
 
 grpc's ``HealthServicer`` starts with ``""`` = SERVING (grpc/grpc ``health.py``); ``ServiceHealth``
 sets every name NOT_SERVING before the port opens. The engine reports from its own thread
@@ -86,8 +86,8 @@ class ServiceHealth:
         await self.servicer.set(LIVENESS_SERVICE, SERVING)
 
     async def serving(self) -> None:
-        """Ready: every graph is loaded and warmed (no-op once the engine is broken)."""
-        if self.reason == "broken":
+        """Ready: every graph is loaded and warmed (no-op once broken or draining)."""
+        if self.reason in ("broken", "draining"):
             return
         self._loop = asyncio.get_running_loop()
         self.reason = "serving"
@@ -108,6 +108,7 @@ class ServiceHealth:
         asyncio.run_coroutine_threadsafe(self.broken(why), loop)
 
     async def draining(self) -> None:
-        """SIGTERM: every status NOT_SERVING and frozen (grpc's ``enter_graceful_shutdown``)."""
-        self.reason = "draining"
-        await self.servicer.enter_graceful_shutdown()
+        """SIGTERM: not ready for good; liveness unchanged (a draining pod is not to be restarted)."""
+        if self.reason != "broken":
+            self.reason = "draining"
+        await self._set_readiness(NOT_SERVING)

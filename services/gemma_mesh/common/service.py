@@ -1,11 +1,11 @@
-"""The lifecycle every encoder service shares: bind, load the bundle off the event loop, serve, drain.
+"""The lifecycle every gRPC service shares: bind, load the bundle off the event loop, serve, drain.
 
 ``BundleService`` binds the port first (readiness NOT_SERVING on ``""`` and on the service, liveness
 SERVING; calls get UNAVAILABLE while the bundle loads), builds the service's engine in a worker
 thread (every graph it needs loaded and run once: ``build_engine``'s contract), attaches it to the
-servicer and only then reports SERVING (``common.health``). Subclasses say how to register the servicer and build the engine. ``run_service``
-and ``module_main`` are the blocking entry points behind ``gemma-mesh serve ...`` and
-``python -m gemma_mesh.<service>``.
+servicer and only then reports SERVING (``common.health``). Subclasses say how to register the
+servicer and build the engine. ``run_service`` and ``module_main`` are the blocking entry points
+behind ``gemma-mesh serve ...`` and ``python -m gemma_mesh.<service>``.
 """
 
 from __future__ import annotations
