@@ -48,3 +48,9 @@ class DecoderSettings(GrpcServiceSettings):
         description="Predicted-output tokens verified per prefill run: the next block is verified only "
         "if the whole block was accepted, so a prediction that goes wrong early costs at most one block",
     )
+    unhealthy_after_failed_steps: int = Field(
+        3,
+        ge=1,
+        description="Engine steps failing in a row after which the decoder reports NOT_SERVING on readiness "
+        "and liveness (a broken ONNX Runtime session fails every step; the kubelet then restarts the pod)",
+    )
