@@ -30,3 +30,27 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
+
+
+class LoopThread:
+    """An event loop in a background thread: ``run(coro)`` waits for a result, ``submit(coro)``
+    returns a ``concurrent.futures.Future`` (for a server that keeps loading while a test probes it)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> LoopThread:
+        self._thread.start()
+        return self
+
+    def submit(self, coro: Awaitable[Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Awaitable[Any], timeout_s: float = 120.0) -> Any:
+        return self.submit(coro).result(timeout=timeout_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()

@@ -278,6 +278,9 @@ def up(
     ] = None,
     host: Annotated[str, typer.Option(help="Gateway interface")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway HTTP/WebSocket port")] = 8000,
+    drain_grace_s: Annotated[
+        float, typer.Option(help="On stop, seconds live sessions get to deliver their finals")
+    ] = 10.0,
 ) -> None:
     """Run the whole mesh locally: decoder, audio, vision and gateway as supervised child processes.
 
@@ -295,7 +298,12 @@ def up(
 
     async def main() -> None:
         config = MeshConfig(
-            bundle=bundle, redis_url=redis_url, host=host, port=port, log_level=_child_level()
+            bundle=bundle,
+            redis_url=redis_url,
+            host=host,
+            port=port,
+            log_level=_child_level(),
+            drain_grace_s=drain_grace_s,
         )
         async with Mesh(config) as mesh:
             for name, url in mesh.urls().items():

@@ -4,7 +4,8 @@ Starts the decoder, audio frontend, vision encoder (each ``gemma-mesh serve ...`
 loopback gRPC port, Prometheus on another) and the gateway (``--port``, default 8000), waits until
 each reports healthy (``grpc.health.v1`` SERVING; the gateway's ``/readyz``), restarts a child
 that dies with exponential backoff (1 s doubling to 30 s, reset after 60 s of uptime), and on
-SIGINT/SIGTERM stops the gateway first, then the backends (SIGTERM, then SIGKILL after the grace).
+SIGINT/SIGTERM stops the gateway first (it drains its live sessions for ``drain_grace_s``: finals
+delivered, then 1012), then the backends (SIGTERM, then SIGKILL after the grace).
 This is a laptop convenience; in Kubernetes each component is a Deployment (helm/gemma-mesh).
 """
 
@@ -66,6 +67,8 @@ class Child:
     port: int
     metrics_port: int | None = None
     proc: asyncio.subprocess.Process | None = None
+    env: dict[str, str] = field(default_factory=dict)  # this child's own variables, over the environment
+    stop_grace_s: float = STOP_GRACE_S  # SIGTERM to SIGKILL
     restarts: int = 0
     started_at: float = 0.0
     backoff_s: float = BACKOFF_START_S
@@ -85,6 +88,8 @@ class MeshConfig:
     port: int = 8000
     log_level: str = "WARNING"
     ready_timeout_s: float = 180.0
+    # The gateway's drain on stop: live sessions get this long to deliver their finals (then 1012).
+    drain_grace_s: float = 10.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,7 +117,13 @@ class Mesh:
             gateway += [f"--{name}", self.children[name].target]
         if config.redis_url:
             gateway += ["--redis-url", config.redis_url]
-        self.children["gateway"] = Child("gateway", gateway, config.port)
+        self.children["gateway"] = Child(
+            "gateway",
+            gateway,
+            config.port,
+            env={"GEMMA_MESH_GATEWAY_DRAIN_GRACE_S": str(config.drain_grace_s)},
+            stop_grace_s=config.drain_grace_s + STOP_GRACE_S,
+        )
 
     @property
     def gateway_url(self) -> str:
@@ -162,7 +173,7 @@ class Mesh:
         log.info("mesh ready", **self.urls())
 
     async def _spawn(self, child: Child) -> None:
-        env = {**SHARED_HOST_ENV, **os.environ, **self.config.extra_env}
+        env = {**SHARED_HOST_ENV, **os.environ, **child.env, **self.config.extra_env}
         child.proc = await asyncio.create_subprocess_exec(
             *child.argv, env=env, stdin=asyncio.subprocess.DEVNULL
         )
@@ -235,7 +246,8 @@ class Mesh:
                 await self._spawn(child)
 
     async def stop(self) -> None:
-        """Stop the gateway, then the backends: SIGTERM, SIGKILL after ``STOP_GRACE_S``."""
+        """Stop the gateway, then the backends: SIGTERM, SIGKILL after each child's ``stop_grace_s``
+        (the gateway's covers its session drain, ``drain_grace_s``)."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -250,7 +262,7 @@ class Mesh:
                 if child.proc is None:
                     continue
                 try:
-                    await asyncio.wait_for(child.proc.wait(), timeout=STOP_GRACE_S)
+                    await asyncio.wait_for(child.proc.wait(), timeout=child.stop_grace_s)
                 except TimeoutError:
                     child.proc.kill()
                     await child.proc.wait()

@@ -30,6 +30,14 @@ REQUIRED_ALERTS = {
     "GemmaMeshDecoderQueueDepthHigh",
     "GemmaMeshFramesDroppedHigh",
     "GemmaMeshRedisUnavailable",
+    # Scrape health: without these a component Prometheus never reaches has no alert at all.
+    "GemmaMeshTargetDown",
+    "GemmaMeshDecoderAbsent",
+    "GemmaMeshAudioAbsent",
+    "GemmaMeshVisionAbsent",
+    "GemmaMeshGatewayAbsent",
+    "GemmaMeshCapabilityLost",
+    "GemmaMeshDecoderStepsFailing",
 }
 
 

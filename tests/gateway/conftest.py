@@ -22,6 +22,15 @@ def backends(tiny_bundle) -> Backends:
 
 
 @pytest.fixture(scope="session")
+def embedded_backends() -> Backends:
+    """The three services on the embedded tiny bundle (no export needed), for the whole session."""
+    from gemma_mesh.model.bundle import ModelBundle
+
+    with contextlib.ExitStack() as stack:
+        yield start_backends(ModelBundle(None, providers=["CPUExecutionProvider"]), stack)
+
+
+@pytest.fixture(scope="session")
 def gateway_url(backends: Backends) -> str:
     """A gateway (in-process store, no API keys) in front of ``backends``: ``http://127.0.0.1:PORT``."""
     with GatewayThread(backends.gateway_settings()) as url:

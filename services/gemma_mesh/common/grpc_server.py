@@ -1,12 +1,15 @@
 """Building, running and calling gRPC services the same way everywhere (grpc.aio).
 
-- ``create_server(settings, register)`` -> ``(server, port, health)``: message size limits, the error
-  interceptor, ``grpc.health.v1`` and server reflection; ``register`` adds the service's servicers.
+- ``create_server(settings, register)`` -> ``(server, port, health)``: message size limits, keepalive
+  enforcement, the error interceptor, ``grpc.health.v1`` (``common.health.ServiceHealth``: not ready
+  until the caller says so) and server reflection; ``register`` adds the service's servicers.
 - ``ErrorInterceptor`` converts ``MeshError`` subclasses to status codes in one place (TGI's
   ``ExceptionInterceptor``); unexpected exceptions are logged once and become INTERNAL.
 - ``serve(server, health, grace_s)`` runs until SIGTERM/SIGINT, then drains with ``stop(grace)``.
-- ``open_channel(target, max_message_bytes)`` is the client side with the same limits and
-  client-side round-robin over every address a DNS name resolves to (headless Services).
+- ``open_channel(target, max_message_bytes, keepalive)`` is the client side with the same limits,
+  client-side round-robin over every address a DNS name resolves to (headless Services), HTTP/2
+  keepalive pings (a lost node is noticed in ``time_s + timeout_s``, not at each call's deadline)
+  and gRPC's retry policy for the idempotent unary calls (``retry_service_config``).
 """
 
 from __future__ import annotations
@@ -15,20 +18,75 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gemma_mesh.common.errors import MeshError
+from gemma_mesh.common.health import ServiceHealth
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.common.settings import GrpcServiceSettings
-from gemma_mesh.proto.v1 import common_pb2
+from gemma_mesh.proto.v1 import audio_pb2, common_pb2, decoder_pb2, vision_pb2
 
 log = get_logger("grpc")
 
 ERROR_DETAIL_KEY = "gemma-mesh-error-bin"
+# Servers accept client keepalive pings this often at most (gRPC's default, 5 min, would make a
+# server answer a client pinging every 20 s with GOAWAY "too_many_pings" and drop its calls).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
+@dataclass(frozen=True)
+class KeepaliveSettings:
+    """HTTP/2 keepalive and retries of a client channel (``GatewaySettings.grpc_*``).
+
+    ``time_s``: a ping after this long without a frame, calls or not; ``timeout_s``: no ack in that
+    long closes the connection and its calls fail UNAVAILABLE (a node that vanished without a FIN
+    is noticed in ``time_s + timeout_s``). ``retry_attempts``: total attempts (first included) of an
+    idempotent unary call that got UNAVAILABLE (a pod draining or gone); 1 = no retries.
+    """
+
+    time_s: float = 20.0
+    timeout_s: float = 10.0
+    retry_attempts: int = 3
+
+
+def idempotent_unary_methods() -> list[dict[str, str]]:
+    """``{"service", "method"}`` of every unary-unary RPC of the mesh's protos and of grpc.health.v1:
+    each is a pure function of its request, so running it twice costs compute and changes nothing.
+    Streaming calls (``Decoder.Generate``, ``AudioFrontend.EncodeStream``) are not retried here: a
+    stream that delivered a message cannot be replayed by the channel."""
+    names = [{"service": "grpc.health.v1.Health", "method": "Check"}]
+    for module in (audio_pb2, decoder_pb2, vision_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                if not method.client_streaming and not method.server_streaming:
+                    names.append({"service": service.full_name, "method": method.name})
+    return names
+
+
+def retry_service_config(keepalive: KeepaliveSettings) -> dict[str, Any]:
+    """The channel's gRPC service config: round_robin, and UNAVAILABLE retried with exponential
+    backoff for ``idempotent_unary_methods`` (gRFC A6; grpc-go and grpc-java read the same JSON)."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if keepalive.retry_attempts > 1:
+        config["methodConfig"] = [
+            {
+                "name": idempotent_unary_methods(),
+                "retryPolicy": {
+                    "maxAttempts": min(keepalive.retry_attempts, 5),  # gRPC caps it at 5
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return config
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -108,15 +166,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 def create_server(
     settings: GrpcServiceSettings, register: Callable[[grpc.aio.Server], Iterable[str]]
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, int, ServiceHealth]:
     """Build a grpc.aio server on ``settings.host:settings.port`` (0 = a free port).
 
     Args:
         register: adds the servicers and returns their full service names (for health and reflection).
 
     Returns:
-        ``(server, bound_port, health_servicer)``; a service is unknown to health checks (NOT_FOUND,
-        i.e. not ready) until the caller marks it ready with ``await mark_serving(...)``.
+        ``(server, bound_port, health)``. Call ``await health.loading()`` before ``server.start()``
+        (readiness NOT_SERVING, liveness SERVING) and ``await health.serving()`` once loaded.
     """
     options = [
         *message_options(settings.max_message_bytes),
@@ -124,25 +182,28 @@ def create_server(
         # gateway's round_robin see pods added by a scale-up (headless Services in Kubernetes).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000) + 60_000),
+        # Ping clients: a stream whose client vanished (no FIN) is cancelled after time + timeout
+        # instead of decoding for nobody until its deadline.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        # Let clients keep idle connections alive with pings (see KeepaliveSettings).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
     names = list(register(server))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
-    return server, port, health_servicer
+    return server, port, ServiceHealth(health_servicer, names)
 
 
-async def mark_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str]) -> None:
-    """Report every service (and the server as a whole, "") as SERVING."""
-    for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-
-async def serve(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, grace_s: float) -> None:
+async def serve(server: grpc.aio.Server, health: ServiceHealth, grace_s: float) -> None:
     """Run ``server`` (already started) until SIGTERM/SIGINT; then NOT_SERVING and ``stop(grace_s)``."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -151,20 +212,38 @@ async def serve(server: grpc.aio.Server, health_servicer: health.aio.HealthServi
     wait_server = asyncio.create_task(server.wait_for_termination())
     wait_signal = asyncio.create_task(stop.wait())
     await asyncio.wait([wait_server, wait_signal], return_when=asyncio.FIRST_COMPLETED)
-    await health_servicer.enter_graceful_shutdown()
+    await health.draining()
     log.info("shutting down", grace_s=grace_s)
     await server.stop(grace_s)
     wait_signal.cancel()
 
 
-def open_channel(target: str, max_message_bytes: int) -> grpc.aio.Channel:
-    """An insecure grpc.aio channel with raised message limits and round-robin over resolved addresses.
+def channel_options(max_message_bytes: int, keepalive: KeepaliveSettings) -> list[tuple[str, Any]]:
+    """Client channel options: message limits, keepalive pings and the service config."""
+    return [
+        *message_options(max_message_bytes),
+        ("grpc.service_config", json.dumps(retry_service_config(keepalive))),
+        ("grpc.enable_retries", 1 if keepalive.retry_attempts > 1 else 0),
+        ("grpc.keepalive_time_ms", int(keepalive.time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive.timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(keepalive.timeout_s * 1000)),
+        # Ping idle connections too: the next call must not be the one that finds the peer gone.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", int(keepalive.time_s * 1000)),
+    ]
+
+
+def open_channel(
+    target: str, max_message_bytes: int, keepalive: KeepaliveSettings | None = None
+) -> grpc.aio.Channel:
+    """An insecure grpc.aio channel: raised message limits, round-robin over resolved addresses,
+    keepalive pings and UNAVAILABLE retries of idempotent unary calls (``channel_options``).
 
     For Kubernetes use a headless Service (``dns:///decoder-headless:50051``): kube-proxy balances
     connections, not requests, and gRPC connections are long-lived, so the client balances itself.
     """
-    service_config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-    options = [*message_options(max_message_bytes), ("grpc.service_config", service_config)]
+    options = channel_options(max_message_bytes, keepalive or KeepaliveSettings())
     return grpc.aio.insecure_channel(target, options=options)
 
 

@@ -1,10 +1,11 @@
-"""The lifecycle every encoder service shares: bind, load the bundle off the event loop, serve, drain.
+"""The lifecycle every gRPC service shares: bind, load the bundle off the event loop, serve, drain.
 
-``BundleService`` binds the port first (health NOT_SERVING, so calls get UNAVAILABLE while the
-bundle loads), builds the service's engine in a worker thread, attaches it to the servicer and
-reports SERVING. Subclasses say how to register the servicer and build the engine. ``run_service``
-and ``module_main`` are the blocking entry points behind ``gemma-mesh serve ...`` and
-``python -m gemma_mesh.<service>``.
+``BundleService`` binds the port first (readiness NOT_SERVING on ``""`` and on the service, liveness
+SERVING; calls get UNAVAILABLE while the bundle loads), builds the service's engine in a worker
+thread (every graph it needs loaded and run once: ``build_engine``'s contract), attaches it to the
+servicer and only then reports SERVING (``common.health``). Subclasses say how to register the
+servicer and build the engine. ``run_service`` and ``module_main`` are the blocking entry points
+behind ``gemma-mesh serve ...`` and ``python -m gemma_mesh.<service>``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import grpc
 from gemma_mesh.common.grpc_server import (
     create_server,
     limit_blas_threads,
-    mark_serving,
     serve,
     start_metrics_server,
 )
@@ -37,6 +37,8 @@ class BundleService(ABC):
     ``register`` (add the servicer to the server) and ``build_engine`` (runs in a worker thread)."""
 
     service_name: ClassVar[str]
+    # The Prometheus registry ``serve_until_signal`` exposes (None: the process-wide one).
+    metrics_registry: Any = None
 
     def __init__(self, settings: GrpcServiceSettings, servicer: Any) -> None:
         self.settings = settings
@@ -53,7 +55,9 @@ class BundleService(ABC):
 
     @abstractmethod
     def build_engine(self, bundle: Any) -> Any:
-        """Build the service's engine on a loaded ``ModelBundle`` (called in a worker thread)."""
+        """Build the service's engine on a ``ModelBundle`` (called in a worker thread). It returns
+        with every graph the service needs loaded and run once: SERVING follows at once, and the
+        first request must not pay for a session or a first run (GPU memory grows before Ready)."""
 
     def attach(self, engine: Any) -> None:
         """Hand the loaded engine to the servicer (default: ``servicer.attach(engine)``)."""
@@ -71,6 +75,7 @@ class BundleService(ABC):
             NotFound / ValueError: the bundle is missing or does not fit this service (the server is
                 stopped first).
         """
+        await self.health.loading()
         await self.server.start()
         try:
             engine = await asyncio.to_thread(self._load, bundle)
@@ -78,7 +83,7 @@ class BundleService(ABC):
             await self.stop(0)
             raise
         self.attach(engine)
-        await mark_serving(self.health, [self.service_name])
+        await self.health.serving()
         log.info("serving", service=self.service_name, port=self.port, bundle=str(engine.bundle.path))
 
     async def close_servicer(self) -> None:
@@ -88,7 +93,7 @@ class BundleService(ABC):
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, give in-flight ones ``grace_s`` (default ``shutdown_grace_s``), free threads."""
-        await self.health.enter_graceful_shutdown()
+        await self.health.draining()
         await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)
         await self.close_servicer()
 
@@ -96,7 +101,9 @@ class BundleService(ABC):
 async def serve_until_signal(service: BundleService, bundle: Any = None) -> None:
     """Start ``service`` with its metrics endpoint and run it until SIGTERM/SIGINT, then drain."""
     settings = service.settings
-    metrics_http, metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    metrics_http, metrics_port = start_metrics_server(
+        settings.metrics_port, settings.host, service.metrics_registry
+    )
     await service.start(bundle)
     log.info("listening", service=service.service_name, port=service.port, metrics_port=metrics_port)
     try:

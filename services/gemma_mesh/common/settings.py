@@ -51,4 +51,13 @@ class GrpcServiceSettings(BaseSettings):
         description="Connections are closed (gracefully) after this age, so clients re-resolve DNS",
     )
     shutdown_grace_s: float = Field(5.0, ge=0, description="Seconds in-flight calls get on SIGTERM")
+    keepalive_time_s: float = Field(
+        60.0,
+        gt=0,
+        description="The server pings each client connection after this long without a frame, so the "
+        "streams of a client that vanished (a lost gateway node) are cancelled and free their work",
+    )
+    keepalive_timeout_s: float = Field(
+        20.0, gt=0, description="A server ping not acknowledged in this long closes the connection"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

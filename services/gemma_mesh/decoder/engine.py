@@ -32,6 +32,10 @@ only its own keys (the masks come from its own length and ring), so batched gree
 the solo run's. Requests talk to the engine through ``RequestHandle`` (thread-safe event queue);
 a request's ``stream_interval_tokens`` holds its deltas until they carry that many tokens (vLLM's
 stream interval), for callers that read the text rather than each token.
+
+**Health.** Both graphs load in ``__init__`` (``server.warm_up`` then runs one request). A step that
+raises fails its requests, not the server; ``unhealthy_after_failed_steps`` in a row (a broken
+session), or the scheduler thread dying, calls ``on_broken(reason)`` once.
 """
 
 from __future__ import annotations
@@ -46,9 +50,11 @@ from typing import Any
 import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, Overloaded
+from gemma_mesh.common.health import FailedStepStreak
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.decoder.grammar import GrammarCompiler, GrammarMasker
-from gemma_mesh.decoder.kv_cache import BatchKVCache, scratch_buffer
+from gemma_mesh.decoder.kv_cache import scratch_buffer
+from gemma_mesh.decoder.kv_storage import make_kv_cache
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.output import Channel, Delta
 from gemma_mesh.decoder.prefix_cache import PrefixCache
@@ -62,27 +68,6 @@ __all__ = ["Engine", "Finished", "GenerationRequest", "RequestHandle"]
 log = get_logger("decoder.engine")
 
 
-# ORT device names of the execution providers that keep tensors in their own memory.
-_PROVIDER_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda"}
-
-
-def make_kv_cache(session: Any, manifest: Any, settings: DecoderSettings, dtype: np.dtype) -> BatchKVCache:
-    """The engine's KV cache: on the session's device (``DeviceKVCache``) when ``kv_storage`` is
-    ``device``, or ``auto`` and the decoder runs on a GPU provider; numpy arrays otherwise."""
-    provider = session.get_providers()[0]
-    device = _PROVIDER_DEVICES.get(provider, "cpu")
-    storage = settings.kv_storage
-    if storage == "auto":
-        storage = "device" if device != "cpu" else "host"
-    args = (manifest.text, settings.max_batch_size, dtype, settings.kv_initial_tokens)
-    if storage == "host":
-        return BatchKVCache(*args)
-    from gemma_mesh.decoder.device_kv import DeviceKVCache
-
-    log.info("KV cache on the device", device=device, provider=provider)
-    return DeviceKVCache(*args, device=device, device_id=0, providers=session.get_providers())
-
-
 class Engine:
     """Continuous-batching generation over ``bundle``'s decoder. Thread-safe ``submit``; call ``start()`` first."""
 
@@ -94,6 +79,7 @@ class Engine:
         self.metrics = metrics or DecoderMetrics()
         manifest = bundle.manifest
         self.session = bundle.session("decoder_model_merged")
+        bundle.session("embed_tokens")  # loaded now, not by the first request after SERVING
         self._scratch: dict[str, np.ndarray] = {}  # I/O-binding output buffers, by output name
         self.kv = make_kv_cache(self.session, manifest, settings, bundle.float_dtype)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes, settings.prefix_block_tokens)
@@ -135,6 +121,9 @@ class Engine:
             asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object, threading.Event]]
         ] = {}
         self.steps = 0
+        self.failed_steps = FailedStepStreak(settings.unhealthy_after_failed_steps)
+        # Called once, from the engine thread, when the engine can no longer serve.
+        self.on_broken: Any = None
 
     # ---------------------------------------------------------------- public
     def start(self) -> None:
@@ -204,6 +193,18 @@ class Engine:
 
     # ------------------------------------------------------------- the loop
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug in the loop itself: nothing will serve again
+            log.exception("engine thread died")
+            self._report_broken(f"the engine thread died: {type(exc).__name__}: {exc}")
+            raise
+
+    def _report_broken(self, reason: str) -> None:
+        if self.on_broken is not None:
+            self.on_broken(reason)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and not (self._waiting or self._decoding or self._prefilling):
@@ -217,9 +218,16 @@ class Engine:
                     self._prefill_batch()
                 if self._decoding:
                     self._decode_step()
+                self.failed_steps.record(True)
             except Exception as exc:  # a failed step fails its requests, not the server
-                log.exception("engine step failed")
+                log.exception("engine step failed", failed_in_a_row=self.failed_steps.count + 1)
+                self.metrics.failed_steps.inc()
                 self._fail_all(MeshError(f"decoder step failed: {type(exc).__name__}: {exc}"))
+                if self.failed_steps.record(False):
+                    self._report_broken(
+                        f"{self.failed_steps.count} engine steps failed in a row "
+                        f"(unhealthy_after_failed_steps); last: {type(exc).__name__}: {exc}"
+                    )
             self._flush_events()
         self._fail_all(MeshError("the decoder is shutting down"))
         self._flush_events()

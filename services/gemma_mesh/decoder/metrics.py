@@ -61,6 +61,11 @@ class DecoderMetrics:
         self.requests = Counter(
             "gemma_mesh_decoder_requests", "Finished requests by outcome", ["outcome"], registry=r
         )
+        self.failed_steps = Counter(
+            "gemma_mesh_decoder_failed_steps",
+            "Engine steps (prefill or decode runs) that raised; each fails the requests it ran",
+            registry=r,
+        )
         self.errors = Counter(
             "gemma_mesh_decoder_errors", "Refused or failed requests by status code", ["code"], registry=r
         )

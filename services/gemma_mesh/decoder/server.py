@@ -1,22 +1,24 @@
-"""Build and run the decoder's gRPC server (``gemma-mesh serve decoder``)."""
+"""Build and run the decoder's gRPC server (``gemma-mesh serve decoder``).
+
+``DecoderServer(settings)`` binds the port with health (readiness NOT_SERVING, liveness SERVING)
+and reflection; ``start(bundle)`` builds the engine off the event loop (both graphs loaded, one
+warm-up request run through the scheduler; calls meanwhile get UNAVAILABLE "still loading"), then
+reports SERVING. An engine that breaks (``Engine.on_broken``) turns readiness and liveness
+NOT_SERVING. The lifecycle is ``common.service.BundleService``'s.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass
+import time
 from typing import Any
 
 import grpc
+import numpy as np
 
-from gemma_mesh.common.grpc_server import (
-    create_server,
-    limit_blas_threads,
-    mark_serving,
-    serve,
-    start_metrics_server,
-)
-from gemma_mesh.common.logging import configure_logging, get_logger
-from gemma_mesh.decoder.engine import Engine
+from gemma_mesh.common.grpc_server import start_metrics_server
+from gemma_mesh.common.logging import get_logger
+from gemma_mesh.common.service import BundleService, run_service, serve_until_signal
+from gemma_mesh.decoder.engine import Engine, GenerationRequest
 from gemma_mesh.decoder.metrics import DecoderMetrics
 from gemma_mesh.decoder.servicer import DecoderServicer
 from gemma_mesh.decoder.settings import DecoderSettings
@@ -27,67 +29,90 @@ log = get_logger("decoder.server")
 SERVICE_NAME = decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name
 
 
-@dataclass
-class DecoderServer:
-    """A started decoder: the gRPC server, its port, the engine and the metrics endpoint."""
+def warm_up(engine: Engine, timeout_s: float = 600.0) -> None:
+    """Run one request through ``engine``'s running scheduler (a one-token prompt, the bundle's BOS
+    or pad, then one decode step), so that the first real request finds both graphs initialised and
+    run once (ONNX Runtime allocates its arenas and, on CUDA, picks its kernels on the first run).
 
-    server: grpc.aio.Server
-    port: int
-    engine: Engine
-    health: Any
-    metrics_server: Any
-    metrics_port: int | None
+    Raises:
+        MeshError: the warm-up request failed (the bundle cannot serve).
+    """
+    tokens = engine.bundle.manifest.special_tokens
+    first = tokens["bos"].id if "bos" in tokens else tokens["pad"].id
+    request = GenerationRequest(
+        request_id="warm-up", input_ids=np.array([first], dtype=np.int64), max_tokens=2, ignore_eos=True
+    )
+    started = time.monotonic()
+    for _ in engine.submit(request).iter_events(timeout_s=timeout_s):
+        pass
+    log.info("warmed up", steps=engine.steps, seconds=round(time.monotonic() - started, 3))
 
-    async def stop(self, grace_s: float = 0.0) -> None:
-        await self.server.stop(grace_s)
-        self.engine.stop()
+
+class DecoderServer(BundleService):
+    """The decoder on ``settings.host:settings.port`` (0 = a free port, see ``port``); ``engine`` is
+    None until ``start`` has loaded and warmed it."""
+
+    service_name = SERVICE_NAME
+
+    def __init__(self, settings: DecoderSettings) -> None:
+        self.metrics = DecoderMetrics()
+        self.metrics_registry = self.metrics.registry
+        self.engine: Engine | None = None
+        self.metrics_server: Any = None
+        self.metrics_port: int | None = None
+        super().__init__(settings, DecoderServicer(None, settings))
+
+    def register(self, server: grpc.aio.Server) -> None:
+        decoder_pb2_grpc.add_DecoderServicer_to_server(self.servicer, server)
+
+    def build_engine(self, bundle: ModelBundle) -> Engine:
+        engine = Engine(bundle, self.settings, self.metrics)
+        engine.start()
+        try:
+            warm_up(engine)
+        except BaseException:
+            engine.stop()
+            raise
+        return engine
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.servicer.engine = engine
+        engine.on_broken = self.health.engine_broken
+        log.info(
+            "decoder loaded",
+            providers=engine.bundle.providers,
+            max_batch_size=self.settings.max_batch_size,
+        )
+
+    async def close_servicer(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+            self.metrics_server = None
 
 
 async def start_decoder(settings: DecoderSettings, bundle: ModelBundle | None = None) -> DecoderServer:
-    """Load the bundle, start the engine and the server; SERVING once the decoder session is loaded."""
-    bundle = bundle or ModelBundle.from_settings(settings)
-    metrics = DecoderMetrics()
-    holder: dict[str, Engine] = {}
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        engine = Engine(bundle, settings, metrics)
-        holder["engine"] = engine
-        decoder_pb2_grpc.add_DecoderServicer_to_server(DecoderServicer(engine, settings), server)
-        return [SERVICE_NAME]
-
-    server, port, health = create_server(settings, register)
-    engine = holder["engine"]
-    engine.start()
-    await server.start()
-    await mark_serving(health, [SERVICE_NAME])
-    metrics_server, metrics_port = start_metrics_server(
-        settings.metrics_port, settings.host, metrics.registry
+    """A started decoder (SERVING) with its metrics endpoint (``settings.metrics_port``), for tests
+    and benchmarks that run it in-process; ``stop(grace_s)`` drains it."""
+    service = DecoderServer(settings)
+    service.metrics_server, service.metrics_port = start_metrics_server(
+        settings.metrics_port, settings.host, service.metrics_registry
     )
-    log.info(
-        "decoder serving",
-        port=port,
-        metrics_port=metrics_port,
-        bundle=str(bundle.path),
-        providers=bundle.providers,
-        max_batch_size=settings.max_batch_size,
-    )
-    return DecoderServer(server, port, engine, health, metrics_server, metrics_port)
+    try:
+        await service.start(bundle)
+    except BaseException:
+        await service.close_servicer()
+        raise
+    return service
+
+
+async def serve_decoder(settings: DecoderSettings, bundle: ModelBundle | None = None) -> None:
+    """Run the decoder until SIGTERM/SIGINT (then drain for ``shutdown_grace_s``)."""
+    await serve_until_signal(DecoderServer(settings), bundle)
 
 
 def run_decoder_server(settings: DecoderSettings) -> None:
-    """Blocking entry point: serve until SIGTERM/SIGINT, then drain for ``shutdown_grace_s``."""
-    configure_logging(settings.log_level)
-    limit_blas_threads(settings.blas_threads)
-
-    async def main() -> None:
-        started = await start_decoder(settings)
-        try:
-            await serve(started.server, started.health, settings.shutdown_grace_s)
-        finally:
-            started.engine.stop()
-            if started.metrics_server is not None:
-                started.metrics_server.shutdown()
-
-    asyncio.run(main())
+    """Entry point of ``gemma-mesh serve decoder``: configure logging and serve (blocks)."""
+    run_service(lambda: DecoderServer(settings), settings.log_level)

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gemma_mesh.common.errors import InvalidRequest
+from gemma_mesh.common.errors import EngineDead, InvalidRequest
 from gemma_mesh.common.tensors import from_tensor_pb
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
 from gemma_mesh.decoder.grammar import CompiledGrammar, ConstraintSpec, GrammarCompiler
@@ -331,15 +331,17 @@ def finished_pb(event: Finished) -> decoder_pb2.GenerateResponse:
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
-    """The gRPC face of an ``Engine``."""
+    """The gRPC face of an ``Engine`` (None while it loads: calls get UNAVAILABLE)."""
 
-    def __init__(self, engine: Engine, settings: DecoderSettings) -> None:
+    def __init__(self, engine: Engine | None, settings: DecoderSettings) -> None:
         self.engine = engine
         self.settings = settings
 
     async def Generate(
         self, request: decoder_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decoder_pb2.GenerateResponse]:
+        if self.engine is None:
+            raise EngineDead("the decoder is still loading")
         try:
             # Off the event loop: rendering and tokenizing a long prompt must not stall the other
             # streams this loop serves.

@@ -76,3 +76,9 @@ class DecoderSettings(GrpcServiceSettings):
     max_grammar_size: int = Field(
         500_000, ge=1, description="llguidance's grammar size limit (symbols); larger constraints are refused"
     )
+    unhealthy_after_failed_steps: int = Field(
+        3,
+        ge=1,
+        description="Engine steps failing in a row after which the decoder reports NOT_SERVING on readiness "
+        "and liveness (a broken ONNX Runtime session fails every step; the kubelet then restarts the pod)",
+    )

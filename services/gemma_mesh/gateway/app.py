@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
@@ -23,17 +23,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from gemma_mesh.common.errors import MeshError
+from gemma_mesh.common.grpc_server import KeepaliveSettings, start_metrics_server
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.drain import LiveConnections
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
+from gemma_mesh.gateway.readiness import check_dependencies
 from gemma_mesh.gateway.sessions import SessionStore, open_store
 from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.gateway.stream import StreamConnection
+from gemma_mesh.gateway.token_secret import shared_token_secret
 
 log = get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
@@ -53,6 +57,7 @@ class GatewayState:
     vad_batcher: VadBatcher
     caption_latency: CaptionLatencyMonitor
     analysis_slots: asyncio.Semaphore  # max_concurrent_analyses, shared by every session's frames
+    live: LiveConnections = field(default_factory=LiveConnections)  # drained on shutdown
 
 
 async def _check_store(store: SessionStore) -> None:
@@ -99,6 +104,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.vision_target,
             max_message_bytes=settings.max_grpc_message_bytes,
             timeout_s=settings.backend_timeout_s,
+            keepalive=KeepaliveSettings(
+                settings.grpc_keepalive_time_s,
+                settings.grpc_keepalive_timeout_s,
+                settings.grpc_retry_attempts,
+            ),
         )
         if settings.redis_url:
             await _check_store(store)
@@ -110,13 +120,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
         leases = open_leases(settings.redis_url, prefix=settings.redis_key_prefix)
+        shared_secret = None
+        if settings.token_secret is None and settings.redis_url:
+            shared_secret = await shared_token_secret(settings.redis_url, settings.redis_key_prefix)
         vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
             settings,
             clients,
             store,
             metrics,
-            Authenticator(settings),
+            Authenticator(settings, shared_secret),
             vad_settings,
             leases,
             vad_batcher,
@@ -131,9 +144,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             store="redis" if settings.redis_url else "memory",
             auth=bool(settings.api_keys),
         )
+        metrics_http, metrics_port = start_metrics_server(
+            settings.metrics_port, settings.host, metrics.registry
+        )
+        if metrics_port is not None:
+            log.info("metrics on their own port", metrics_port=metrics_port)
         try:
             yield
         finally:
+            if metrics_http is not None:
+                metrics_http.shutdown()
             await clients.close()
             await store.close()
             await leases.close()
@@ -181,20 +201,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: every gRPC backend reports SERVING and the session store answers."""
+        """Readiness: 200 while the gateway can serve some capability (the decoder is SERVING) and is
+        not draining; the body lists the capabilities lost to a backend or the session store
+        (``gateway.readiness``).
+        Every check runs at once, each cut off after ``readiness_check_timeout_s``."""
         gw: GatewayState = request.app.state.gw
-        backends = await gw.clients.health()
-        try:
-            store_s = await asyncio.wait_for(gw.store.ping(), timeout=1.0)
-            store_ok = True
-        except Exception:
-            store_s, store_ok = None, False
-        ready = all(backends.values()) and store_ok
-        body = {"ready": ready, "backends": backends, "store": {"ok": store_ok, "latency_s": store_s}}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        if gw.live.draining:  # shutting down: no new sessions here
+            return JSONResponse({"ready": False, "draining": True}, status_code=503)
+        timeout_s = gw.settings.readiness_check_timeout_s
+        checks = {name: gw.clients.serving(name, timeout_s) for name in ("decoder", "audio", "vision")}
+        readiness = await check_dependencies(checks, gw.store.ping(), timeout_s)
+        for name, ok in readiness.capabilities.items():
+            gw.metrics.capability_up.labels(name).set(1 if ok else 0)
+        return JSONResponse(readiness.body(), status_code=200 if readiness.ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics, unless ``metrics_port`` serves them on a port of their own (404)."""
+        if settings.metrics_port is not None:
+            raise StarletteHTTPException(404, f"/metrics is served on port {settings.metrics_port}")
         return Response(
             generate_latest(request.app.state.gw.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )

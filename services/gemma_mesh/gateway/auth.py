@@ -40,9 +40,15 @@ class Authenticator:
     (local use); origins and per-key limits still apply.
     """
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, shared_secret: str | None = None) -> None:
         self._keys = {key_id(k.get_secret_value()): k.get_secret_value() for k in settings.api_keys}
-        secret = settings.token_secret.get_secret_value() if settings.token_secret else secrets.token_hex(32)
+        # The configured key, else the one the replicas share through Redis (gateway.token_secret),
+        # else one of this process.
+        secret = (
+            settings.token_secret.get_secret_value()
+            if settings.token_secret
+            else shared_secret or secrets.token_hex(32)
+        )
         self._secret = secret.encode()
         self.token_ttl_s = settings.token_ttl_s
         self.allowed_origins = {o.rstrip("/") for o in settings.allowed_origins}

@@ -18,7 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gemma_mesh.common.errors import ERRORS_BY_GRPC_STATUS, BackendUnavailable, MeshError
-from gemma_mesh.common.grpc_server import error_detail, open_channel
+from gemma_mesh.common.grpc_server import KeepaliveSettings, error_detail, open_channel
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.common.tensors import from_tensor_pb, to_tensor_pb
 from gemma_mesh.proto.v1 import (
@@ -323,6 +323,7 @@ class MeshClient:
         decoder_target, audio_target, vision_target: gRPC targets (``host:port`` or ``dns:///name:port``).
         max_message_bytes: gRPC message limit, both directions.
         timeout_s: deadline of each call.
+        keepalive: keepalive pings and UNAVAILABLE retries of the channels (``KeepaliveSettings``).
     """
 
     def __init__(
@@ -333,11 +334,12 @@ class MeshClient:
         *,
         max_message_bytes: int = 64 * 1024 * 1024,
         timeout_s: float = 120.0,
+        keepalive: KeepaliveSettings | None = None,
     ) -> None:
         self._channels = {
-            "decoder": open_channel(decoder_target, max_message_bytes),
-            "audio": open_channel(audio_target, max_message_bytes),
-            "vision": open_channel(vision_target, max_message_bytes),
+            "decoder": open_channel(decoder_target, max_message_bytes, keepalive),
+            "audio": open_channel(audio_target, max_message_bytes, keepalive),
+            "vision": open_channel(vision_target, max_message_bytes, keepalive),
         }
         self._decoder = decoder_pb2_grpc.DecoderStub(self._channels["decoder"])
         self._audio = audio_pb2_grpc.AudioFrontendStub(self._channels["audio"])
@@ -350,17 +352,21 @@ class MeshClient:
         for channel in self._channels.values():
             await channel.close()
 
-    async def health(self) -> dict[str, bool]:
-        """``{backend: serving}`` from each backend's ``grpc.health.v1`` (1 s deadline each)."""
-        result = {}
-        for name, channel in self._channels.items():
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                result[name] = reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.aio.AioRpcError:
-                result[name] = False
-        return result
+    async def serving(self, backend: str, timeout_s: float = 1.0) -> bool:
+        """Whether ``backend`` (``decoder``, ``audio``, ``vision``) answers SERVING on
+        ``grpc.health.v1`` ``""`` within ``timeout_s`` (a loading, broken or draining backend does not)."""
+        stub = health_pb2_grpc.HealthStub(self._channels[backend])
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def health(self, timeout_s: float = 1.0) -> dict[str, bool]:
+        """``{backend: serving}`` of every backend, checked concurrently (``timeout_s`` in all)."""
+        names = list(self._channels)
+        results = await asyncio.gather(*(self.serving(name, timeout_s) for name in names))
+        return dict(zip(names, results, strict=True))
 
     async def encode_audio(
         self, *, pcm_f32: np.ndarray | None = None, sample_rate_hz: int = 16000, file: bytes | None = None

@@ -58,6 +58,12 @@ class GatewayMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+        self.capability_up = Gauge(
+            "gemma_mesh_gateway_capability_up",
+            "1 when the capability's backends and store answered the last /readyz (gateway.readiness)",
+            ["capability"],
+            registry=r,
+        )
         self.redis_up = Gauge(
             "gemma_mesh_gateway_redis_up", "1 when the session store is reachable", registry=r
         )

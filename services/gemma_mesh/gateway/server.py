@@ -1,8 +1,12 @@
-"""Run the gateway (``gemma-mesh serve gateway``): uvicorn with the WebSocket size limit from settings."""
+"""Run the gateway (``gemma-mesh serve gateway``): uvicorn with the WebSocket size limit from settings
+and a shutdown that drains live sessions first (``DrainingServer``)."""
 
 from __future__ import annotations
 
+import socket
+
 import uvicorn
+from fastapi import FastAPI
 
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import configure_logging, get_logger
@@ -11,6 +15,8 @@ from gemma_mesh.gateway.captioning import find_silero_model
 from gemma_mesh.gateway.settings import GatewaySettings
 
 log = get_logger(__name__)
+# Seconds HTTP requests (a chat completion streaming its answer) get after the sessions drained.
+DRAIN_HTTP_MARGIN_S = 3.0
 
 
 def check_redis(url: str | None, *, require_reachable: bool = False) -> None:
@@ -53,8 +59,28 @@ def uvicorn_options(settings: GatewaySettings) -> dict:
     }
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown first drains the live sessions (``gateway.drain``) for
+    ``drain_grace_s``, then lets uvicorn close what is left and finish HTTP requests."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_grace_s: float) -> None:
+        super().__init__(config)
+        self.app = app
+        self.drain_grace_s = drain_grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # no new connections while the sessions drain
+            server.close()
+        gw = getattr(self.app.state, "gw", None)
+        if gw is not None and not self.force_exit:
+            await gw.live.drain(self.drain_grace_s)
+        await super().shutdown(sockets)
+
+
 def run_gateway_server(settings: GatewaySettings) -> None:
-    """Serve HTTP and WebSocket on ``settings.host:settings.port`` until SIGTERM/SIGINT.
+    """Serve HTTP and WebSocket on ``settings.host:settings.port`` until SIGTERM/SIGINT, then drain:
+    live sessions get ``drain_grace_s`` to deliver their finals (then close 1012), HTTP requests in
+    flight up to ``DRAIN_HTTP_MARGIN_S`` more.
 
     uvicorn's own WebSocket frame limit is set above ``max_message_bytes`` so an oversized message
     reaches the adapter and gets an ``error`` event instead of a closed socket.
@@ -62,12 +88,14 @@ def run_gateway_server(settings: GatewaySettings) -> None:
     configure_logging(settings.log_level)
     check_redis(settings.redis_url)
     find_silero_model(settings.vad_model_path)  # a missing VAD model is a one-line error, not a traceback
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(settings.drain_grace_s + DRAIN_HTTP_MARGIN_S),
         **uvicorn_options(settings),
     )
+    DrainingServer(config, app, settings.drain_grace_s).run()

@@ -20,6 +20,13 @@ class GatewaySettings(BaseSettings):
     # --- where things are -------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="HTTP/WebSocket port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus /metrics on this port only (off the public port, so an Ingress "
+        "never exposes it); None = /metrics on the main port",
+    )
     decoder_target: str = Field("127.0.0.1:50051", description="gRPC target of the decoder")
     audio_target: str = Field("127.0.0.1:50052", description="gRPC target of the audio frontend")
     vision_target: str = Field("127.0.0.1:50053", description="gRPC target of the vision encoder")
@@ -37,6 +44,34 @@ class GatewaySettings(BaseSettings):
     served_model_name: str = Field("gemma-4-e4b-it", description="The model id of /v1/models")
     max_grpc_message_bytes: int = Field(64 * MiB, ge=MiB, description="Largest gRPC message to a backend")
     backend_timeout_s: float = Field(120.0, gt=0, description="Deadline of one backend call")
+    readiness_check_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="Deadline of each /readyz check (backends' health, Redis ping); they run at once, so "
+        "/readyz answers within about this long (keep it under the readiness probe's timeoutSeconds)",
+    )
+    grpc_keepalive_time_s: float = Field(
+        20.0, gt=0, description="HTTP/2 keepalive ping interval on the channels to the backends"
+    )
+    grpc_keepalive_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A keepalive ping not acknowledged in this long closes the connection (its calls fail "
+        "UNAVAILABLE instead of hanging to their deadline when a node is lost)",
+    )
+    grpc_retry_attempts: int = Field(
+        3,
+        ge=1,
+        le=5,
+        description="Attempts of an idempotent unary backend call that got UNAVAILABLE (a draining or "
+        "lost pod), first included; 1 = no retries. Streams are not retried by the channel",
+    )
+    drain_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM: seconds live sessions get to deliver their finals before the socket "
+        "closes with 1012 (keep it under terminationGracePeriodSeconds, minus the preStop sleep)",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     # --- security ---------------------------------------------------------------------------
@@ -44,7 +79,9 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Accepted API keys (Bearer); empty = no authentication"
     )
     token_secret: SecretStr | None = Field(
-        None, description="HMAC key of browser session tokens; None = a random one per process"
+        None,
+        description="HMAC key of browser session tokens; None = one the replicas share through Redis "
+        "(created by the first, gateway.token_secret), or one per process without Redis",
     )
     token_ttl_s: int = Field(300, ge=10, description="Lifetime of a browser session token, in seconds")
     allowed_origins: list[str] = Field(

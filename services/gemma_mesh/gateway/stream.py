@@ -31,6 +31,7 @@ from gemma_mesh.common.errors import (
 )
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.audio_input import PcmInput
+from gemma_mesh.gateway.drain import DRAIN_CLOSE_CODE
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
 from gemma_mesh.gateway.live.frames import FramePipeline, check_frame
 from gemma_mesh.gateway.prompts import normalize_language
@@ -140,6 +141,8 @@ class StreamConnection:
         self._counted = False  # in the active-sessions gauge
         self._close_code: int | None = None  # set when the session ends: a normal close after the drain
         self._taken_over = asyncio.Event()
+        self._drain_requested = asyncio.Event()
+        self.closed = asyncio.Event()  # set once ``run`` has returned (``gateway.drain``)
 
     # --- events out -------------------------------------------------------------------------
     async def emit(self, event) -> None:
@@ -170,8 +173,20 @@ class StreamConnection:
             self.outbound.ready.clear()
 
     # --- the connection -------------------------------------------------------------------
+    def request_drain(self) -> None:
+        """Shutdown: stop reading, finish the pipelines (finals delivered), then close with 1012."""
+        self._drain_requested.set()
+
     async def run(self) -> None:
-        """Serve the connection until the client leaves or the session ends."""
+        """Serve the connection until the client leaves, the session ends or the gateway drains."""
+        self.state.live.add(self)
+        try:
+            await self._run()
+        finally:
+            self.state.live.discard(self)
+            self.closed.set()
+
+    async def _run(self) -> None:
         sender: asyncio.Task | None = None
         try:
             owner, start = await self._handshake()
@@ -423,6 +438,7 @@ class StreamConnection:
     async def _receive_loop(self) -> None:
         deadline = self._started_at + self.settings.max_session_s
         taken_over = asyncio.ensure_future(self._taken_over.wait())
+        draining = asyncio.ensure_future(self._drain_requested.wait())
         receiving: asyncio.Future | None = None
         try:
             while True:
@@ -433,10 +449,15 @@ class StreamConnection:
                 if receiving is None:
                     receiving = asyncio.ensure_future(self.ws.receive())
                 await asyncio.wait(
-                    {receiving, taken_over}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    {receiving, taken_over, draining}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 if self._taken_over.is_set():
                     return  # a newer connection resumed the session: detach (flush) and let go
+                if self._drain_requested.is_set():  # shutdown: finals out while the client listens
+                    await self._flush()
+                    self.captions = self.frames = None  # flushed: ``_detach`` has nothing left to do
+                    self._close_code = DRAIN_CLOSE_CODE
+                    return
                 if not receiving.done():
                     continue
                 raw, receiving = receiving.result(), None
@@ -444,6 +465,7 @@ class StreamConnection:
                     return
         finally:
             taken_over.cancel()
+            draining.cancel()
             if receiving is not None:
                 receiving.cancel()
 

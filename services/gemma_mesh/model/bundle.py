@@ -207,6 +207,12 @@ class ModelBundle:
             log.info("session ready", graph=graph, providers=sess.get_providers())
             return sess
 
+    @property
+    def loaded_graphs(self) -> list[str]:
+        """Names of the graphs whose session exists, sorted (what a service loaded before SERVING)."""
+        with self._lock:
+            return sorted(self._sessions)
+
     @cached_property
     def float_dtype(self) -> np.dtype:
         """numpy dtype of the graphs' float inputs and outputs (``float32`` or ``float16``)."""
