@@ -105,3 +105,20 @@ def test_redis_unreachable():
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     proc = run_cli("up", "--redis-url", url, "--port", str(free_port()))
     assert_one_error_line(proc, url, "unreachable")
+
+
+@pytest.mark.parametrize(
+    ("service", "reuseport", "names"),
+    [("audio", False, "AudioFrontend"), ("audio", True, "AudioFrontend"), ("gateway", False, "the gateway")],
+)
+def test_service_on_a_taken_port(service, reuseport, names):
+    """A port already listened on is a one-line error, also when its owner set SO_REUSEPORT (as
+    every gRPC server does by default, which would let a second service share the port)."""
+    with socket.socket() as holder:
+        if reuseport:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_cli("serve", service, "--host", "127.0.0.1", "--port", str(port))
+    assert_one_error_line(proc, f"cannot listen on 127.0.0.1:{port}", names)

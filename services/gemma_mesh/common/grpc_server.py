@@ -26,9 +26,10 @@ from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gemma_mesh.common.errors import MeshError
+from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.health import ServiceHealth
 from gemma_mesh.common.logging import get_logger
+from gemma_mesh.common.net import check_port_free
 from gemma_mesh.common.settings import GrpcServiceSettings
 from gemma_mesh.proto.v1 import audio_pb2, common_pb2, decoder_pb2, vision_pb2
 
@@ -191,15 +192,22 @@ def create_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 0),
+        # gRPC's default SO_REUSEPORT lets a second server bind a port that is in use and take a
+        # share of its connections: a taken port must be an error instead.
+        ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
     names = list(register(server))
     health_servicer = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+    # Checked first: gRPC would log its own bind failure to stderr before raising.
+    check_port_free(settings.host, settings.port, what=f"the {', '.join(names)} service")
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpcio raises "Failed to bind to address ..." (a race with the check)
+        raise InvalidRequest(f"cannot listen on {address}: {exc}") from exc
     return server, port, ServiceHealth(health_servicer, names)
 
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import configure_logging, get_logger
+from gemma_mesh.common.net import check_port_free
 from gemma_mesh.gateway.app import create_app
 from gemma_mesh.gateway.captioning import find_silero_model
 from gemma_mesh.gateway.settings import GatewaySettings
@@ -88,6 +89,7 @@ def run_gateway_server(settings: GatewaySettings) -> None:
     configure_logging(settings.log_level)
     check_redis(settings.redis_url)
     find_silero_model(settings.vad_model_path)  # a missing VAD model is a one-line error, not a traceback
+    check_port_free(settings.host, settings.port, what="the gateway")  # before uvicorn logs a bind error
     app = create_app(settings)
     config = uvicorn.Config(
         app,
