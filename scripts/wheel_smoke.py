@@ -5,6 +5,7 @@
 Steps, each bounded in time: ``python -m build`` (sdist, then the wheel from the sdist), a new
 virtualenv with nothing in it, ``pip install`` of the wheel alone (its runtime dependencies only:
 the step fails if torch, transformers or silero-vad arrive with it), ``gemma-mesh --version``,
+``gemma-mesh make-tiny`` refused in one ``error:`` line naming the ``export`` extra,
 ``gemma-mesh up`` on a free port until ``/readyz`` answers 200, one transcription and one chat
 completion through the official ``openai`` client, and a clean stop (SIGTERM, exit 0). The mesh
 runs from a scratch directory with no ``PYTHONPATH``, so nothing of the source tree is imported.
@@ -109,6 +110,21 @@ def check_version(cli: Path, scratch: Path) -> str:
     return printed
 
 
+def check_export_refused(cli: Path, scratch: Path) -> None:
+    """Without the export extra, ``make-tiny`` is one ``error:`` line naming the extra, exit 2."""
+    proc = subprocess.run(
+        [str(cli), "make-tiny", "--out", str(scratch / "tiny")],
+        cwd=scratch,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = proc.stderr.splitlines()
+    if proc.returncode != 2 or len(lines) != 1 or "gemma-mesh[export]" not in lines[0]:
+        raise SmokeFailure(f"make-tiny without torch: exit {proc.returncode}, stderr {proc.stderr[-2000:]!r}")
+
+
 def wait_ready(url: str, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -195,6 +211,7 @@ def main() -> int:
         scratch = work / "scratch"
         scratch.mkdir(exist_ok=True)
         version = check_version(cli, scratch)
+        check_export_refused(cli, scratch)
         started = time.monotonic()
         result = serve_and_exercise(cli, scratch)
         timings["up_and_requests_s"] = time.monotonic() - started

@@ -80,6 +80,27 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from exc
 
 
+# Top-level modules of the ``export`` extra's packages.
+EXPORT_MODULES = frozenset({"torch", "torchvision", "transformers", "safetensors", "onnxscript", "onnx_ir"})
+
+
+@contextmanager
+def export_dependencies(command: str) -> Iterator[None]:
+    """Imports of the ``export`` extra (torch, transformers): missing in a serving-only install, which
+    is a one-line ``error:`` naming the extra, exit 2."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+            raise
+        typer.echo(
+            f"error: {command} needs the exporter's dependencies ({exc.name} is not installed): "
+            "pip install 'gemma-mesh[export]'",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+
+
 serve_app = typer.Typer(help="Run one gRPC service of the mesh.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 
@@ -202,7 +223,7 @@ def make_tiny(
         raise typer.BadParameter(f"size must be one of {sorted(PRESETS)}", param_hint="--size")
     if not 0 <= seed < 2**63:
         raise typer.BadParameter("must be in [0, 2**63)", param_hint="--seed")
-    with user_errors():
+    with user_errors(), export_dependencies("make-tiny"):
         make_tiny_checkpoint(out, seed=seed, size=size)
     typer.echo(f"wrote {size} Gemma 4 checkpoint to {out}")
 
@@ -217,7 +238,7 @@ def export(
     """Export a checkpoint to a model bundle: five ONNX graphs, tokenizer, template and manifest."""
     from gemma_mesh.model.export.exporter import export_bundle
 
-    with user_errors():
+    with user_errors(), export_dependencies("export"):
         if not (checkpoint / "config.json").exists():
             raise FileNotFoundError(f"{checkpoint} has no config.json: not a Hugging Face checkpoint")
         export_bundle(checkpoint, out, dtype=dtype, weights=weights, progress=sys.stderr.isatty())
