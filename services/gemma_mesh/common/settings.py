@@ -6,12 +6,28 @@ reads the environment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+
+def split_list(value: Any) -> Any:
+    """A list setting from the environment: a JSON list (``["a","b"]``, what the chart renders) or
+    comma-separated text (``a,b``, what people type); a single value is a one-item list."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'not a JSON list ({error.msg}); write a,b or ["a","b"]') from None
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 class GrpcServiceSettings(BaseSettings):
@@ -28,7 +44,7 @@ class GrpcServiceSettings(BaseSettings):
         description="Largest gRPC message, sent or received (five 768x768 images need > 4 MiB)",
     )
     bundle: Path | None = Field(None, description="Bundle directory; None = the embedded tiny bundle")
-    providers: list[str] = Field(
+    providers: Annotated[list[str], NoDecode, BeforeValidator(split_list)] = Field(
         default_factory=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers, in order of preference",
     )

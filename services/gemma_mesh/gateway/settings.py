@@ -6,10 +6,12 @@ Every limit the gateway enforces is a field here, with its unit in the name or t
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated
 
-from gemma_mesh.common.settings import MiB
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gemma_mesh.common.settings import MiB, split_list
 
 
 class GatewaySettings(BaseSettings):
@@ -75,7 +77,7 @@ class GatewaySettings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     # --- security ---------------------------------------------------------------------------
-    api_keys: list[SecretStr] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode, BeforeValidator(split_list)] = Field(
         default_factory=list, description="Accepted API keys (Bearer); empty = no authentication"
     )
     token_secret: SecretStr | None = Field(
@@ -84,7 +86,7 @@ class GatewaySettings(BaseSettings):
         "(created by the first, gateway.token_secret), or one per process without Redis",
     )
     token_ttl_s: int = Field(300, ge=10, description="Lifetime of a browser session token, in seconds")
-    allowed_origins: list[str] = Field(
+    allowed_origins: Annotated[list[str], NoDecode, BeforeValidator(split_list)] = Field(
         default_factory=list,
         description="Origins allowed to open /v1/stream and call the API from a page; empty = same origin only",
     )
