@@ -84,11 +84,13 @@ _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
 @dataclass
 class CaptionDecode:
     """One caption decode: ``text`` (through the ``RepetitionGuard``), the answer's ``token_ids`` as
-    generated (a later decode's prediction), and the completion tokens it cost."""
+    generated (a later decode's prediction), the completion tokens it cost and the audio soft
+    tokens it read."""
 
     text: str
     token_ids: list[int]
     completion_tokens: int
+    audio_tokens: int = 0
 
 
 async def transcribe(
@@ -167,7 +169,10 @@ async def caption_soft_tokens(
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
     answer = await clients.stream_answer([ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop)
-    return CaptionDecode(_GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens)
+    audio_tokens = sum(t.tokens.shape[0] for t in soft_tokens if t.tokens.shape)
+    return CaptionDecode(
+        _GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens, audio_tokens
+    )
 
 
 class CaptionPipeline:

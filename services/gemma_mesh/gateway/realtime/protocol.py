@@ -35,8 +35,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from gemma_mesh.common.errors import InvalidRequest, MeshError
 
 
-
-
 class _Open(BaseModel):
     """OpenAI's objects: unknown fields are accepted (and not applied)."""
 
