@@ -60,9 +60,10 @@ class Transcription(_Open):
 
 class ServerVad(_Open):
     """``server_vad`` turn detection: Silero VAD onset ``threshold``, ``prefix_padding_ms`` kept
-    before the speech, ``silence_duration_ms`` that ends a turn (OpenAI's defaults)."""
+    before the speech, ``silence_duration_ms`` that ends a turn (OpenAI's defaults).
+    ``semantic_vad`` is accepted and runs as ``server_vad`` (there is no turn-end model here)."""
 
-    type: Literal["server_vad"] = "server_vad"
+    type: Literal["server_vad", "semantic_vad"] = "server_vad"
     threshold: float = Field(0.5, gt=0, lt=1)
     prefix_padding_ms: int = Field(300, ge=0, le=5000)
     silence_duration_ms: int = Field(500, ge=32, le=10000)
