@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 import httpx
@@ -281,6 +282,13 @@ async def test_keys_and_client_secrets(secured_gateway_url, pcm24):
         extra_query={"intent": "transcription"}
     ) as connection:
         assert (await recv(connection))["type"] == "session.created"
+    # a browser's way: the secret as a subprotocol (it cannot set headers on a WebSocket)
+    url = secured_gateway_url.replace("http", "ws", 1) + "/v1/realtime?intent=transcription"
+    async with websockets.connect(
+        url, subprotocols=["realtime", f"openai-insecure-api-key.{secret['value']}"]
+    ) as ws:
+        assert ws.subprotocol == "realtime"
+        assert json.loads(await ws.recv())["type"] == "session.created"
     too_long = httpx.post(
         f"{secured_gateway_url}/v1/realtime/client_secrets",
         headers={"Authorization": "Bearer test-key-1"},

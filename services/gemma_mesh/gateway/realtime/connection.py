@@ -3,7 +3,8 @@ the session store and per-key limits, the receive loop, error events and a bound
 
 Authentication is OpenAI's: ``Authorization: Bearer <key>`` on the upgrade request, where the key
 is an API key or a short-lived secret from ``POST /v1/realtime/client_secrets`` (the gateway's
-session token). A refused upgrade is closed before it is accepted (the client sees HTTP 403).
+session token); a browser offers it as the subprotocol ``openai-insecure-api-key.<secret>`` (with
+``realtime``, which the gateway then selects), as OpenAI's browser clients do. A refused upgrade is closed before it is accepted (the client sees HTTP 403).
 Every session is a record in the session store (Redis or in-process), so it counts against
 ``max_sessions_per_key`` like a ``/v1/stream`` session; the Realtime API has no resume, so its
 events are not logged for replay. Bad input gets an OpenAI ``error`` event and the session goes on.
@@ -26,6 +27,9 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.realtime.protocol import error_event, parse_client_event
 
 log = get_logger(__name__)
+# Browsers cannot set headers on a WebSocket: OpenAI's browser clients offer the subprotocols
+# ``realtime`` and ``openai-insecure-api-key.<key>`` instead (meant for client secrets).
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
 
 
 def bearer_owner(auth, authorization: str | None) -> str:
@@ -92,15 +96,24 @@ class RealtimeConnection(abc.ABC):
     async def run(self) -> None:
         """Serve the connection until the client leaves, closes the session or its time is up."""
         auth = self.state.auth
+        offered = [
+            p.strip() for p in self.ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+        ]
+        in_protocol = next(
+            (p[len(KEY_SUBPROTOCOL) :] for p in offered if p.startswith(KEY_SUBPROTOCOL)), None
+        )
+        authorization = self.ws.headers.get("authorization") or (
+            f"Bearer {in_protocol}" if in_protocol else None
+        )
         try:
             auth.check_origin(self.ws.headers.get("origin"), self.ws.headers.get("host"))
-            self.owner = bearer_owner(auth, self.ws.headers.get("authorization"))
+            self.owner = bearer_owner(auth, authorization)
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.info("realtime upgrade refused", reason=error.message)
             await self.ws.close(code=error.ws_close_code)  # before accept: HTTP 403
             return
-        await self.ws.accept()
+        await self.ws.accept(subprotocol="realtime" if "realtime" in offered else None)
         sender = asyncio.create_task(self._sender())
         try:
             limit = self.settings.max_sessions_per_key
