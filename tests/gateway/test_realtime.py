@@ -14,11 +14,14 @@ import openai
 import pytest
 import soundfile as sf
 import soxr
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
 
 from gemma_mesh.model.audio_io import decode_audio
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 MODEL = "gemma-4-e4b-it"
+SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
 RATE = 24000
 CHUNK_MS = 100
 CLIP = "sense_and_sensibility_01_austen_64kb-0870.wav"
@@ -46,19 +49,17 @@ def client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
-def as_dict(event) -> dict:
-    return event.model_dump(exclude_unset=True) if hasattr(event, "model_dump") else dict(event)
-
-
 async def recv(connection, timeout_s: float = 60.0) -> dict:
-    return as_dict(await asyncio.wait_for(connection.recv(), timeout_s))
+    """The next server event as sent (the SDK's ``recv`` parses without validating: its JSON is
+    what the assertions below read)."""
+    return json.loads(await asyncio.wait_for(connection.recv_bytes(), timeout_s))
 
 
 async def recv_until(connection, predicate, timeout_s: float = 120.0) -> list[dict]:
     events: list[dict] = []
     async with asyncio.timeout(timeout_s):
         while True:
-            events.append(as_dict(await connection.recv()))
+            events.append(await recv(connection, timeout_s))
             if predicate(events):
                 return events
 
@@ -121,6 +122,8 @@ async def test_server_vad_turns_at_24_khz(gateway_url, pcm24, tmp_path):
 
     types = [e["type"] for e in events]
     assert "error" not in types, [e for e in events if e["type"] == "error"]
+    for event in events:
+        SERVER_EVENT.validate_python(event)  # each is a valid event of the SDK's own types
     items = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
     assert items and len(set(items)) == len(items)
     audio16 = model_rate_samples(pcm24)

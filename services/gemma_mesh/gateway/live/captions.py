@@ -169,7 +169,7 @@ async def caption_soft_tokens(
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
     answer = await clients.stream_answer([ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop)
-    audio_tokens = sum(t.tokens.shape[0] for t in soft_tokens if t.tokens.shape)
+    audio_tokens = sum(t.tokens.shape[0] for t in soft_tokens if t is not None and t.tokens.shape)
     return CaptionDecode(
         _GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens, audio_tokens
     )
