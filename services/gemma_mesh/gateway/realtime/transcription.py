@@ -1,7 +1,7 @@
 """``WS /v1/realtime`` transcription sessions (``intent=transcription``): an adapter over the live
 caption pipeline of ``/v1/stream``.
 
-* ``server_vad`` (the default): appended audio goes to a ``CaptionPipeline`` (the same Silero VAD
+* ``server_vad`` (the default, with the gateway's VAD settings): appended audio goes to a ``CaptionPipeline`` (the same Silero VAD
   segmenter, LocalAgreement partials, streaming encoder and final decode as ``/v1/stream``), whose
   VAD settings take the turn detection's ``threshold`` (onset), ``prefix_padding_ms`` (the pad kept
   before and after speech) and ``silence_duration_ms`` (the silence that ends a turn). Each VAD
@@ -41,7 +41,10 @@ from gemma_mesh.gateway.realtime.protocol import (
     TRANSCRIPTION_CLIENT_EVENT,
     TRANSCRIPTION_EVENT_TYPES,
     AudioFormat,
+    ServerVad,
     SessionUpdate,
+    TranscriptionAudio,
+    TranscriptionInput,
     TranscriptionSession,
     dump_session,
     merge,
@@ -82,7 +85,16 @@ class TranscriptionConnection(RealtimeConnection):
 
     def __init__(self, websocket, app_state) -> None:
         super().__init__(websocket, app_state)
-        self.config = TranscriptionSession()
+        # Turn detection defaults to the gateway's own VAD settings (those of /v1/stream).
+        vad = app_state.vad_settings
+        default_vad = ServerVad(
+            threshold=vad.onset_threshold,
+            prefix_padding_ms=vad.speech_pad_ms,
+            silence_duration_ms=vad.min_silence_ms,
+        )
+        self.config = TranscriptionSession(
+            audio=TranscriptionAudio(input=TranscriptionInput(turn_detection=default_vad))
+        )
         self.pcm = pcm_input(self.config.audio.input.format, self.settings)
         self.pipeline: CaptionPipeline | None = None
         self.turns = rt.TranscriptionTurns()
