@@ -25,7 +25,8 @@ The same figures for one session, measured first in the same run, are the baseli
     python bench/gateway_load.py --repeat 5           # five load phases: the median run is judged
     python bench/gateway_load.py --protocol realtime  # also N OpenAI Realtime sessions (/v1/realtime)
 
-``--protocol realtime`` adds, after each ``/v1/stream`` load phase, a phase of the same number of
+``--protocol realtime`` adds, beside each ``/v1/stream`` load phase (alternately before and
+after it), a phase of the same number of
 OpenAI Realtime transcription sessions (``/v1/realtime?intent=transcription``: the same speech as
 24 kHz PCM16 ``input_audio_buffer.append`` events, no camera) over the same mesh. Realtime deltas
 carry no audio range, so a client cannot tell which audio a delta covers: both protocols' partial
@@ -452,15 +453,20 @@ async def main() -> None:
         runs, realtime_runs = [], []
         for run in range(args.repeat):
             which = f" (run {run + 1} of {args.repeat})" if args.repeat > 1 else ""
-            print(f"load: {args.sessions} sessions, {args.seconds:.0f} s{which}", flush=True)
-            runs.append(await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps))
-            show(runs[-1])
-            if args.protocol == "realtime":  # interleaved with the /v1/stream runs: the same machine state
-                print(f"realtime: {args.sessions} /v1/realtime transcription sessions{which}", flush=True)
-                realtime_runs.append(
-                    await phase(mesh, args.sessions, args.seconds, clips, frames, 0.0, "realtime")
-                )
-                show(realtime_runs[-1])
+            # With --protocol realtime the two alternate which goes first: neither always runs on
+            # the machine state the other leaves behind.
+            order = ("stream", "realtime") if run % 2 == 0 else ("realtime", "stream")
+            for protocol in order if args.protocol == "realtime" else ("stream",):
+                if protocol == "stream":
+                    print(f"load: {args.sessions} sessions, {args.seconds:.0f} s{which}", flush=True)
+                    runs.append(await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps))
+                    show(runs[-1])
+                else:
+                    print(f"realtime: {args.sessions} /v1/realtime transcription sessions{which}", flush=True)
+                    realtime_runs.append(
+                        await phase(mesh, args.sessions, args.seconds, clips, frames, 0.0, "realtime")
+                    )
+                    show(realtime_runs[-1])
     # The median run by p95 partial latency (a run without partials counts as the slowest).
     ranked = sorted(
         runs, key=lambda r: r["partial_p95_s"] if r["partial_p95_s"] is not None else float("inf")
