@@ -105,7 +105,8 @@ async def test_server_vad_turns_at_24_khz(gateway_url, pcm24, tmp_path):
                 "audio": {
                     "input": {
                         "transcription": {"model": "gpt-4o-transcribe", "language": "en"},
-                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
+                        # OpenAI's default padding (the gateway's is 200 ms)
+                        "turn_detection": {"type": "server_vad", "prefix_padding_ms": 300},
                         "noise_reduction": {"type": "near_field"},
                     }
                 },
@@ -115,6 +116,8 @@ async def test_server_vad_turns_at_24_khz(gateway_url, pcm24, tmp_path):
         assert updated["type"] == "session.updated", updated
         assert updated["session"]["audio"]["input"]["transcription"]["language"] == "en"
         assert updated["session"]["audio"]["input"]["noise_reduction"] == {"type": "near_field"}
+        assert updated["session"]["audio"]["input"]["turn_detection"]["prefix_padding_ms"] == 300
+        assert updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 500
         for chunk in chunks(pcm24):  # 4x real time
             await connection.input_audio_buffer.append(audio=b64(chunk))
             await asyncio.sleep(CHUNK_MS / 4000)
