@@ -337,3 +337,24 @@ async def test_translation_session(gateway_url, pcm24):
         clock = [e["elapsed_ms"] for e in deltas]
         assert clock == sorted(clock) and 0 < clock[-1] <= len(pcm24) * 1000 // RATE
         assert all(e["delta"] for e in deltas)
+
+
+async def test_clear_under_server_vad_restarts_the_turns(gateway_url, pcm24):
+    """clear mid-speech under server_vad: cleared, and turns after it get new items that complete."""
+    async with client(gateway_url).realtime.connect(extra_query={"intent": "transcription"}) as connection:
+        assert (await recv(connection))["type"] == "session.created"
+        for chunk in chunks(pcm24[: 2 * RATE]):
+            await connection.input_audio_buffer.append(audio=b64(chunk))
+            await asyncio.sleep(CHUNK_MS / 4000)
+        await connection.input_audio_buffer.clear()
+        before = await recv_until(connection, lambda es: es[-1]["type"] == "input_audio_buffer.cleared")
+        for chunk in chunks(pcm24):
+            await connection.input_audio_buffer.append(audio=b64(chunk))
+            await asyncio.sleep(CHUNK_MS / 4000)
+        after = await recv_until(connection, turns_done)
+    assert not [e for e in before + after if e["type"] == "error"]
+    old = {e["item_id"] for e in before if "item_id" in e}
+    started = [e["item_id"] for e in after if e["type"] == "input_audio_buffer.speech_started"]
+    assert started and not old & set(started)
+    completed = [e for e in after if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert {e["item_id"] for e in completed} == set(started)

@@ -65,3 +65,19 @@ def test_translation_deltas_and_session_update_merge() -> None:
     current = {"audio": {"input": {"turn_detection": {"type": "server_vad"}, "format": {"rate": 24000}}}}
     merged = merge(current, {"audio": {"input": {"turn_detection": None}}})
     assert merged["audio"]["input"] == {"turn_detection": None, "format": {"rate": 24000}}
+
+
+def test_clearing_fails_the_turns_stopped_but_not_completed() -> None:
+    turns = TranscriptionTurns()
+    done = turns.started(0, 0) + turns.stopped(0, 900) + turns.final(0, "finished turn")
+    pending = turns.started(1, 1000) + turns.stopped(1, 2000)
+    turns.started(2, 2100)  # still open: forgotten without an event
+    failed = turns.drop_pending()
+    for event in failed:
+        SERVER_EVENT.validate_python(event)
+    assert [(e["type"], e["item_id"]) for e in failed] == [
+        ("conversation.item.input_audio_transcription.failed", pending[0]["item_id"])
+    ]
+    assert failed[0]["error"]["code"] == "input_audio_buffer_cleared"
+    assert done[-1]["transcript"] == "finished turn"
+    assert turns.final_done() == [] and turns.partial(2, "late") == []

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from openai.types.realtime import (
     ConversationItemInputAudioTranscriptionCompletedEvent,
     ConversationItemInputAudioTranscriptionDeltaEvent,
+    ConversationItemInputAudioTranscriptionFailedEvent,
     InputAudioBufferClearedEvent,
     InputAudioBufferCommittedEvent,
     InputAudioBufferSpeechStartedEvent,
@@ -31,6 +32,9 @@ from openai.types.realtime import (
 )
 from openai.types.realtime.conversation_item_input_audio_transcription_completed_event import (
     UsageTranscriptTextUsageDuration,
+)
+from openai.types.realtime.conversation_item_input_audio_transcription_failed_event import (
+    Error as FailedError,
 )
 from openai.types.realtime.realtime_translation_input_transcript_delta_event import (
     RealtimeTranslationInputTranscriptDeltaEvent,
@@ -137,10 +141,30 @@ class TranscriptionTurns:
         item = self._items.pop(segment_id)
         return [] if item.completed else _complete(item, "")
 
-    def forget_open(self) -> None:
-        """The buffer was cleared: items not stopped are gone."""
-        for segment_id in [s for s in self._items if s not in self._closed]:
-            del self._items[segment_id]
+    def drop_pending(self) -> list[dict]:
+        """The buffer was cleared and its pipeline stopped: items not yet stopped are forgotten;
+        items stopped but not completed get ``…input_audio_transcription.failed`` (their decode
+        was dropped with the buffer)."""
+        events = [
+            dump(
+                ConversationItemInputAudioTranscriptionFailedEvent(
+                    type="conversation.item.input_audio_transcription.failed",
+                    event_id=new_id("event"),
+                    item_id=self._items[segment_id].item_id,
+                    content_index=0,
+                    error=FailedError(
+                        type="invalid_request_error",
+                        code="input_audio_buffer_cleared",
+                        message="the input audio buffer was cleared before this turn's transcription completed",
+                    ),
+                )
+            )
+            for segment_id in self._closed
+            if not self._items[segment_id].completed
+        ]
+        self._items.clear()
+        self._closed.clear()
+        return events
 
 
 def _complete(item: _Item, text: str) -> list[dict]:

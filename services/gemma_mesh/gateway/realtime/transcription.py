@@ -16,6 +16,8 @@ Audio is ``audio/pcm`` (PCM16 mono) at 24 kHz or 16 kHz, resampled with soxr (``
 model's rate (``live.captions.RATE_HZ``). The audio clock of every ``*_ms`` field is the client's.
 Limits: one append carries at most ``max_audio_chunk_ms``; a manual buffer at most the VAD's
 ``max_segment_ms`` (one decode, like one VAD segment); ``max_pending_audio_s`` as in ``/v1/stream``.
+``clear`` under ``server_vad`` stops the pipeline at once: turns stopped but not yet completed get
+``conversation.item.input_audio_transcription.failed``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class TranscriptionConnection(RealtimeConnection):
         self.pipeline: CaptionPipeline | None = None
         self.turns = rt.TranscriptionTurns()
         self._base_ms = 0  # the client's audio clock where the current pipeline or buffer starts
+        self._next_segment = 0  # segment ids go on across pipelines: items never collide
+        self._segment_offset = 0  # the current pipeline's first segment id
         self._buffer: list[np.ndarray] = []  # manual mode: audio since the last commit
         self._buffered = 0
         self._last_item: str | None = None
@@ -125,6 +129,7 @@ class TranscriptionConnection(RealtimeConnection):
             if self._decoder is None:
                 self._decoder = asyncio.create_task(self._manual_decoder())
             return
+        self._segment_offset = self._next_segment
         base = self.state.vad_settings
         vad_settings = base.model_copy(
             update={
@@ -148,6 +153,7 @@ class TranscriptionConnection(RealtimeConnection):
             on_final=self._on_final,
             vad_batcher=self.state.vad_batcher,
             latency_monitor=self.state.caption_latency,
+            first_segment_id=self._segment_offset,
             on_segment=self._on_segment,
             context=self.config.audio.input.transcription.prompt,
         )
@@ -260,7 +266,7 @@ class TranscriptionConnection(RealtimeConnection):
         if self.pipeline is not None:
             self.pipeline.cancel()
             self.pipeline = None
-            self.turns.forget_open()
+            await self.send(*self.turns.drop_pending())
             self._base_ms += self.pcm.clock_ms
             self._start()
         else:
@@ -290,10 +296,13 @@ class TranscriptionConnection(RealtimeConnection):
 
     # --- pipeline events ----------------------------------------------------------------------
     async def _on_segment(self, event, ms: int) -> None:
+        # The pipeline's caption events carry its segment ids plus its first one; its VAD events do not.
+        segment_id = self._segment_offset + event.segment_id
         if isinstance(event, SegmentStarted):
-            await self.send(*self.turns.started(event.segment_id, ms))
+            self._next_segment = segment_id + 1
+            await self.send(*self.turns.started(segment_id, ms))
         else:
-            await self.send(*self.turns.stopped(event.segment_id, ms))
+            await self.send(*self.turns.stopped(segment_id, ms))
 
     async def _on_caption(self, event) -> None:
         if isinstance(event, CaptionPartial):
