@@ -70,7 +70,8 @@ class TranslationConnection(RealtimeConnection):
         self.config.expires_at = int(time.time()) + self.settings.max_session_s
         await self.send(dump_session("session.created", self.config))
 
-    def _pipeline(self, config: SessionConfig) -> CaptionPipeline:
+    def _pipeline(self, config: SessionConfig, base_ms: int = 0) -> CaptionPipeline:
+        """A caption pipeline over this session's audio from ``base_ms`` (the audio clock) on."""
         pipeline = CaptionPipeline(
             clients=self.state.clients,
             config=config,
@@ -81,6 +82,7 @@ class TranslationConnection(RealtimeConnection):
             max_tokens=self.settings.max_caption_tokens,
             max_pending_audio_s=self.settings.max_pending_audio_s,
             tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
+            base_ms=base_ms,
             vad_batcher=self.state.vad_batcher,
             latency_monitor=self.state.caption_latency,
         )
@@ -128,7 +130,7 @@ class TranslationConnection(RealtimeConnection):
             self.translate.update_config(self._translate_config())
         if self.transcribe is None and self.translate is not None and config.audio.input.transcription:
             log.info("input transcription turned on mid-session: it starts with the next audio")
-            self.transcribe = self._pipeline(SessionConfig(task="transcribe"))
+            self.transcribe = self._pipeline(SessionConfig(task="transcribe"), base_ms=self.pcm.clock_ms)
         await self.send(dump_session("session.updated", config))
 
     def _translate_config(self) -> SessionConfig:
@@ -150,6 +152,8 @@ class TranslationConnection(RealtimeConnection):
             await self.transcribe.push(samples)
 
     async def finish(self) -> None:
+        if self.translate is None and self.transcribe is None:
+            return  # nothing appended, or finished already (session.close, then the disconnect)
         tail = self.pcm.flush()
         for pipeline in (self.translate, self.transcribe):
             if pipeline is not None:
