@@ -23,6 +23,18 @@ The same figures for one session, measured first in the same run, are the baseli
     python bench/gateway_load.py                      # 32 sessions, 30 s, tiny bundle
     python bench/gateway_load.py --sessions 8 --seconds 20 --bundle BUNDLE
     python bench/gateway_load.py --repeat 5           # five load phases: the median run is judged
+    python bench/gateway_load.py --protocol realtime  # also N OpenAI Realtime sessions (/v1/realtime)
+
+``--protocol realtime`` adds, beside each ``/v1/stream`` load phase (alternately before and
+after it), a phase of the same number of
+OpenAI Realtime transcription sessions (``/v1/realtime?intent=transcription``: the same speech as
+24 kHz PCM16 ``input_audio_buffer.append`` events, no camera) over the same mesh. Realtime deltas
+carry no audio range, so a client cannot tell which audio a delta covers: both protocols' partial
+latency is the gateway's own histogram (audio arrival -> the first partial covering it: the
+moment a ``caption.partial`` or a ``…transcription.delta`` is sent), and the client measures the
+Realtime turn latency (the send of the chunk holding a turn's ``audio_end_ms`` -> ``completed``).
+The figures sit beside the ``/v1/stream`` phase's (with ``--fps 0`` for like against like); the
+target is a Realtime partial p95 within 10 % of ``/v1/stream``'s.
 
 The last line of stdout is one JSON object with every figure.
 """
@@ -53,6 +65,7 @@ from gemma_mesh.samples import LIBRIVOX_DIR  # noqa: E402
 from gemma_mesh.up import Mesh, MeshConfig, free_port  # noqa: E402
 
 RATE = 16_000
+REALTIME_RATE = 24_000  # OpenAI's Realtime PCM rate
 CHUNK_MS = 100
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -68,6 +81,8 @@ class SessionStats:
     errors: list[str] = field(default_factory=list)
     finals: int = 0
     analyses: int = 0
+    deltas: int = 0  # Realtime transcription deltas
+    open_turns: dict[str, int] = field(default_factory=dict)  # Realtime items not completed: audio_end_ms
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -127,6 +142,69 @@ async def run_session(
             await asyncio.sleep(max(0.0, begin + (media_ms + CHUNK_MS) / 1000 - loop.time()))
         await ws.send(json.dumps({"type": "session.end"}))
         await receiver
+
+
+async def run_realtime_session(url: str, index: int, seconds: float, clips, stats: SessionStats) -> None:
+    """One Realtime transcription session: the session's speech resampled to 24 kHz (soxr), sent
+    as base64 PCM16 appends of CHUNK_MS at real time; waits for the last turn's ``completed``."""
+    import base64
+
+    import soxr
+
+    order = clips[index % len(clips) :] + clips[: index % len(clips)]
+    audio = np.concatenate(order * (int(seconds * RATE) // sum(len(c) for c in order) + 1))[
+        : int(seconds * RATE)
+    ]
+    pcm = (np.clip(soxr.resample(audio, RATE, REALTIME_RATE), -1, 1) * 32767).astype("<i2")
+    step = REALTIME_RATE * CHUNK_MS // 1000
+    async with websockets.connect(url, max_size=None) as ws:
+        created = json.loads(await ws.recv())
+        assert created["type"] == "session.created", created
+        receiver = asyncio.create_task(receive_realtime(ws, stats))
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        for offset in range(0, len(pcm), step):
+            piece = pcm[offset : offset + step]
+            media_ms = offset * 1000 // REALTIME_RATE
+            await ws.send(
+                json.dumps(
+                    {"type": "input_audio_buffer.append", "audio": base64.b64encode(piece.tobytes()).decode()}
+                )
+            )
+            stats.sent_chunks.append((media_ms + len(piece) * 1000 // REALTIME_RATE, time.monotonic()))
+            stats.audio_sent_s += len(piece) / REALTIME_RATE
+            await asyncio.sleep(max(0.0, begin + (media_ms + CHUNK_MS) / 1000 - loop.time()))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))  # ends the open turn
+        await asyncio.sleep(1.0)  # the open turn's speech_started is on its way, if there is one
+        deadline = loop.time() + 60
+        while stats.open_turns and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        if stats.open_turns:
+            stats.errors.append("turns not completed within 60 s of the end")
+        receiver.cancel()
+
+
+async def receive_realtime(ws, stats: SessionStats) -> None:
+    """Record turns, deltas and completions until cancelled."""
+    async for raw in ws:
+        event = json.loads(raw)
+        kind = event["type"]
+        if kind == "input_audio_buffer.speech_started":
+            stats.open_turns[event["item_id"]] = -1
+        elif kind == "input_audio_buffer.speech_stopped":
+            stats.open_turns[event["item_id"]] = event["audio_end_ms"]
+        elif kind == "conversation.item.input_audio_transcription.delta":
+            stats.deltas += 1
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            stats.finals += 1
+            end_ms = stats.open_turns.pop(event["item_id"], -1)
+            last = [t for e, t in stats.sent_chunks if e >= end_ms] if end_ms >= 0 else []
+            if last:
+                stats.final_latencies.append(time.monotonic() - last[0])
+        elif kind == "error":
+            if event["error"]["code"] == "overloaded_error":
+                stats.refused += 1
+            stats.errors.append(event["error"]["message"])
 
 
 async def receive(ws, stats: SessionStats) -> None:
@@ -197,8 +275,13 @@ def proc_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else 0.0
 
 
-async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: float) -> dict:
-    url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/stream"
+async def phase(
+    mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: float, protocol: str = "stream"
+) -> dict:
+    if protocol == "realtime":
+        url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/realtime?intent=transcription"
+    else:
+        url = mesh.gateway_url.replace("http", "ws", 1) + "/v1/stream"
     pid = mesh.children["gateway"].proc.pid
     decoder_metrics = f"http://127.0.0.1:{mesh.children['decoder'].metrics_port}/metrics"
     async with httpx.AsyncClient() as client:
@@ -217,9 +300,14 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample_rss())
-        await asyncio.gather(
-            *(run_session(url, i, seconds, clips, frames, stats[i], fps) for i in range(sessions))
-        )
+        if protocol == "realtime":
+            await asyncio.gather(
+                *(run_realtime_session(url, i, seconds, clips, stats[i]) for i in range(sessions))
+            )
+        else:
+            await asyncio.gather(
+                *(run_session(url, i, seconds, clips, frames, stats[i], fps) for i in range(sessions))
+            )
         sampler.cancel()
         elapsed = time.monotonic() - t0
         client_cpu = (time.process_time() - client_cpu_before) / elapsed
@@ -242,10 +330,19 @@ async def phase(mesh: Mesh, sessions: int, seconds: float, clips, frames, fps: f
         before, "gemma_mesh_gateway_audio_seconds_total"
     )
     return {
+        "protocol": protocol,
         "sessions": sessions,
         "seconds": seconds,
         "partial_p50_s": percentile(partial, 50),
         "partial_p95_s": percentile(partial, 95),
+        # the gateway's own partial latency (both protocols; Realtime deltas carry no audio range)
+        "gateway_partial_p50_s": histogram_quantile(
+            after, "gemma_mesh_gateway_caption_partial_latency_seconds", 0.5, before
+        ),
+        "gateway_partial_p95_s": histogram_quantile(
+            after, "gemma_mesh_gateway_caption_partial_latency_seconds", 0.95, before
+        ),
+        "realtime_deltas": sum(s.deltas for s in stats),
         "final_p50_s": histogram_quantile(
             after, "gemma_mesh_gateway_caption_final_latency_seconds", 0.5, before
         ),
@@ -308,7 +405,9 @@ def show(result: dict) -> None:
         f"  sessions {result['sessions']:3d}: partial p50 {fmt(result['partial_p50_s'])} s "
         f"p95 {fmt(result['partial_p95_s'])} s | final p50 {fmt(result['final_p50_s'])} s "
         f"p95 {fmt(result['final_p95_s'])} s | audio lost {result['audio_lost_s']} s "
-        f"| frames dropped {result['frames_dropped']:.0f} | gateway {result['gateway_cpu_core_pct']}% core, "
+        f"| frames dropped {result['frames_dropped']:.0f} | {result['protocol']}: gateway partial p95 "
+        f"{fmt(result['gateway_partial_p95_s'])} s, {result['finals']} finals, {result['realtime_deltas']} "
+        f"realtime deltas, client final p95 {fmt(result['final_client_p95_s'])} s | gateway {result['gateway_cpu_core_pct']}% core, "
         f"{result['gateway_rss_mb_per_session']} MB/session\n    CPU (% of one core) by service: "
         + ", ".join(f"{k} {v}" for k, v in result["cpu_core_pct_by_service"].items())
         + f", load generator {result['load_generator_cpu_core_pct']}"
@@ -328,6 +427,13 @@ async def main() -> None:
     parser.add_argument("--fps", type=float, default=1.0, help="camera frames per second (0 = no camera)")
     parser.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: embedded tiny)")
     parser.add_argument(
+        "--protocol",
+        choices=("stream", "realtime"),
+        default="stream",
+        help="realtime: also a phase of as many OpenAI Realtime transcription sessions, compared with "
+        "the /v1/stream phase of the same run",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -344,12 +450,23 @@ async def main() -> None:
         print(f"baseline: 1 session, {args.seconds:.0f} s", flush=True)
         baseline = await phase(mesh, 1, args.seconds, clips, frames, args.fps)
         show(baseline)
-        runs = []
+        runs, realtime_runs = [], []
         for run in range(args.repeat):
             which = f" (run {run + 1} of {args.repeat})" if args.repeat > 1 else ""
-            print(f"load: {args.sessions} sessions, {args.seconds:.0f} s{which}", flush=True)
-            runs.append(await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps))
-            show(runs[-1])
+            # With --protocol realtime the two alternate which goes first: neither always runs on
+            # the machine state the other leaves behind.
+            order = ("stream", "realtime") if run % 2 == 0 else ("realtime", "stream")
+            for protocol in order if args.protocol == "realtime" else ("stream",):
+                if protocol == "stream":
+                    print(f"load: {args.sessions} sessions, {args.seconds:.0f} s{which}", flush=True)
+                    runs.append(await phase(mesh, args.sessions, args.seconds, clips, frames, args.fps))
+                    show(runs[-1])
+                else:
+                    print(f"realtime: {args.sessions} /v1/realtime transcription sessions{which}", flush=True)
+                    realtime_runs.append(
+                        await phase(mesh, args.sessions, args.seconds, clips, frames, 0.0, "realtime")
+                    )
+                    show(realtime_runs[-1])
     # The median run by p95 partial latency (a run without partials counts as the slowest).
     ranked = sorted(
         runs, key=lambda r: r["partial_p95_s"] if r["partial_p95_s"] is not None else float("inf")
@@ -370,17 +487,36 @@ async def main() -> None:
         f"  target (p95 partial <= 1.0 s in the median run, no audio lost in any, at {args.sessions} sessions): "
         f"{'met' if target else 'NOT met'}"
     )
-    print(
-        json.dumps(
-            {
-                "baseline": baseline,
-                "load": load,
-                "load_runs": runs,
-                "partial_p95_ratio": ratio,
-                "target_met": target,
-            }
+    summary = {
+        "baseline": baseline,
+        "load": load,
+        "load_runs": runs,
+        "partial_p95_ratio": ratio,
+        "target_met": target,
+    }
+    if realtime_runs:
+
+        def gateway_p95(run: dict) -> float:
+            return run["gateway_partial_p95_s"] if run["gateway_partial_p95_s"] is not None else float("inf")
+
+        # Both protocols judged on their median run by the gateway's partial p95.
+        realtime = sorted(realtime_runs, key=gateway_p95)[(len(realtime_runs) - 1) // 2]
+        stream_median = sorted(runs, key=gateway_p95)[(len(runs) - 1) // 2]
+        stream_p95, realtime_p95 = stream_median["gateway_partial_p95_s"], realtime["gateway_partial_p95_s"]
+        versus = realtime_p95 / stream_p95 if stream_p95 and realtime_p95 else None
+        met = versus is not None and versus <= 1.10 and all(r["audio_lost_s"] == 0 for r in realtime_runs)
+        print(
+            f"  realtime partial p95 {realtime_p95 or 0:.3f} s vs /v1/stream {stream_p95 or 0:.3f} s "
+            "(gateway histogram): "
+            f"{'n/a' if versus is None else f'{versus:.2f}x'}; target (within 10 %): {'met' if met else 'NOT met'}"
         )
-    )
+        summary.update(
+            realtime=realtime,
+            realtime_runs=realtime_runs,
+            realtime_partial_p95_ratio=versus,
+            realtime_target_met=met,
+        )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

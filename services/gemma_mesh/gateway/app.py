@@ -241,6 +241,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     from gemma_mesh.gateway.openai.router import router as openai_router
 
     app.include_router(openai_router)
+    from gemma_mesh.gateway.realtime.router import router as realtime_router
+
+    app.include_router(realtime_router)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

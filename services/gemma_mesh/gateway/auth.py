@@ -76,9 +76,10 @@ class Authenticator:
             raise Unauthenticated("unknown API key")
         return kid
 
-    def mint_token(self, kid: str, now: float | None = None) -> tuple[str, int]:
-        """A session token for key id ``kid`` -> (token, expiry as Unix seconds)."""
-        expires = int((now or time.time()) + self.token_ttl_s)
+    def mint_token(self, kid: str, now: float | None = None, ttl_s: int | None = None) -> tuple[str, int]:
+        """A session token for key id ``kid`` valid ``ttl_s`` (default ``token_ttl_s``) -> (token,
+        expiry as Unix seconds)."""
+        expires = int((now or time.time()) + (ttl_s or self.token_ttl_s))
         body = f"v1.{kid}.{expires}"
         return f"{body}.{self._sign(body)}", expires
 

@@ -54,3 +54,9 @@ def translation_instruction(target_language: str, source_language: str | None = 
         f"Translate the following speech segment{where} into {target}. "
         f"Only output the {target} translation, with no newlines and no commentary."
     )
+
+
+def context_text(context: str) -> str:
+    """User text before the audio that gives the speech's context (OpenAI's transcription
+    ``prompt``: earlier speech, names and terms to expect; Whisper conditions on it the same way)."""
+    return f"Context of the speech that follows (earlier speech, names, terms): {context.strip()}"

@@ -54,7 +54,7 @@ from gemma_mesh.gateway.clients import (
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import StreamVad, VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
-from gemma_mesh.gateway.prompts import transcription_instruction, translation_instruction
+from gemma_mesh.gateway.prompts import context_text, transcription_instruction, translation_instruction
 from gemma_mesh.gateway.protocol import (
     CaptionFinal,
     CaptionPartial,
@@ -84,11 +84,13 @@ _REASONS = {"silence": "silence", "max_length": "max_length", "flush": "end"}
 @dataclass
 class CaptionDecode:
     """One caption decode: ``text`` (through the ``RepetitionGuard``), the answer's ``token_ids`` as
-    generated (a later decode's prediction), and the completion tokens it cost."""
+    generated (a later decode's prediction), the completion tokens it cost and the audio soft
+    tokens it read."""
 
     text: str
     token_ids: list[int]
     completion_tokens: int
+    audio_tokens: int = 0
     # Mean log-probability of the answer's tokens (stop token excluded), when asked for; else None.
     avg_logprob: float | None = None
 
@@ -102,6 +104,7 @@ async def transcribe(
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
     prediction: Sequence[int] = (),
+    context: str | None = None,
     logprobs: bool = False,
 ) -> CaptionDecode:
     """One decode of 16 kHz float32 mono ``audio`` for the session's task (``logprobs``: also its
@@ -123,6 +126,7 @@ async def transcribe(
         tokens_per_audio_s=tokens_per_audio_s,
         priority=priority,
         prediction=prediction,
+        context=context,
         logprobs=logprobs,
     )
 
@@ -137,6 +141,7 @@ async def caption_soft_tokens(
     tokens_per_audio_s: float = DEFAULT_TOKENS_PER_AUDIO_S,
     priority: int = PRIORITY_LIVE_CAPTION,
     prediction: Sequence[int] = (),
+    context: str | None = None,
     logprobs: bool = False,
 ) -> CaptionDecode:
     """The decoder half of ``transcribe``: audio soft tokens (of ``audio_s`` seconds) -> caption.
@@ -149,13 +154,17 @@ async def caption_soft_tokens(
     guard's cut of the text so far: the loop and everything after it would be cut anyway (only when
     loops nest, a longer loop that starts earlier but would finish later, can the whole decode's
     cut fall earlier). Live finals and ``/v1/audio/transcriptions`` run this same function, so they
-    agree. The tokens counted are those generated until the stop."""
+    agree. The tokens counted are those generated until the stop. ``context``: text the speech
+    follows (OpenAI's transcription ``prompt``: earlier speech, names, terms), given before the
+    audio (``prompts.context_text``); None = none."""
     budget = min(max_tokens, 8 + math.ceil(audio_s * tokens_per_audio_s))
     if config.task == "translate":
         instruction = translation_instruction(config.target_language or "en", config.source_language)
     else:
         instruction = transcription_instruction(config.source_language)
     parts = [Part(soft_tokens=t) for t in soft_tokens] + [Part(text=instruction)]
+    if context:
+        parts.insert(0, Part(text=context_text(context)))
     sampling = Sampling(
         max_tokens=budget,
         enable_thinking=False,
@@ -167,8 +176,15 @@ async def caption_soft_tokens(
     # Stop the decode once its text ends in a loop: everything from the loop on is cut by the guard
     # anyway, so a looping decode would only burn its budget.
     answer = await clients.stream_answer([ChatMessage("user", parts)], sampling, until=_GUARD.ends_in_loop)
+    audio_tokens = sum(t.tokens.shape[0] for t in soft_tokens if t is not None and t.tokens.shape)
     avg = sum(answer.logprobs) / len(answer.logprobs) if answer.logprobs else None
-    return CaptionDecode(_GUARD.clean(answer.text.strip()), answer.token_ids, answer.completion_tokens, avg)
+    return CaptionDecode(
+        _GUARD.clean(answer.text.strip()),
+        answer.token_ids,
+        answer.completion_tokens,
+        audio_tokens=audio_tokens,
+        avg_logprob=avg,
+    )
 
 
 class CaptionPipeline:
@@ -183,6 +199,11 @@ class CaptionPipeline:
         vad_batcher: the gateway's shared VAD (batched across sessions); None = a VAD of its own.
         latency_monitor: the gateway's ``CaptionLatencyMonitor`` (partial latencies of all sessions);
             its target is this pipeline's latency objective too. None = no objective.
+        on_segment: awaited with ``(event, ms)`` when the VAD opens (``SegmentStarted``, ms of its
+            first sample) or closes (``SegmentClosed``, ms of its last) a segment, before any
+            caption of it is emitted or its final respectively (adapters that report speech
+            start/stop, such as the Realtime API's, use it).
+        context: text every decode is given before the audio (``caption_soft_tokens``).
         vad_settings, partial_interval_ms, max_tokens, max_pending_audio_s: from ``GatewaySettings``.
     """
 
@@ -203,8 +224,12 @@ class CaptionPipeline:
         on_final: Callable[[], Awaitable[None]] | None = None,
         vad_batcher: VadBatcher | None = None,
         latency_monitor: CaptionLatencyMonitor | None = None,
+        on_segment: Callable[[SegmentStarted | SegmentClosed, int], Awaitable[None]] | None = None,
+        context: str | None = None,
     ) -> None:
         self.clients = clients
+        self.on_segment = on_segment
+        self.context = context
         self.config = config
         self.emit = emit
         self.metrics = metrics
@@ -323,6 +348,9 @@ class CaptionPipeline:
                 self._pending_samples -= chunk.shape[0]
                 self._arrivals.append((self.segmenter.samples_pushed, time.monotonic()))
             for event in events:
+                if self.on_segment is not None:
+                    sample = event.start_sample if isinstance(event, SegmentStarted) else event.end_sample
+                    await self.on_segment(event, self._ms(sample))
                 if isinstance(event, SegmentStarted):
                     self._agreement = LocalAgreement()
                     self._partial_audio_end = 0
@@ -402,7 +430,9 @@ class CaptionPipeline:
         """Caption ``audio`` of segment ``segment_id`` (from its soft tokens when given), predicting
         the segment's previous hypothesis; None after sending the error event of a failed decode."""
         options = dict(
-            tokens_per_audio_s=self.tokens_per_audio_s, prediction=self._hypotheses.get(segment_id, ())
+            tokens_per_audio_s=self.tokens_per_audio_s,
+            prediction=self._hypotheses.get(segment_id, ()),
+            context=self.context,
         )
         try:
             if soft_tokens is None:

@@ -500,9 +500,11 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 class TranscriptionRequest(OpenAIBaseModel):
     """The multipart fields of ``/v1/audio/transcriptions`` and ``/v1/audio/translations`` (not ``file``).
 
-    ``prompt`` is accepted and ignored: the recognition prompt is fixed so that an uploaded file is
-    decoded exactly as live captions decode the same audio. ``temperature`` is validated; decoding
-    is greedy (temperature 0), for the same reason. ``language`` is the spoken language's hint
+    ``prompt`` is the speech's context (earlier speech, names, terms), given to the model before the
+    audio of every segment; without one a file is decoded exactly as live captions decode the same
+    audio. ``temperature`` is validated; decoding is greedy (temperature 0), for that reason.
+    ``stream`` (transcriptions only) answers Server-Sent Events: ``transcript.text.delta`` per
+    segment, then ``transcript.text.done`` with the text and usage. ``language`` is the spoken language's hint
     (ISO-639-1 or BCP-47); OpenAI's translations have no ``language``, here it is an optional hint.
     """
 
@@ -521,12 +523,35 @@ class TranscriptionRequest(OpenAIBaseModel):
             raise _unsupported("word timestamps", "segments come from the VAD; words are not aligned")
         return value
 
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value: bool) -> bool:
-        if value:
-            raise _unsupported("stream", "use the /v1/stream WebSocket for live captions")
-        return value
+
+class TranscriptTextDelta(OpenAIBaseModel):
+    """An SSE event of a streamed transcription: the text of the next segment."""
+
+    type: Literal["transcript.text.delta"] = "transcript.text.delta"
+    delta: str
+
+
+class TranscriptTokenDetails(OpenAIBaseModel):
+    audio_tokens: int
+    text_tokens: int = 0
+
+
+class TranscriptTokenUsage(OpenAIBaseModel):
+    """``input_tokens``: the audio soft tokens read (the instruction's text tokens are not counted)."""
+
+    type: Literal["tokens"] = "tokens"
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_token_details: TranscriptTokenDetails
+
+
+class TranscriptTextDone(OpenAIBaseModel):
+    """The last SSE event of a streamed transcription: the whole text (the deltas joined) and usage."""
+
+    type: Literal["transcript.text.done"] = "transcript.text.done"
+    text: str
+    usage: TranscriptTokenUsage
 
 
 class TranscriptionUsage(OpenAIBaseModel):

@@ -4,7 +4,9 @@
 * ``POST /v1/chat/completions``: JSON (at most ``max_request_bytes``, else 413); ``stream: true``
   answers ``text/event-stream``: ``data: <chunk JSON>`` events, then ``data: [DONE]``.
 * ``POST /v1/audio/transcriptions``, ``POST /v1/audio/translations``: multipart ``file`` (at most
-  ``max_upload_bytes``, else 413) and the fields of ``TranscriptionRequest``.
+  ``max_upload_bytes``, else 413) and the fields of ``TranscriptionRequest``; a transcription with
+  ``stream=true`` answers ``text/event-stream`` (``transcript.text.delta`` events, then
+  ``transcript.text.done``).
 
 Every route checks the Bearer key (``Authenticator.check_key``) and the page origin, and holds one
 of the key's in-flight request slots while it works (for a stream, until the stream ends). A
@@ -231,8 +233,21 @@ async def _transcribe(request: Request, task: str) -> Response:
     kid = _authorize(request)
     data, parsed = await _transcription_form(request, gw.settings.max_upload_bytes)
     serving = OpenAIServingTranscription(gw.clients, gw.settings, gw.metrics, gw.vad_settings)
-    with gw.auth.request_slot(kid):
+    slot = ExitStack()
+    slot.enter_context(gw.auth.request_slot(kid))
+    try:
         result = await _cancel_on_disconnect(request, serving.create_transcription(data, parsed, task))
+    except BaseException:
+        slot.close()
+        raise
+    if parsed.stream and result is not None:
+        return StreamingResponse(
+            _release_after(result, slot),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(slot.close),
+        )
+    slot.close()
     if result is None:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     if isinstance(result, str):

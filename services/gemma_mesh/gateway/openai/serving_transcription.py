@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import math
 import zlib
+from collections.abc import AsyncIterator, Coroutine
 
 import numpy as np
 
-from gemma_mesh.common.errors import InvalidRequest, PayloadTooLarge
+from gemma_mesh.common.errors import InvalidRequest, MeshError, PayloadTooLarge
 from gemma_mesh.gateway.captioning import (
     SegmentClosed,
     SileroVad,
@@ -29,8 +30,12 @@ from gemma_mesh.gateway.openai.protocol import (
     TranscriptionResponseVerbose,
     TranscriptionSegment,
     TranscriptionUsage,
+    TranscriptTextDelta,
+    TranscriptTextDone,
+    TranscriptTokenDetails,
+    TranscriptTokenUsage,
 )
-from gemma_mesh.gateway.openai.serving import check_model, gather_or_cancel
+from gemma_mesh.gateway.openai.serving import check_model, error_event, gather_or_cancel, sse
 from gemma_mesh.gateway.prompts import language_name, normalize_language
 from gemma_mesh.gateway.protocol import SessionConfig
 from gemma_mesh.gateway.settings import GatewaySettings
@@ -99,15 +104,18 @@ class OpenAIServingTranscription:
 
     async def create_transcription(
         self, data: bytes, request: TranscriptionRequest, task: str = "transcribe"
-    ) -> TranscriptionResponse | TranscriptionResponseVerbose | str:
-        """``task`` ``transcribe`` or ``translate`` -> the response model (json, verbose_json) or the
-        text of a plain format (text, srt, vtt).
+    ) -> TranscriptionResponse | TranscriptionResponseVerbose | str | AsyncIterator[str]:
+        """``task`` ``transcribe`` or ``translate`` -> the response model (json, verbose_json), the
+        text of a plain format (text, srt, vtt), or with ``stream`` the SSE lines (``stream_events``).
 
         Raises:
             NotFound: unknown model. PayloadTooLarge: over ``max_upload_bytes``.
-            InvalidRequest: bad language tag, undecodable or over-long audio.
+            InvalidRequest: bad language tag, undecodable or over-long audio, ``stream`` for a
+                translation (OpenAI's translations do not stream).
         """
         check_model(request.model, self.settings.served_model_name)
+        if request.stream and task != "transcribe":
+            raise InvalidRequest("stream: translations are not streamed", param="stream")
         if len(data) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(
                 f"file is {len(data)} bytes; the limit is {self.settings.max_upload_bytes} bytes (max_upload_bytes)",
@@ -128,7 +136,10 @@ class OpenAIServingTranscription:
             raise InvalidRequest(f"file: {error.message}", param="file") from None
         duration_s = audio.shape[0] / RATE_HZ
         spans = await self._segments(audio)
-        decodes = await self._decode_all(spans, config, logprobs=request.response_format == "verbose_json")
+        if request.stream:
+            return self.stream_events(spans, config, request.prompt)
+        verbose = request.response_format == "verbose_json"
+        decodes = await gather_or_cancel(*self._decodes(spans, config, request.prompt, logprobs=verbose))
         segments = [
             TranscriptionSegment(
                 id=n,
@@ -183,9 +194,16 @@ class OpenAIServingTranscription:
         events += segmenter.flush()
         return [e for e in events if isinstance(e, SegmentClosed)]
 
-    async def _decode_all(
-        self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig, *, logprobs: bool
-    ) -> list[CaptionDecode]:
+    def _decodes(
+        self,
+        spans: list[tuple[int, int, np.ndarray]],
+        config: SessionConfig,
+        prompt: str | None,
+        *,
+        logprobs: bool = False,
+    ) -> list[Coroutine[None, None, CaptionDecode]]:
+        """One decode per segment (``live.captions.transcribe``), at most
+        ``MAX_CONCURRENT_SEGMENT_DECODES`` at once (``logprobs``: each with its ``avg_logprob``)."""
         limit = asyncio.Semaphore(MAX_CONCURRENT_SEGMENT_DECODES)
 
         async def one(audio: np.ndarray) -> CaptionDecode:
@@ -197,9 +215,48 @@ class OpenAIServingTranscription:
                     self.settings.max_caption_tokens,
                     tokens_per_audio_s=self.settings.caption_tokens_per_audio_s,
                     priority=PRIORITY_REQUEST,
+                    context=prompt,
                     logprobs=logprobs,
                 )
             self.metrics.tokens_generated.inc(decoded.completion_tokens)
             return decoded
 
-        return await gather_or_cancel(*(one(audio) for _, _, audio in spans))
+        return [one(audio) for _, _, audio in spans]
+
+    async def stream_events(
+        self, spans: list[tuple[int, int, np.ndarray]], config: SessionConfig, prompt: str | None
+    ) -> AsyncIterator[str]:
+        """SSE lines as OpenAI streams a transcription: ``data: {"type": "transcript.text.delta",
+        "delta"}`` per segment with words, in order (segments decode concurrently; each is sent as
+        soon as it and those before it are done), then ``transcript.text.done`` with the text (the
+        deltas joined: the non-streamed ``text``) and token usage. A failure mid-stream is an SSE
+        ``error`` event (OpenAI's error body). Closing the generator cancels the decodes left."""
+        tasks = [asyncio.ensure_future(c) for c in self._decodes(spans, config, prompt)]
+        texts: list[str] = []
+        audio_tokens = output_tokens = 0
+        try:
+            for task in tasks:
+                decoded = await task
+                audio_tokens += decoded.audio_tokens
+                output_tokens += decoded.completion_tokens
+                if decoded.text:
+                    delta = decoded.text if not texts else " " + decoded.text
+                    texts.append(decoded.text)
+                    yield _sse(TranscriptTextDelta(delta=delta))
+            usage = TranscriptTokenUsage(
+                input_tokens=audio_tokens,
+                output_tokens=output_tokens,
+                total_tokens=audio_tokens + output_tokens,
+                input_token_details=TranscriptTokenDetails(audio_tokens=audio_tokens),
+            )
+            yield _sse(TranscriptTextDone(text=" ".join(texts), usage=usage))
+        except MeshError as error:
+            self.metrics.errors.labels(error.code).inc()
+            yield error_event(error)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _sse(event) -> str:
+    return sse(event.model_dump_json())
