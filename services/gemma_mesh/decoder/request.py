@@ -8,7 +8,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -17,8 +17,21 @@ from gemma_mesh.decoder.grammar import CompiledGrammar
 from gemma_mesh.decoder.output import Delta, FinishReason
 from gemma_mesh.model.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from gemma_mesh.decoder.engine import Engine
+
+class EngineLink(Protocol):
+    """What a ``RequestHandle`` needs of the engine that runs it (the engine implements it)."""
+
+    def wake(self) -> None:
+        """Wake the engine thread (a cancel frees the row within one step)."""
+
+    def _post(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: asyncio.Queue,
+        event: object,
+        cancelled: threading.Event,
+    ) -> None:
+        """Queue ``event`` for ``target`` on ``loop``, delivered at the end of the engine step."""
 
 
 @dataclass
@@ -78,7 +91,7 @@ class Finished:
 class RequestHandle:
     """The caller's side of a request: ``events()`` (async) or ``iter_events()`` (sync), and ``cancel()``."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
+    def __init__(self, engine: EngineLink, request: GenerationRequest) -> None:
         self.request = request
         self._engine = engine
         self._cancelled = threading.Event()
