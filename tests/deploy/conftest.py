@@ -14,6 +14,7 @@ import pytest
 
 from tests.deploy.deploy_helpers import (
     CHART,
+    EXPORT_VALUES,
     NAMESPACE,
     RELEASE,
     import_helm,
@@ -47,3 +48,10 @@ def production_manifests(chart: Any) -> list[dict[str, Any]]:
 def render(chart: Any) -> Any:
     """``render(values)`` -> the parsed objects of the chart rendered with ``values``."""
     return lambda values: _render(chart, values)
+
+
+@pytest.fixture(scope="module", params=["default", "production", "export"])
+def manifests(request: pytest.FixtureRequest, render: Any) -> list[dict[str, Any]]:
+    """The chart rendered with default values, values-production.yaml, and the export Job on."""
+    values = {"default": {}, "production": production_values(), "export": EXPORT_VALUES}[request.param]
+    return render(values)

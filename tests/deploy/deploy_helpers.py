@@ -76,3 +76,47 @@ def pod_specs(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for m in manifests
         if m["kind"] in ("Deployment", "StatefulSet", "Job", "DaemonSet")
     }
+
+
+FULLNAME = RELEASE  # the release is named like the chart
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
+    kind = "StatefulSet" if component == "redis" else "Deployment"
+    workload = by_kind(manifests, kind)[f"{FULLNAME}-{component}"]
+    return workload["spec"]["template"]["metadata"]["labels"]
+
+
+def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*pod.get("initContainers", []), *pod["containers"]]
+
+
+def component_env(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
+    """What the component's container sees: its ConfigMap, then literal env values."""
+    env = dict(by_kind(manifests, "ConfigMap")[f"{FULLNAME}-{component}"]["data"])
+    pod = by_kind(manifests, "Deployment")[f"{FULLNAME}-{component}"]["spec"]["template"]["spec"]
+    for var in pod["containers"][0].get("env", []):
+        env[var["name"]] = var.get("value", "<secret>")
+    return env
+
+
+# The chart's minimum (Chart.yaml kubeVersion: native gRPC probes) and the newest release whose
+# schemas kubernetes-validate ships.
+KUBE_VERSIONS = ("1.27.0", "latest")
+
+# Values that turn on the bundle volume and the export Job.
+EXPORT_VALUES = {
+    "bundle": {"enabled": True},
+    "exportJob": {"enabled": True, "checkpoint": {"existingClaim": "gemma-checkpoint"}},
+}
+
+
+def kube_version(version: str) -> str:
+    """``version``, or kubernetes-validate's newest for ``"latest"``."""
+    import kubernetes_validate
+
+    return kubernetes_validate.latest_version() if version == "latest" else version

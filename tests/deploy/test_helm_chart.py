@@ -22,59 +22,22 @@ from tests.deploy.deploy_helpers import (
     COMPONENTS,
     CRDS,
     DEPLOY,
+    EXPORT_VALUES,
+    FULLNAME,
+    KUBE_VERSIONS,
     NAMESPACE,
     RELEASE,
     by_kind,
+    component_env,
+    containers,
     import_helm,
+    kube_version,
+    pod_labels,
     pod_specs,
     production_values,
+    selects,
     settings_class,
 )
-
-# The chart's minimum (Chart.yaml kubeVersion: native gRPC probes) and the newest release whose
-# schemas kubernetes-validate ships.
-KUBE_VERSIONS = ("1.27.0", "latest")
-FULLNAME = RELEASE  # the release is named like the chart
-EXPORT_VALUES = {
-    "bundle": {"enabled": True},
-    "exportJob": {"enabled": True, "checkpoint": {"existingClaim": "gemma-checkpoint"}},
-}
-
-
-def _kube_version(version: str) -> str:
-    import kubernetes_validate
-
-    return kubernetes_validate.latest_version() if version == "latest" else version
-
-
-@pytest.fixture(scope="module", params=["default", "production", "export"])
-def manifests(request: pytest.FixtureRequest, render: Any) -> list[dict[str, Any]]:
-    values = {"default": {}, "production": production_values(), "export": EXPORT_VALUES}[request.param]
-    return render(values)
-
-
-def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def _pod_labels(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
-    kind = "StatefulSet" if component == "redis" else "Deployment"
-    workload = by_kind(manifests, kind)[f"{FULLNAME}-{component}"]
-    return workload["spec"]["template"]["metadata"]["labels"]
-
-
-def _containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*pod.get("initContainers", []), *pod["containers"]]
-
-
-def _env(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
-    """What the component's container sees: its ConfigMap, then literal env values."""
-    env = dict(by_kind(manifests, "ConfigMap")[f"{FULLNAME}-{component}"]["data"])
-    pod = by_kind(manifests, "Deployment")[f"{FULLNAME}-{component}"]["spec"]["template"]["spec"]
-    for var in pod["containers"][0].get("env", []):
-        env[var["name"]] = var.get("value", "<secret>")
-    return env
-
 
 # --- lint and schemas ----------------------------------------------------------------------------
 
@@ -89,11 +52,11 @@ def test_chart_lints_clean(values_name: str) -> None:
     assert problems == [], problems
 
 
-@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-def test_every_manifest_is_valid_kubernetes(manifests: list[dict[str, Any]], kube_version: str) -> None:
+@pytest.mark.parametrize("version_name", KUBE_VERSIONS)
+def test_every_manifest_is_valid_kubernetes(manifests: list[dict[str, Any]], version_name: str) -> None:
     import kubernetes_validate
 
-    version = _kube_version(kube_version)
+    version = kube_version(version_name)
     crd_kinds = {"ServiceMonitor", "PrometheusRule"}
     for doc in manifests:
         if doc["kind"] in crd_kinds:
@@ -114,7 +77,7 @@ def test_strict_validation_rejects_unknown_fields(default_manifests: list[dict[s
     deployment = copy.deepcopy(by_kind(default_manifests, "Deployment")[f"{FULLNAME}-decoder"])
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(deployment, _kube_version("latest"), strict=True)
+        kubernetes_validate.validate(deployment, kube_version("latest"), strict=True)
 
 
 def _strict(schema: Any) -> Any:
@@ -184,7 +147,7 @@ def test_every_container_has_resources_and_a_locked_down_security_context(
         assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, workload
         assert pod.get("automountServiceAccountToken") is False, workload
         volumes = {v["name"]: v for v in pod["volumes"]}
-        for c in _containers(pod):
+        for c in containers(pod):
             where = f"{workload} container {c['name']}"
             sc = c["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True, where
@@ -231,7 +194,7 @@ def test_grpc_services_use_native_grpc_probes_and_the_gateway_http(
 def test_images_are_dockerfile_targets(manifests: list[dict[str, Any]]) -> None:
     targets = set(re.findall(r"^FROM \S+ AS (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
     for workload, pod in pod_specs(manifests).items():
-        for c in _containers(pod):
+        for c in containers(pod):
             if c["name"] == "redis":
                 continue
             target = c["image"].rsplit("/", 1)[1].split(":")[0]
@@ -247,8 +210,8 @@ def test_a_pdb_per_component(manifests: list[dict[str, Any]]) -> None:
     if by_kind(manifests, "StatefulSet"):
         components.append("redis")
     for component in components:
-        labels = _pod_labels(manifests, component)
-        matching = [p for p in pdbs if _selects(p["spec"]["selector"]["matchLabels"], labels)]
+        labels = pod_labels(manifests, component)
+        matching = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)]
         assert len(matching) == 1, f"{component}: {len(matching)} PodDisruptionBudgets"
         spec = matching[0]["spec"]
         assert ("maxUnavailable" in spec) != ("minAvailable" in spec)
@@ -360,7 +323,7 @@ def test_environment_is_what_the_settings_classes_read(
     for component in COMPONENTS:
         cls = settings_class(component)
         prefix = f"GEMMA_MESH_{component.upper()}_"
-        env = _env(manifests, component)
+        env = component_env(manifests, component)
         assert set(env) == {k for k in env if k.startswith(prefix)}, f"{component}: foreign variables"
         fields = {name.upper() for name in cls.model_fields}
         unknown = {k for k in env if k.removeprefix(prefix) not in fields}
@@ -379,7 +342,7 @@ def test_environment_is_what_the_settings_classes_read(
 
 
 def test_gateway_targets_are_the_headless_services(manifests: list[dict[str, Any]]) -> None:
-    env = _env(manifests, "gateway")
+    env = component_env(manifests, "gateway")
     services = by_kind(manifests, "Service")
     for c in BACKENDS:
         target = env[f"GEMMA_MESH_GATEWAY_{c.upper()}_TARGET"]
@@ -389,7 +352,7 @@ def test_gateway_targets_are_the_headless_services(manifests: list[dict[str, Any
         assert namespace == NAMESPACE
         service = services[name]
         assert service["spec"]["clusterIP"] == "None", f"{name} must be headless for client-side balancing"
-        assert _selects(service["spec"]["selector"], _pod_labels(manifests, c))
+        assert selects(service["spec"]["selector"], pod_labels(manifests, c))
         assert port in [p["port"] for p in service["spec"]["ports"]]
 
 
@@ -400,7 +363,7 @@ def test_redis_bundled_with_aof_or_external_from_a_secret(
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
-    assert _env(default_manifests, "gateway")["GEMMA_MESH_GATEWAY_REDIS_URL"].startswith(
+    assert component_env(default_manifests, "gateway")["GEMMA_MESH_GATEWAY_REDIS_URL"].startswith(
         f"redis://{FULLNAME}-redis.{NAMESPACE}.svc"
     )
 
@@ -456,7 +419,7 @@ def test_gpus_requested_for_decoder_and_encoders_only(
             assert ("nvidia.com/gpu" in container["resources"].get("limits", {})) == wants_gpu, c
             assert container["image"].split(":")[0].endswith("-cuda") == wants_gpu, c
             if c != "gateway":
-                providers = json.loads(_env(manifests, c)[f"GEMMA_MESH_{c.upper()}_PROVIDERS"])
+                providers = json.loads(component_env(manifests, c)[f"GEMMA_MESH_{c.upper()}_PROVIDERS"])
                 assert providers[0] == ("CUDAExecutionProvider" if wants_gpu else "CPUExecutionProvider")
         if gpu:
             decoder = deployments[f"{FULLNAME}-decoder"]["spec"]["template"]["spec"]
@@ -476,12 +439,13 @@ def test_bundle_volume_is_read_only_and_the_export_job_writes_it(
         pod = deployments[f"{FULLNAME}-{c}"]["spec"]["template"]["spec"]
         volume = next(v for v in pod["volumes"] if v["name"] == "bundle")
         assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
-        for container in _containers(pod):
+        for container in containers(pod):
             mount = next(m for m in container["volumeMounts"] if m["name"] == "bundle")
             assert mount["mountPath"] == "/bundle" and mount["readOnly"] is True
         assert [i["name"] for i in pod["initContainers"]] == ["wait-for-bundle"]
         assert (
-            _env(production_manifests, c)[f"GEMMA_MESH_{c.upper()}_BUNDLE"] == "/bundle/gemma-4-e4b-it-fp16"
+            component_env(production_manifests, c)[f"GEMMA_MESH_{c.upper()}_BUNDLE"]
+            == "/bundle/gemma-4-e4b-it-fp16"
         )
     (job,) = by_kind(production_manifests, "Job").values()
     pod = job["spec"]["template"]["spec"]
@@ -493,284 +457,3 @@ def test_bundle_volume_is_read_only_and_the_export_job_writes_it(
     assert volumes["checkpoint"]["persistentVolumeClaim"]["claimName"] == "gemma-4-e4b-it-checkpoint"
     script = pod["containers"][0]["args"][0]
     assert "gemma-mesh export" in script and 'mv "$DEST.partial" "$DEST"' in script
-
-
-def test_only_the_gateway_is_reachable_from_outside(manifests: list[dict[str, Any]]) -> None:
-    policies = list(by_kind(manifests, "NetworkPolicy").values())
-    pods = {
-        f"{m['kind']}/{m['metadata']['name']}": m["spec"]["template"]["metadata"]["labels"]
-        for m in manifests
-        if m["kind"] in ("Deployment", "StatefulSet", "Job")
-    }
-    for workload, labels in pods.items():
-        assert any(_selects(p["spec"]["podSelector"]["matchLabels"], labels) for p in policies), (
-            f"{workload} is selected by no NetworkPolicy"
-        )
-    gateway_labels = _pod_labels(manifests, "gateway")
-    for policy in policies:
-        spec = policy["spec"]
-        assert spec["policyTypes"] == ["Ingress"]
-        selected = spec["podSelector"]["matchLabels"]
-        if _selects(selected, gateway_labels):
-            continue  # test_prometheus_may_scrape_the_gateway
-        for rule in spec["ingress"]:
-            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source"
-            for peer in rule["from"]:
-                from_gateway = (
-                    peer.get("podSelector", {}).get("matchLabels")
-                    == {k: gateway_labels[k] for k in peer.get("podSelector", {}).get("matchLabels", {})}
-                    and "namespaceSelector" not in peer
-                )
-                from_prometheus = "namespaceSelector" in peer and rule["ports"] == [
-                    {"port": 9090, "protocol": "TCP"}
-                ]
-                assert from_gateway or from_prometheus, f"{policy['metadata']['name']}: {peer}"
-
-
-def test_service_monitor_scrapes_each_component_once(production_manifests: list[dict[str, Any]]) -> None:
-    (monitor,) = by_kind(production_manifests, "ServiceMonitor").values()
-    selector = monitor["spec"]["selector"]["matchLabels"]
-    endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
-    scraped = {}
-    for name, service in by_kind(production_manifests, "Service").items():
-        if _selects(selector, service["metadata"]["labels"]):
-            ports = {p["name"] for p in service["spec"]["ports"]} & endpoint_ports
-            assert len(ports) == 1, f"{name}: scraped on {ports}"
-            scraped[service["metadata"]["labels"]["app.kubernetes.io/component"]] = name
-    assert scraped == {c: f"{FULLNAME}-{c}" for c in COMPONENTS}
-    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-
-
-def _port(container: dict[str, Any], name: str) -> int:
-    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
-
-
-def test_prometheus_may_scrape_the_gateway(manifests: list[dict[str, Any]]) -> None:
-    """/metrics lives on the gateway's metrics port, which its policy opens to Prometheus alone, and
-    the ServiceMonitor scrapes there (on the public port, ingressFrom kept Prometheus out)."""
-    gateway = by_kind(manifests, "Deployment")[f"{FULLNAME}-gateway"]["spec"]["template"]["spec"]
-    metrics_port = _port(gateway["containers"][0], "metrics")
-    assert metrics_port != _port(gateway["containers"][0], "http")
-    assert _env(manifests, "gateway")["GEMMA_MESH_GATEWAY_METRICS_PORT"] == str(metrics_port)
-    policy = by_kind(manifests, "NetworkPolicy")[f"{FULLNAME}-gateway"]
-    backend_policy = by_kind(manifests, "NetworkPolicy")[f"{FULLNAME}-decoder"]
-    prometheus_peer = backend_policy["spec"]["ingress"][1]["from"]
-    rules = [
-        r for r in policy["spec"]["ingress"] if r["ports"] == [{"port": metrics_port, "protocol": "TCP"}]
-    ]
-    assert [r["from"] for r in rules] == [prometheus_peer]
-    assert prometheus_peer[0]["namespaceSelector"]["matchLabels"] == {
-        "kubernetes.io/metadata.name": "monitoring"
-    }
-    service = by_kind(manifests, "Service")[f"{FULLNAME}-gateway"]
-    assert {"name": "metrics", "port": metrics_port} in [
-        {"name": p["name"], "port": p["port"]} for p in service["spec"]["ports"]
-    ]
-
-
-def test_the_ingress_routes_neither_metrics_nor_probes(production_manifests: list[dict[str, Any]]) -> None:
-    (ingress,) = by_kind(production_manifests, "Ingress").values()
-    paths = [(p["path"], p["pathType"]) for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
-    assert paths == [("/v1", "Prefix"), ("/static", "Prefix"), ("/", "Exact")]
-
-    def routed(url: str) -> bool:
-        return any(url == p if kind == "Exact" else url.startswith(p.rstrip("/") + "/") for p, kind in paths)
-
-    assert routed("/v1/stream") and routed("/") and routed("/static/app.js")
-    assert not any(routed(url) for url in ("/metrics", "/readyz", "/healthz", "/docs"))
-
-
-def _checksums(manifests: list[dict[str, Any]]) -> dict[str, str]:
-    deployments = by_kind(manifests, "Deployment")
-    return {
-        c: deployments[f"{FULLNAME}-{c}"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-        for c in COMPONENTS
-    }
-
-
-@pytest.mark.parametrize(
-    ("values", "rolled"),
-    [
-        ({"gateway": {"settings": {"max_sessions_per_key": 3}}}, {"gateway"}),
-        ({"decoder": {"settings": {"max_batch_size": 8}}}, {"decoder"}),
-        ({"vision": {"settings": {"max_batch_size": 4}}}, {"vision"}),
-        # The gateway dials the decoder's port: both roll.
-        ({"decoder": {"port": 50061}}, {"decoder", "gateway"}),
-    ],
-    ids=["gateway setting", "decoder setting", "vision setting", "decoder port"],
-)
-def test_config_checksums_roll_only_the_components_concerned(
-    render: Any, default_manifests: list[dict[str, Any]], values: dict[str, Any], rolled: set[str]
-) -> None:
-    before = _checksums(default_manifests)
-    after = _checksums(render(values))
-    assert {c for c in COMPONENTS if before[c] != after[c]} == rolled
-
-
-def test_config_checksum_is_the_configmaps_content(default_manifests: list[dict[str, Any]]) -> None:
-    import hashlib
-
-    for c in COMPONENTS:
-        data = by_kind(default_manifests, "ConfigMap")[f"{FULLNAME}-{c}"]["data"]
-        text = "".join(f"\n{k}: {json.dumps(v)}" for k, v in sorted(data.items()))
-        assert _checksums(default_manifests)[c] == hashlib.sha256(text.encode()).hexdigest(), c
-
-
-def test_drain_fits_the_termination_grace(manifests: list[dict[str, Any]]) -> None:
-    """preStop sleep, then the drain (the services' setting, from the chart), then a margin: all
-    inside terminationGracePeriodSeconds."""
-    deployments = by_kind(manifests, "Deployment")
-    for c in COMPONENTS:
-        pod = deployments[f"{FULLNAME}-{c}"]["spec"]["template"]["spec"]
-        container = pod["containers"][0]
-        sleep = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
-        assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
-        key = "DRAIN_GRACE_S" if c == "gateway" else "SHUTDOWN_GRACE_S"
-        drain = float(_env(manifests, c)[f"GEMMA_MESH_{c.upper()}_{key}"])
-        margin = 5 if c == "gateway" else 2  # the gateway's 3 s for HTTP requests after the sessions
-        assert sleep >= 1 and drain >= 1
-        assert sleep + drain + margin == pod["terminationGracePeriodSeconds"], c
-
-
-def test_a_grace_too_short_for_the_drain_fails(chart: Any) -> None:
-    helm = import_helm()
-    values = {"gateway": {"terminationGracePeriodSeconds": 8, "preStopSleepSeconds": 5}}
-    with pytest.raises(helm.HelmError, match="terminationGracePeriodSeconds"):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def test_progress_deadline_exceeds_the_startup_budget(manifests: list[dict[str, Any]]) -> None:
-    for name, deployment in by_kind(manifests, "Deployment").items():
-        probe = deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
-        budget = probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
-        assert deployment["spec"]["progressDeadlineSeconds"] > budget, name
-
-
-def test_encoders_may_use_mig_slices(render: Any) -> None:
-    values = copy.deepcopy(production_values())
-    values["audio"]["gpuResourceName"] = "nvidia.com/mig-1g.10gb"
-    values["vision"]["gpuResourceName"] = "nvidia.com/mig-2g.20gb"
-    deployments = by_kind(render(values), "Deployment")
-    limits = {
-        c: deployments[f"{FULLNAME}-{c}"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-        for c in BACKENDS
-    }
-    assert limits["decoder"]["nvidia.com/gpu"] == 1
-    assert limits["audio"]["nvidia.com/mig-1g.10gb"] == 1 and "nvidia.com/gpu" not in limits["audio"]
-    assert limits["vision"]["nvidia.com/mig-2g.20gb"] == 1 and "nvidia.com/gpu" not in limits["vision"]
-
-
-def test_gateway_scales_down_one_pod_at_a_time(production_manifests: list[dict[str, Any]]) -> None:
-    hpa = by_kind(production_manifests, "HorizontalPodAutoscaler")[f"{FULLNAME}-gateway"]
-    scale_down = hpa["spec"]["behavior"]["scaleDown"]
-    assert scale_down["stabilizationWindowSeconds"] >= 300
-    assert scale_down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 300}]
-
-
-KEDA_VALUES = {"decoder": {"autoscaling": {"enabled": True, "keda": {"enabled": True}}}}
-
-
-def test_keda_scales_the_decoder_on_queue_depth_with_a_fallback(render: Any) -> None:
-    manifests = render(KEDA_VALUES)
-    assert f"{FULLNAME}-decoder" not in by_kind(manifests, "HorizontalPodAutoscaler")
-    scaled = by_kind(manifests, "ScaledObject")[f"{FULLNAME}-decoder"]
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    spec = scaled["spec"]
-    assert spec["scaleTargetRef"] == {"name": f"{FULLNAME}-decoder"}
-    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 4)
-    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 2}
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
-    assert trigger["metadata"]["query"] == (
-        f'sum(gemma_mesh_decoder_queue_depth{{namespace="{NAMESPACE}",job="{FULLNAME}-decoder"}})'
-    )
-    assert trigger["metadata"]["threshold"] == "4"
-    assert "replicas" not in by_kind(manifests, "Deployment")[f"{FULLNAME}-decoder"]["spec"]
-
-
-def test_keda_needs_a_query_where_there_is_no_default(chart: Any) -> None:
-    helm = import_helm()
-    values = {"vision": {"autoscaling": {"enabled": True, "keda": {"enabled": True}}}}
-    with pytest.raises(helm.HelmError, match=r"vision\.autoscaling\.keda\.query"):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def test_the_prometheus_adapter_rule_serves_every_hpa_metric() -> None:
-    """deploy/prometheus-adapter/values.yaml serves every Pods metric the HPAs of the default and
-    production values ask for, under the same name, mapped to pods."""
-    adapter = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
-    (rule,) = adapter["rules"]["custom"]
-    selector = re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"])[1]
-    wanted = {
-        metric["name"]
-        for values in (yaml.safe_load((CHART / "values.yaml").read_text()), production_values())
-        for c in COMPONENTS
-        for metric in values[c]["autoscaling"].get("podsMetrics", [])
-    }
-    assert wanted == {"gemma_mesh_decoder_queue_depth", "gemma_mesh_vision_queue_depth"}
-    for name in wanted:
-        assert re.fullmatch(selector, name), name
-        assert re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), name) == name
-    assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-
-
-def test_bundled_redis_has_a_memory_cap_below_its_limit(default_manifests: list[dict[str, Any]]) -> None:
-    redis = by_kind(default_manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
-    container = redis["containers"][0]
-    args = container["args"]
-    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
-    cap = args[args.index("--maxmemory") + 1]
-    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3}
-    limit = container["resources"]["limits"]["memory"]
-    limit_bytes = int(limit[:-2]) * {"Mi": 1024**2, "Gi": 1024**3}[limit[-2:]]
-    assert int(cap[:-2]) * units[cap[-2:]] < limit_bytes
-
-
-def test_export_job_checks_it_can_write_and_leaves_a_readable_bundle(render: Any) -> None:
-    values = copy.deepcopy(EXPORT_VALUES)
-    values["exportJob"]["podSecurityContext"] = {"runAsUser": 65534, "runAsGroup": 65534}
-    (job,) = by_kind(render(values), "Job").values()
-    pod = job["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsUser"] == 65534 and pod["securityContext"]["runAsGroup"] == 65534
-    assert pod["securityContext"]["runAsNonRoot"] is True  # the rest of podSecurityContext stays
-    script = pod["containers"][0]["args"][0]
-    assert script.index(".gemma-mesh-write-test") < script.index("gemma-mesh export")
-    assert script.index('chmod -R a+rX "$DEST.partial"') < script.index('mv "$DEST.partial" "$DEST"')
-    (default_job,) = by_kind(render(EXPORT_VALUES), "Job").values()
-    assert default_job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
-
-
-def test_bundled_redis_password_reaches_redis_and_the_gateway(render: Any) -> None:
-    import kubernetes_validate
-
-    manifests = render({"redis": {"auth": {"password": "s3cret-redis-password"}}})
-    for doc in manifests:
-        kubernetes_validate.validate(doc, _kube_version("1.27.0"), strict=True)
-    secret = by_kind(manifests, "Secret")[f"{FULLNAME}-redis-auth"]
-    assert base64.b64decode(secret["data"]["redis-password"]) == b"s3cret-redis-password"
-    ref = {"secretKeyRef": {"name": f"{FULLNAME}-redis-auth", "key": "redis-password"}}
-
-    redis = by_kind(manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
-    container = redis["containers"][0]
-    assert container["args"][container["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
-    env = {e["name"]: e for e in container["env"]}
-    assert env["REDIS_PASSWORD"]["valueFrom"] == ref
-    assert env["REDISCLI_AUTH"]["value"] == "$(REDIS_PASSWORD)"  # the readiness probe's redis-cli
-
-    gateway = by_kind(manifests, "Deployment")[f"{FULLNAME}-gateway"]["spec"]["template"]["spec"]
-    names = [e["name"] for e in gateway["containers"][0]["env"]]
-    env = {e["name"]: e for e in gateway["containers"][0]["env"]}
-    assert env["REDIS_PASSWORD"]["valueFrom"] == ref
-    # Defined before the URL that refers to it: the kubelet expands only earlier variables.
-    assert names.index("REDIS_PASSWORD") < names.index("GEMMA_MESH_GATEWAY_REDIS_URL")
-    assert env["GEMMA_MESH_GATEWAY_REDIS_URL"]["value"] == (
-        f"redis://:$(REDIS_PASSWORD)@{FULLNAME}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
-    )
-    configmap = by_kind(manifests, "ConfigMap")[f"{FULLNAME}-gateway"]["data"]
-    assert "GEMMA_MESH_GATEWAY_REDIS_URL" not in configmap  # envFrom values are not expanded
-
-
-def test_bundled_redis_without_a_password_is_unchanged(default_manifests: list[dict[str, Any]]) -> None:
-    redis = by_kind(default_manifests, "StatefulSet")[f"{FULLNAME}-redis"]["spec"]["template"]["spec"]
-    assert "--requirepass" not in redis["containers"][0]["args"]
-    assert f"{FULLNAME}-redis-auth" not in by_kind(default_manifests, "Secret")
