@@ -53,6 +53,10 @@ async def test_token_is_required_and_checked(secured_gateway_url):
     assert forged["code"] == "authentication_error" and "invalid" in forged["message"]
     good = await first_event(secured_gateway_url, {"token": token_for(secured_gateway_url, "test-key-1")})
     assert good["type"] == "session.started"
+    # Integer limits go out as JSON integers (2097152, not 2097152.0); only max_fps is a float.
+    limits = good["limits"]
+    assert limits["max_message_bytes"] == 2 * 1024 * 1024
+    assert all(isinstance(v, int) for k, v in limits.items() if k != "max_fps"), limits
     header = await first_event(
         secured_gateway_url, {}, additional_headers={"Authorization": "Bearer test-key-2"}
     )
