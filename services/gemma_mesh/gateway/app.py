@@ -109,7 +109,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         from gemma_mesh.gateway.captioning import find_silero_model
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
-        leases = open_leases(settings.redis_url, prefix=settings.redis_key_prefix)
+        leases = open_leases(settings.redis_url, settings.session_lease_s, prefix=settings.redis_key_prefix)
         vad_batcher = VadBatcher(vad_settings.model_path)
         app.state.gw = GatewayState(
             settings,

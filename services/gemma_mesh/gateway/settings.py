@@ -84,6 +84,12 @@ class GatewaySettings(BaseSettings):
         15.0, gt=0, description="How long a resume waits for the session's previous connection to let go"
     )
     session_ttl_s: int = Field(3600, ge=10, description="How long an idle or ended session can be resumed")
+    session_lease_s: float = Field(
+        5.0,
+        ge=0.5,
+        description="Lease of a session on its connection, in seconds (refreshed every fifth of it): "
+        "how long after a replica dies its sessions can be resumed elsewhere",
+    )
 
     # --- captioning and frame analysis defaults (a session may override within the limits) ---
     partial_interval_ms: int = Field(500, ge=100, description="Default interval between partial decodes")
