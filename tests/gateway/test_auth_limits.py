@@ -17,7 +17,7 @@ from gemma_mesh.gateway.protocol import MediaKind, pack_media
 from gemma_mesh.gateway.settings import GatewaySettings
 from gemma_mesh.gateway.stream import Outbound
 from tests.gateway.conftest import SECURED_PREFIX
-from tests.gateway.mesh import GatewayThread
+from tests.gateway.mesh import GatewayProcess, GatewayThread
 
 
 def ws_url(base: str) -> str:
@@ -240,3 +240,45 @@ async def test_a_resume_counts_against_the_sessions_per_key_limit(secured_gatewa
     finally:
         for ws in sockets:
             await ws.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_burst_of_opens_on_two_replicas_admits_exactly_the_limit(backends):
+    """30 sockets open at once, alternating between two gateway processes on one Redis (auth off:
+    one shared key, max_sessions_per_key 6): exactly 6 sessions start, the rest get a fatal
+    rate_limit_error, and closing them frees the places."""
+    import uuid
+
+    env = {
+        "GEMMA_MESH_GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "GEMMA_MESH_GATEWAY_REDIS_KEY_PREFIX": f"gemma-mesh-test-burst-{uuid.uuid4().hex[:8]}",
+        "GEMMA_MESH_GATEWAY_MAX_SESSIONS_PER_KEY": "6",
+    }
+    replicas = [GatewayProcess(backends, **env) for _ in range(2)]
+    sockets = []
+
+    async def open_one(url: str) -> dict:
+        ws = await websockets.connect(ws_url(url))
+        sockets.append(ws)
+        await ws.send(json.dumps({"type": "session.start"}))
+        return json.loads(await asyncio.wait_for(ws.recv(), 60))
+
+    try:
+        urls = [replica.start() for replica in replicas]
+        firsts = await asyncio.gather(*(open_one(urls[i % 2]) for i in range(30)))
+        started = [e for e in firsts if e["type"] == "session.started"]
+        refused = [e for e in firsts if e["type"] == "error"]
+        assert len(started) == 6 and len(refused) == 24, [e["type"] for e in firsts]
+        assert all(e["code"] == "rate_limit_error" and e["fatal"] for e in refused)
+        assert all("max_sessions_per_key" in e["message"] for e in refused)
+        for ws in sockets:
+            await ws.close()
+        sockets.clear()
+        await asyncio.sleep(1.0)  # each replica detaches its sessions: they stop counting
+        again = await asyncio.gather(*(open_one(urls[i % 2]) for i in range(6)))
+        assert [e["type"] for e in again] == ["session.started"] * 6
+    finally:
+        for ws in sockets:
+            await ws.close()
+        for replica in replicas:
+            replica.stop()

@@ -26,7 +26,6 @@ from gemma_mesh.common.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
-    RateLimited,
     SessionBusy,
 )
 from gemma_mesh.common.logging import get_logger
@@ -271,8 +270,7 @@ class StreamConnection:
             if not ended:
                 # Detached sessions do not count (the previous connection, if any, let go above):
                 # resuming one opens it again, within the key's limit like a new one.
-                await self._check_session_limit(owner)
-                await self.store.reopen(self.session_id)
+                await self.store.reopen(self.session_id, max_active=settings.max_sessions_per_key)
             # Replay exactly what the client missed, oldest first, before anything new. The stored
             # config applies (a resume's config is ignored; change it with session.update).
             last = start.last_event_id
@@ -292,8 +290,14 @@ class StreamConnection:
         else:
             config = validate_config(start.config, settings)
             await self._check_video_budget(config)
-            await self._check_session_limit(owner)
-            record = await self.store.create(owner, config.model_dump(mode="json"), settings.session_ttl_s)
+            # Admission is the store's one atomic step (a burst of opens on any replicas cannot
+            # pass the per-key limit together); TooManySessions is a RateLimited (1013).
+            record = await self.store.create(
+                owner,
+                config.model_dump(mode="json"),
+                settings.session_ttl_s,
+                max_active=settings.max_sessions_per_key,
+            )
             self.session_id = record.session_id
             await self._claim(record.session_id)
         self.config = config
@@ -341,12 +345,6 @@ class StreamConnection:
         )
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
         return True
-
-    async def _check_session_limit(self, owner: str) -> None:
-        """Raises RateLimited when the key has ``max_sessions_per_key`` sessions open."""
-        limit = self.settings.max_sessions_per_key
-        if await self.store.count_active(owner) >= limit:
-            raise RateLimited(f"{limit} sessions already open for this key (max_sessions_per_key)")
 
     @staticmethod
     def _check_resume(record: SessionRecord | None, start: SessionStart, owner: str) -> SessionRecord:
