@@ -15,7 +15,6 @@ import contextlib
 import json
 import time
 import uuid
-from collections import deque
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -32,6 +31,7 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.audio_input import PcmInput
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
 from gemma_mesh.gateway.live.frames import FramePipeline, check_frame
+from gemma_mesh.gateway.outbound import UNACKED_BYTES, Outbound
 from gemma_mesh.gateway.prompts import normalize_language
 from gemma_mesh.gateway.protocol import (
     CLIENT_MESSAGE,
@@ -52,7 +52,7 @@ log = get_logger(__name__)
 
 START_TIMEOUT_S = 10.0
 REPLAY_PAGE = 500
-_COALESCIBLE = ("caption.partial", "translation.partial", "frame.analysis")
+SLOW_CLIENT_POLL_S = 0.05  # how often a backlogged sender looks whether the client took more
 
 
 def validate_config(config: SessionConfig, settings) -> SessionConfig:
@@ -78,41 +78,6 @@ def validate_config(config: SessionConfig, settings) -> SessionConfig:
     return config.model_copy(update=updates)
 
 
-class Outbound:
-    """Bounded buffer of events for one client; a slow client gets partials coalesced, not a stall.
-
-    When ``max_events`` are waiting, superseded partial captions and streaming frame-analysis
-    deltas are removed (their successors carry the full text); if nothing can be removed the
-    client is too slow and ``overflowed`` turns True (the adapter closes with 1013; the client
-    resumes from its last event id).
-    """
-
-    def __init__(self, max_events: int) -> None:
-        self.max_events = max_events
-        self.queue: deque[dict] = deque()
-        self.ready = asyncio.Event()
-        self.coalesced = 0
-        self.overflowed = False
-
-    def put(self, event: dict) -> bool:
-        """Queue ``event``; returns True when older events had to be coalesced."""
-        coalesced = False
-        if len(self.queue) >= self.max_events:
-            keep: deque[dict] = deque()
-            for old in self.queue:
-                if old["type"] in _COALESCIBLE and not old.get("done", False):
-                    self.coalesced += 1
-                    coalesced = True
-                    continue
-                keep.append(old)
-            self.queue = keep
-            if len(self.queue) >= self.max_events:
-                self.overflowed = True
-        self.queue.append(event)
-        self.ready.set()
-        return coalesced
-
-
 class StreamConnection:
     """One WebSocket attached to one session. Created per connection by ``app.py``."""
 
@@ -124,7 +89,11 @@ class StreamConnection:
         self.metrics = app_state.metrics
         self.session_id: str | None = None
         self.config: SessionConfig | None = None
-        self.outbound = Outbound(self.settings.max_outbound_events)
+        self.outbound = Outbound(
+            self.settings.max_outbound_events,
+            unacked_bytes=websocket.scope.get("extensions", {}).get(UNACKED_BYTES),
+            stall_timeout_s=self.settings.slow_client_timeout_s,
+        )
         self.captions: CaptionPipeline | None = None
         self.frames: FramePipeline | None = None
         self._next_analysis_id = 0  # analysis ids continue when the camera is turned off and on
@@ -138,7 +107,7 @@ class StreamConnection:
         self._keeper: asyncio.Task | None = None
         self._counted = False  # in the active-sessions gauge
         self._close_code: int | None = None  # set when the session ends: a normal close after the drain
-        self._taken_over = asyncio.Event()
+        self._let_go = asyncio.Event()  # taken over by a newer connection, or closed as too slow
 
     # --- events out -------------------------------------------------------------------------
     async def emit(self, event) -> None:
@@ -158,15 +127,27 @@ class StreamConnection:
         await self.emit(Error(code=error.code, message=error.message, param=error.param, fatal=fatal))
 
     async def _sender(self) -> None:
+        """Write queued events while the client takes them; close 1013 when it is too slow."""
+        out = self.outbound
         while True:
-            await self.outbound.ready.wait()
-            while self.outbound.queue:
-                if self.outbound.overflowed:
-                    await self.ws.close(code=1013, reason="client too slow: resume from your last event id")
-                    self.connected = False
-                    return
-                await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
-            self.outbound.ready.clear()
+            if out.stalled():  # also true once put() found the backlog full of finals
+                self.connected = False
+                self._let_go.set()
+                self.metrics.warnings.labels("slow_client_closed").inc()
+                log.info("slow client closed", session_id=self.session_id, reason=out.close_reason)
+                await self.ws.close(code=1013, reason=out.close_reason)
+                return
+            if out.queue and out.can_send():
+                text = json.dumps(out.queue.popleft())
+                await self.ws.send_text(text)
+                out.sent(text)
+                continue
+            out.ready.clear()
+            if out.queue or out.in_flight():  # waiting for the client to take what it was sent
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(out.ready.wait(), SLOW_CLIENT_POLL_S)
+            else:
+                await out.ready.wait()
 
     # --- the connection -------------------------------------------------------------------
     async def run(self) -> None:
@@ -206,7 +187,9 @@ class StreamConnection:
 
     async def _drain(self) -> None:
         while self.outbound.queue and not self.outbound.overflowed:
-            await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
+            text = json.dumps(self.outbound.queue.popleft())
+            await self.ws.send_text(text)
+            self.outbound.sent(text)
 
     async def _handshake(self) -> tuple[str, SessionStart | None]:
         auth = self.state.auth
@@ -395,7 +378,7 @@ class StreamConnection:
             if not await leases.keep(session_id, self.holder):
                 log.info("session taken over by a newer connection", session_id=session_id)
                 self.connected = False
-                self._taken_over.set()
+                self._let_go.set()
                 with contextlib.suppress(Exception):
                     await self.ws.close(code=4001, reason="session resumed on another connection")
                 return
@@ -420,7 +403,7 @@ class StreamConnection:
 
     async def _receive_loop(self) -> None:
         deadline = self._started_at + self.settings.max_session_s
-        taken_over = asyncio.ensure_future(self._taken_over.wait())
+        let_go = asyncio.ensure_future(self._let_go.wait())
         receiving: asyncio.Future | None = None
         try:
             while True:
@@ -430,18 +413,16 @@ class StreamConnection:
                     return
                 if receiving is None:
                     receiving = asyncio.ensure_future(self.ws.receive())
-                await asyncio.wait(
-                    {receiving, taken_over}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if self._taken_over.is_set():
-                    return  # a newer connection resumed the session: detach (flush) and let go
+                await asyncio.wait({receiving, let_go}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if self._let_go.is_set():
+                    return  # taken over, or closed as too slow: detach (flush) and let go
                 if not receiving.done():
                     continue
                 raw, receiving = receiving.result(), None
                 if await self._handle(raw):
                     return
         finally:
-            taken_over.cancel()
+            let_go.cancel()
             if receiving is not None:
                 receiving.cancel()
 
