@@ -22,10 +22,10 @@ ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'services'}{os.pathsep}{os.environ.
 CLI = [sys.executable, "-m", "gemma_mesh.cli"]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path | None = None, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, (log.read_bytes() if log else proc.stderr.read()).decode()[-3000:]
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
@@ -145,3 +145,63 @@ def test_up_refuses_a_port_in_use():
         port = taken.getsockname()[1]
         proc = subprocess.run([*CLI, "up", "--port", str(port)], env=ENV, capture_output=True, timeout=60)
     assert proc.returncode == 2 and "pick --port" in proc.stderr.decode(), proc.stderr.decode()
+
+
+def _time_wait_on(port: int) -> bool:
+    """Whether a TCP socket with local port ``port`` is in TIME_WAIT (state 06 in /proc/net/tcp)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                return True
+    return False
+
+
+def test_port_check_ignores_time_wait_but_not_a_listener():
+    import socket
+
+    from gemma_mesh.common.errors import InvalidRequest
+    from gemma_mesh.up import _check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(InvalidRequest, match="pick --port"):
+            _check_port_free("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        served, _ = listener.accept()
+        served.close()  # the server side closes first: its end (the listening port) waits in TIME_WAIT
+        client.recv(1)
+        client.close()
+    assert _time_wait_on(port)
+    _check_port_free("127.0.0.1", port)  # a stopped server's TIME_WAIT does not hold the port
+
+
+@pytest.mark.slow
+def test_up_restarts_at_once_on_the_port_it_just_left(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for run in range(2):
+        log = tmp_path / f"up{run}.log"  # a file, not a pipe: nobody reads it while `up` runs
+        with log.open("wb") as sink:
+            up = subprocess.Popen([*CLI, "up", "--port", str(port)], env=ENV, stderr=sink, stdout=sink)
+        try:
+            wait_ready(url, up, log)
+            deadline = time.monotonic() + 30  # `up` handles SIGTERM once it has printed its banner
+            while b"mesh is up" not in log.read_bytes():
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            # A kept-alive connection that the gateway closes when it stops: its end of it stays in
+            # TIME_WAIT on the gateway port, which used to keep the next `up` out for a minute.
+            with httpx.Client(timeout=5) as client:
+                assert client.get(f"{url}/healthz").status_code == 200
+                up.send_signal(signal.SIGTERM)
+                assert up.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait(timeout=30)
+        if run == 0:
+            assert _time_wait_on(port)

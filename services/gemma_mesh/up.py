@@ -48,8 +48,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Raises InvalidRequest when ``host:port`` cannot be bound (another process has it)."""
+    """Raises InvalidRequest when ``host:port`` cannot be bound (another process has it).
+
+    Binds with ``SO_REUSEADDR``, as the gateway's server does (asyncio's ``create_server``, which
+    uvicorn uses, sets it on POSIX): connections of a just-stopped mesh left in TIME_WAIT do not
+    block the port, a socket listening on it still does (Linux refuses the bind then).
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as error:

@@ -297,13 +297,13 @@ async def test_a_stream_at_48k_ends_at_its_own_sample_count(audio_stub, tiny_bun
 
 
 async def test_bad_stream_ends_are_invalid_argument(audio_stub, speech):
-    pcm = s16(np.resize(speech, 5 * RATE).astype(np.float32))
+    pcm = s16(np.resize(speech, 8 * RATE).astype(np.float32))
     extra = audio_pb2.AudioStreamRequest(pcm=b"\x00\x00")
     for end, after, message in [
         (-1, None, ">= 0"),
-        (5 * RATE + 16, None, "samples were inserted"),
-        (2 * RATE, None, "kept for rewinding"),  # 3 s back, over stream_rewind_ms
-        (5 * RATE, extra, "nothing may follow"),
+        (8 * RATE + 16, None, "samples were inserted"),
+        (2 * RATE, None, "kept for rewinding"),  # 6 s back, over stream_rewind_ms
+        (8 * RATE, extra, "nothing may follow"),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _stream_with_end(audio_stub, pcm, 16_000, end, after=after)
@@ -326,3 +326,23 @@ async def test_metrics_count_audio_and_errors(audio_stub):
     assert value("gemma_mesh_audio_real_time_factor_count", rpc="Encode") >= 1
     assert value("gemma_mesh_audio_request_seconds_count", rpc="EncodeStream") >= 1
     assert value("gemma_mesh_audio_active_streams") == 0
+
+
+async def test_a_stream_ends_anywhere_a_caption_split_may_put_it(audio_stub, speech):
+    """A live caption segment reaching the gateway's max_segment_ms (30 s) is split at its quietest
+    point in the last split_search_ms (5 s): its stream, fed to 30 s, must end there with the
+    default stream_rewind_ms (else the final falls back to encoding the segment whole, logged as a
+    failure), and give what Encode of the segment gives."""
+    from gemma_mesh.audio.settings import AudioSettings
+    from gemma_mesh.gateway.captioning.vad import VadSettings
+
+    search_ms = VadSettings().split_search_ms
+    assert AudioSettings().stream_rewind_ms >= search_ms
+    wav = np.resize(speech, 30 * RATE).astype(np.float32)
+    end = (30_000 - search_ms + 40) * RATE // 1000  # the earliest split point, one token in
+    messages = await _stream_with_end(audio_stub, s16(wav), 32_000, end)
+    whole = await audio_stub.Encode(_pcm_request(s16(wav[:end])))
+    expected = from_tensor_pb(whole.segments[0].soft_tokens)
+    got = _assembled(messages)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -202,5 +202,49 @@ async def test_session_leases(redis_url):
         assert await leases.claim(sid, "c") is None
         await leases.release(sid, "b")  # not b's any more: no effect
         assert await leases.claim(sid, "d") == "c"
+        await asyncio.sleep(0.7)  # c's lease and d's request both lapse (a Redis outage past the lease)
+        assert await leases.keep(sid, "c")  # nobody else claims it: c re-takes it, no takeover
+        assert await leases.claim(sid, "e") == "c"  # and holds it again
+        assert not await leases.keep(sid, "c")  # a real takeover still wins
     finally:
         await leases.close()
+
+
+async def test_redis_outage_longer_than_the_lease_keeps_the_connection(backends, speech, tmp_path):
+    """Redis killed (no persistence: it comes back empty) for longer than the session lease while
+    audio streams: the connection stays attached (no 4001, no split utterance), captions go on, and
+    the session ends normally; its events are all in the re-written log."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    lease_s = 1.0
+    try:
+        settings = backends.gateway_settings(redis_url=server.url, session_lease_s=lease_s)
+        with GatewayThread(settings) as url:
+            client = Client(url)
+            started = await client.connect()
+            total_ms = len(speech) * 1000 // RATE
+            await client.send_audio(speech, 0, 2000)  # inside the first clip: a segment is open
+            server.kill()
+            await asyncio.sleep(3 * lease_s)  # past the lease: it lapses in no Redis at all
+            await client.send_audio(speech, 2000, total_ms // 2)
+            server.start()
+            await asyncio.sleep(3 * lease_s)  # several refreshes against the restarted Redis
+            await client.send_audio(speech, total_ms // 2, total_ms)
+            await client.ws.send(json.dumps({"type": "session.end"}))
+            await client.until(lambda e: e["type"] == "session.ended")
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await client.next_event(timeout_s=10)
+            assert client.ws.close_code == 1000
+            live = finals(client.events)
+            # One final per segment, none cut short by a detach ("end" only closes the last).
+            assert len(live) >= 3 and all(f["reason"] != "end" for f in live[:-1]), live
+            assert [f["segment_id"] for f in live] == list(range(len(live)))
+            # A replay from the restarted Redis returns every event the client saw.
+            replay_client = Client(url)
+            first = await replay_client.connect(session_id=started["session_id"], last_event_id=0)
+            stored = [first, *await replay_client.until(lambda e: e["type"] == "session.ended")]
+            assert [e["event_id"] for e in stored] == [e["event_id"] for e in client.events]
+            await replay_client.ws.close()
+    finally:
+        server.kill()

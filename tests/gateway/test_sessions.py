@@ -20,6 +20,7 @@ from gemma_mesh.gateway.sessions import (
     RedisSessionStore,
     SessionStore,
     StoreUnavailable,
+    TooManySessions,
     open_store,
 )
 from tests.gateway.redis_server import RedisServer
@@ -170,7 +171,48 @@ async def test_count_active_per_owner_and_end(make_store) -> None:
     assert await store.count_active("key-c") == 0
 
 
+@pytest.mark.asyncio
+async def test_concurrent_creates_and_reopens_stay_within_max_active(make_store) -> None:
+    store = make_store()
+    outcomes = await asyncio.gather(
+        *(store.create("key-a", {}, max_active=5) for _ in range(40)), return_exceptions=True
+    )
+    admitted = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(admitted) == 5 and all(isinstance(o, TooManySessions) for o in refused)
+    assert "max_sessions_per_key" in refused[0].message and refused[0].code == "rate_limit_error"
+    assert await store.count_active("key-a") == 5
+    await store.end(admitted[0].session_id)
+    await store.end(admitted[1].session_id)
+    # Two ended sessions reopened and three new ones at once: two places, whoever comes first.
+    outcomes = await asyncio.gather(
+        store.reopen(admitted[0].session_id, max_active=5),
+        store.reopen(admitted[1].session_id, max_active=5),
+        *(store.create("key-a", {}, max_active=5) for _ in range(3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, TooManySessions) for o in outcomes) == 3
+    assert await store.count_active("key-a") == 5
+    await store.reopen(admitted[2].session_id, max_active=5)  # never ended: already counted
+    assert (await store.create("key-b", {}, max_active=1)).owner == "key-b"  # per owner
+
+
 # --- Redis: replicas, restarts, outages ----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_two_replicas_admit_a_burst_within_max_active(prefix: str) -> None:
+    replicas = [RedisSessionStore(SHARED_REDIS_URL, prefix=prefix) for _ in range(2)]
+    try:
+        outcomes = await asyncio.gather(
+            *(replicas[i % 2].create("key-a", {}, max_active=7) for i in range(50)), return_exceptions=True
+        )
+        assert sum(not isinstance(o, BaseException) for o in outcomes) == 7
+        assert all(isinstance(o, TooManySessions) for o in outcomes if isinstance(o, BaseException))
+        assert await replicas[0].count_active("key-a") == await replicas[1].count_active("key-a") == 7
+    finally:
+        for store in replicas:
+            await store.close()
 
 
 @pytest.mark.asyncio

@@ -40,10 +40,12 @@ class AudioSettings(GrpcServiceSettings):
         description="Longest encoder window per streaming step, in soft tokens (left context included)",
     )
     stream_rewind_ms: int = Field(
-        2000,
+        5000,
         ge=0,
         description="How far before the end of the PCM sent an AudioStreamEnd may end a stream, in ms "
-        "(the encoder keeps that much of its features to encode the tail again)",
+        "(the encoder keeps that much of its features to encode the tail again). At least the "
+        "gateway's split_search_ms: a live caption segment split at its quietest point in its last "
+        "5 s is then ended on its stream instead of being encoded whole again",
     )
     verify_streaming: bool = Field(
         True, description="Check at startup that incremental encoding equals whole-clip encoding"

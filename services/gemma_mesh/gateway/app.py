@@ -119,7 +119,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         from gemma_mesh.gateway.captioning import find_silero_model
 
         find_silero_model(vad_settings.model_path)  # fail at start, not at the first session
-        leases = open_leases(settings.redis_url, prefix=settings.redis_key_prefix)
+        leases = open_leases(settings.redis_url, settings.session_lease_s, prefix=settings.redis_key_prefix)
         shared_secret = None
         if settings.token_secret is None and settings.redis_url:
             shared_secret = await shared_token_secret(settings.redis_url, settings.redis_key_prefix)

@@ -249,7 +249,13 @@ class AudioEncodeStream:
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.failed = True
-                log.warning("audio stream failed", code=error.code().name, error=error.details())
+                detail = error_detail(error)
+                if detail is not None and detail.param == "end.samples":
+                    # The segment ends further back than the audio service rewinds
+                    # (stream_rewind_ms): the caller encodes it whole; nothing failed.
+                    log.info("segment ends before the audio stream can rewind; encoding it whole")
+                else:
+                    log.warning("audio stream failed", code=error.code().name, error=error.details())
         except MeshError as error:
             self.failed = True
             log.warning("audio stream sent a bad tensor", error=error.message)

@@ -183,7 +183,10 @@ class SessionStarted(_Event):
     resumed: bool
     config: SessionConfig
     audio_clock_ms: int = Field(description="Audio the gateway has received so far (resume: send from here)")
-    limits: dict[str, float] = Field(description="The limits that apply to this session")
+    # int first: pydantic's smart union keeps 2097152 an integer (a float-only dict sends 2097152.0)
+    limits: dict[str, int | float] = Field(
+        description="The limits that apply to this session (integers, except max_fps)"
+    )
 
 
 class _Text(_Event):

@@ -53,10 +53,17 @@ def check_redis(url: str | None, *, require_reachable: bool = False) -> None:
 def uvicorn_options(settings: GatewaySettings) -> dict:
     """uvicorn settings that follow from ``settings``: the WebSocket frame limit (4x
     ``max_message_bytes``, so an oversized message reaches the adapter and gets an ``error`` event
-    instead of a closed socket) and permessage-deflate (``ws_compression``)."""
+    instead of a closed socket), permessage-deflate (``ws_compression``), the keepalive
+    (``ws_ping_interval_s``, ``ws_ping_timeout_s``) and the protocol that lets the adapter see what
+    a client has not taken (``ws_protocol``)."""
+    from gemma_mesh.gateway.ws_protocol import BacklogWebSocketProtocol
+
     return {
+        "ws": BacklogWebSocketProtocol,
         "ws_max_size": 4 * settings.max_message_bytes,
         "ws_per_message_deflate": settings.ws_compression,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_timeout_s,
     }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gemma_mesh.common.settings import MiB, split_list
@@ -116,13 +116,35 @@ class GatewaySettings(BaseSettings):
         20.0, gt=0, description="Audio queued for the VAD/recogniser before the session is told it is behind"
     )
     max_outbound_events: int = Field(
-        256, ge=8, description="Events buffered for a slow client before partials are coalesced"
+        256,
+        ge=8,
+        description="Events a client may leave untaken (queued, or sent and not acknowledged by its "
+        "TCP stack) before partials are coalesced; when only finals remain, the socket closes 1013",
+    )
+    slow_client_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A client that takes no event for this long while events wait is closed with "
+        "1013 and a reason (it resumes from its last event id); below ws_ping_timeout_s, so it "
+        "comes before the keepalive's 1006",
+    )
+    ws_ping_interval_s: float = Field(
+        20.0, gt=0, description="WebSocket keepalive: seconds between the server's pings"
+    )
+    ws_ping_timeout_s: float = Field(
+        20.0, gt=0, description="WebSocket keepalive: a ping unanswered this long closes the socket (1006)"
     )
     event_log_max_events: int = Field(10000, ge=100, description="Events kept per session for resume")
     resume_wait_s: float = Field(
         15.0, gt=0, description="How long a resume waits for the session's previous connection to let go"
     )
     session_ttl_s: int = Field(3600, ge=10, description="How long an idle or ended session can be resumed")
+    session_lease_s: float = Field(
+        5.0,
+        ge=0.5,
+        description="Lease of a session on its connection, in seconds (refreshed every fifth of it): "
+        "how long after a replica dies its sessions can be resumed elsewhere",
+    )
 
     # --- captioning and frame analysis defaults (a session may override within the limits) ---
     partial_interval_ms: int = Field(500, ge=100, description="Default interval between partial decodes")
@@ -161,6 +183,16 @@ class GatewaySettings(BaseSettings):
         1, ge=0, description="Videos (video_url parts) in one chat completion"
     )
     max_completion_tokens: int = Field(4096, ge=1, description="Largest max_tokens of a chat completion")
+
+    @model_validator(mode="after")
+    def _slow_client_before_keepalive(self) -> GatewaySettings:
+        if self.slow_client_timeout_s >= self.ws_ping_timeout_s:
+            raise ValueError(
+                f"slow_client_timeout_s ({self.slow_client_timeout_s:g}) must be below ws_ping_timeout_s "
+                f"({self.ws_ping_timeout_s:g}): a stalled client gets 1013 with a reason, not the "
+                "keepalive's 1006"
+            )
+        return self
 
     @field_validator("redis_url")
     @classmethod

@@ -15,7 +15,6 @@ import contextlib
 import json
 import time
 import uuid
-from collections import deque
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -26,7 +25,6 @@ from gemma_mesh.common.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
-    RateLimited,
     SessionBusy,
 )
 from gemma_mesh.common.logging import get_logger
@@ -34,6 +32,7 @@ from gemma_mesh.gateway.audio_input import PcmInput
 from gemma_mesh.gateway.drain import DRAIN_CLOSE_CODE
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
 from gemma_mesh.gateway.live.frames import FramePipeline, check_frame
+from gemma_mesh.gateway.outbound import UNACKED_BYTES, Outbound
 from gemma_mesh.gateway.prompts import normalize_language
 from gemma_mesh.gateway.protocol import (
     CLIENT_MESSAGE,
@@ -54,7 +53,7 @@ log = get_logger(__name__)
 
 START_TIMEOUT_S = 10.0
 REPLAY_PAGE = 500
-_COALESCIBLE = ("caption.partial", "translation.partial", "frame.analysis")
+SLOW_CLIENT_POLL_S = 0.05  # how often a backlogged sender looks whether the client took more
 
 
 def validate_config(config: SessionConfig, settings) -> SessionConfig:
@@ -80,41 +79,6 @@ def validate_config(config: SessionConfig, settings) -> SessionConfig:
     return config.model_copy(update=updates)
 
 
-class Outbound:
-    """Bounded buffer of events for one client; a slow client gets partials coalesced, not a stall.
-
-    When ``max_events`` are waiting, superseded partial captions and streaming frame-analysis
-    deltas are removed (their successors carry the full text); if nothing can be removed the
-    client is too slow and ``overflowed`` turns True (the adapter closes with 1013; the client
-    resumes from its last event id).
-    """
-
-    def __init__(self, max_events: int) -> None:
-        self.max_events = max_events
-        self.queue: deque[dict] = deque()
-        self.ready = asyncio.Event()
-        self.coalesced = 0
-        self.overflowed = False
-
-    def put(self, event: dict) -> bool:
-        """Queue ``event``; returns True when older events had to be coalesced."""
-        coalesced = False
-        if len(self.queue) >= self.max_events:
-            keep: deque[dict] = deque()
-            for old in self.queue:
-                if old["type"] in _COALESCIBLE and not old.get("done", False):
-                    self.coalesced += 1
-                    coalesced = True
-                    continue
-                keep.append(old)
-            self.queue = keep
-            if len(self.queue) >= self.max_events:
-                self.overflowed = True
-        self.queue.append(event)
-        self.ready.set()
-        return coalesced
-
-
 class StreamConnection:
     """One WebSocket attached to one session. Created per connection by ``app.py``."""
 
@@ -126,7 +90,11 @@ class StreamConnection:
         self.metrics = app_state.metrics
         self.session_id: str | None = None
         self.config: SessionConfig | None = None
-        self.outbound = Outbound(self.settings.max_outbound_events)
+        self.outbound = Outbound(
+            self.settings.max_outbound_events,
+            unacked_bytes=websocket.scope.get("extensions", {}).get(UNACKED_BYTES),
+            stall_timeout_s=self.settings.slow_client_timeout_s,
+        )
         self.captions: CaptionPipeline | None = None
         self.frames: FramePipeline | None = None
         self._next_analysis_id = 0  # analysis ids continue when the camera is turned off and on
@@ -140,7 +108,7 @@ class StreamConnection:
         self._keeper: asyncio.Task | None = None
         self._counted = False  # in the active-sessions gauge
         self._close_code: int | None = None  # set when the session ends: a normal close after the drain
-        self._taken_over = asyncio.Event()
+        self._let_go = asyncio.Event()  # taken over by a newer connection, or closed as too slow
         self._drain_requested = asyncio.Event()
         self.closed = asyncio.Event()  # set once ``run`` has returned (``gateway.drain``)
 
@@ -162,15 +130,27 @@ class StreamConnection:
         await self.emit(Error(code=error.code, message=error.message, param=error.param, fatal=fatal))
 
     async def _sender(self) -> None:
+        """Write queued events while the client takes them; close 1013 when it is too slow."""
+        out = self.outbound
         while True:
-            await self.outbound.ready.wait()
-            while self.outbound.queue:
-                if self.outbound.overflowed:
-                    await self.ws.close(code=1013, reason="client too slow: resume from your last event id")
-                    self.connected = False
-                    return
-                await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
-            self.outbound.ready.clear()
+            if out.stalled():  # also true once put() found the backlog full of finals
+                self.connected = False
+                self._let_go.set()
+                self.metrics.warnings.labels("slow_client_closed").inc()
+                log.info("slow client closed", session_id=self.session_id, reason=out.close_reason)
+                await self.ws.close(code=1013, reason=out.close_reason)
+                return
+            if out.queue and out.can_send():
+                text = json.dumps(out.queue.popleft())
+                await self.ws.send_text(text)
+                out.sent(text)
+                continue
+            out.ready.clear()
+            if out.queue or out.in_flight():  # waiting for the client to take what it was sent
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(out.ready.wait(), SLOW_CLIENT_POLL_S)
+            else:
+                await out.ready.wait()
 
     # --- the connection -------------------------------------------------------------------
     def request_drain(self) -> None:
@@ -222,7 +202,9 @@ class StreamConnection:
 
     async def _drain(self) -> None:
         while self.outbound.queue and not self.outbound.overflowed:
-            await self.ws.send_text(json.dumps(self.outbound.queue.popleft()))
+            text = json.dumps(self.outbound.queue.popleft())
+            await self.ws.send_text(text)
+            self.outbound.sent(text)
 
     async def _handshake(self) -> tuple[str, SessionStart | None]:
         auth = self.state.auth
@@ -286,8 +268,7 @@ class StreamConnection:
             if not ended:
                 # Detached sessions do not count (the previous connection, if any, let go above):
                 # resuming one opens it again, within the key's limit like a new one.
-                await self._check_session_limit(owner)
-                await self.store.reopen(self.session_id)
+                await self.store.reopen(self.session_id, max_active=settings.max_sessions_per_key)
             # Replay exactly what the client missed, oldest first, before anything new. The stored
             # config applies (a resume's config is ignored; change it with session.update).
             last = start.last_event_id
@@ -307,8 +288,14 @@ class StreamConnection:
         else:
             config = validate_config(start.config, settings)
             await self._check_video_budget(config)
-            await self._check_session_limit(owner)
-            record = await self.store.create(owner, config.model_dump(mode="json"), settings.session_ttl_s)
+            # Admission is the store's one atomic step (a burst of opens on any replicas cannot
+            # pass the per-key limit together); TooManySessions is a RateLimited (1013).
+            record = await self.store.create(
+                owner,
+                config.model_dump(mode="json"),
+                settings.session_ttl_s,
+                max_active=settings.max_sessions_per_key,
+            )
             self.session_id = record.session_id
             await self._claim(record.session_id)
         self.config = config
@@ -356,12 +343,6 @@ class StreamConnection:
         )
         log.info("session attached", session_id=self.session_id, owner=owner, resumed=bool(start.session_id))
         return True
-
-    async def _check_session_limit(self, owner: str) -> None:
-        """Raises RateLimited when the key has ``max_sessions_per_key`` sessions open."""
-        limit = self.settings.max_sessions_per_key
-        if await self.store.count_active(owner) >= limit:
-            raise RateLimited(f"{limit} sessions already open for this key (max_sessions_per_key)")
 
     @staticmethod
     def _check_resume(record: SessionRecord | None, start: SessionStart, owner: str) -> SessionRecord:
@@ -412,7 +393,7 @@ class StreamConnection:
             if not await leases.keep(session_id, self.holder):
                 log.info("session taken over by a newer connection", session_id=session_id)
                 self.connected = False
-                self._taken_over.set()
+                self._let_go.set()
                 with contextlib.suppress(Exception):
                     await self.ws.close(code=4001, reason="session resumed on another connection")
                 return
@@ -437,7 +418,7 @@ class StreamConnection:
 
     async def _receive_loop(self) -> None:
         deadline = self._started_at + self.settings.max_session_s
-        taken_over = asyncio.ensure_future(self._taken_over.wait())
+        let_go = asyncio.ensure_future(self._let_go.wait())
         draining = asyncio.ensure_future(self._drain_requested.wait())
         receiving: asyncio.Future | None = None
         try:
@@ -449,10 +430,10 @@ class StreamConnection:
                 if receiving is None:
                     receiving = asyncio.ensure_future(self.ws.receive())
                 await asyncio.wait(
-                    {receiving, taken_over, draining}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    {receiving, let_go, draining}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                if self._taken_over.is_set():
-                    return  # a newer connection resumed the session: detach (flush) and let go
+                if self._let_go.is_set():
+                    return  # taken over, or closed as too slow: detach (flush) and let go
                 if self._drain_requested.is_set():  # shutdown: finals out while the client listens
                     await self._flush()
                     self.captions = self.frames = None  # flushed: ``_detach`` has nothing left to do
@@ -464,7 +445,7 @@ class StreamConnection:
                 if await self._handle(raw):
                     return
         finally:
-            taken_over.cancel()
+            let_go.cancel()
             draining.cancel()
             if receiving is not None:
                 receiving.cancel()

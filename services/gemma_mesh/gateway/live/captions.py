@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gemma_mesh.common.errors import MeshError, Overloaded
+from gemma_mesh.common.errors import BackendUnavailable, MeshError, Overloaded
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.captioning import (
     LocalAgreement,
@@ -71,6 +71,11 @@ RATE_HZ = 16000
 DEFAULT_TOKENS_PER_AUDIO_S = 8.0
 # How long a final waits for its segment's stream to end before encoding the segment whole instead.
 FINAL_STREAM_TIMEOUT_S = 5.0
+# A caption decode (or its encode) that fails because a backend replica went away mid-call is run
+# again after these waits: the channel's round-robin has dropped the dead replica by then, so the
+# retry lands on a live one. Greedy decoding gives the same text, and nothing was emitted for the
+# failed try (captions wait for the whole answer), so a final is neither lost nor duplicated.
+DECODE_RETRY_WAITS_S = (0.1, 0.5, 1.0)
 # A caption decode is read whole (its partial is the text at the end), not token by token: the
 # decoder sends its text every 8 tokens (vLLM's stream interval), a quarter of the gRPC messages on
 # both sides. The repetition guard then looks every 8 tokens, so a looping decode runs at most 7
@@ -435,17 +440,28 @@ class CaptionPipeline:
             context=self.context,
         )
         try:
-            if soft_tokens is None:
-                decoded = await transcribe(self.clients, audio, self.config, self.max_tokens, **options)
-            else:
-                decoded = await caption_soft_tokens(
-                    self.clients,
-                    [soft_tokens],
-                    audio.shape[0] / RATE_HZ,
-                    self.config,
-                    self.max_tokens,
-                    **options,
-                )
+            for attempt, wait_s in enumerate((*DECODE_RETRY_WAITS_S, None)):
+                try:
+                    if soft_tokens is None:
+                        decoded = await transcribe(
+                            self.clients, audio, self.config, self.max_tokens, **options
+                        )
+                    else:
+                        decoded = await caption_soft_tokens(
+                            self.clients,
+                            [soft_tokens],
+                            audio.shape[0] / RATE_HZ,
+                            self.config,
+                            self.max_tokens,
+                            **options,
+                        )
+                    break
+                except BackendUnavailable as error:
+                    if wait_s is None:
+                        raise
+                    log.info("caption decode retried", attempt=attempt + 1, error=error.message)
+                    self.metrics.warnings.labels("caption_decode_retried").inc()
+                    await asyncio.sleep(wait_s)
         except MeshError as error:
             self.metrics.errors.labels(error.code).inc()
             log.warning("caption decode failed", code=error.code, error=error.message)
@@ -466,6 +482,15 @@ class CaptionPipeline:
         audio = segment.audio
         soft_tokens = None
         stream = self._stream
+        span = self.segmenter.open_segment_span
+        if stream is not None and stream.failed and span is not None and span[0] == segment.segment_id:
+            # The audio replica went away: a new stream (the channel picks a live replica) is fed
+            # the segment's audio so far from here, and partials go on from it.
+            log.info("audio stream re-opened", segment_id=segment.segment_id)
+            self.metrics.warnings.labels("audio_stream_reopened").inc()
+            stream.cancel()
+            stream = self._stream = self.clients.encode_stream(RATE_HZ, provisional_tail=True)
+            self._stream_fed = 0
         if stream is not None and not stream.failed:
             # Feed the incremental encoder what arrived since the last partial, in one step (each
             # step also re-reads a fixed left context: fewer, larger steps cost less), and wait for

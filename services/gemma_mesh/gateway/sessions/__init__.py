@@ -7,12 +7,14 @@ and last event id gets the missed events from ``events_after``, on any replica w
 
 API (all coroutines but ``healthy``; ``SessionStore`` in ``base.py`` documents each):
 
-- ``create(owner, config, ttl_s=None) -> SessionRecord``
+- ``create(owner, config, ttl_s=None, *, max_active=None) -> SessionRecord``: with ``max_active``,
+  admitted atomically within the owner's limit of active sessions (across replicas with Redis)
 - ``get(session_id) -> SessionRecord | None``
 - ``update_config(session_id, config)``, ``save_state(session_id, state)``: replace the dict
 - ``append(session_id, event) -> int``: the event id (also set in ``event["event_id"]``)
 - ``events_after(session_id, last_event_id, limit=1000) -> list[dict]``: ascending ids
-- ``end(session_id)`` / ``reopen(session_id)``: leave / rejoin the owner's active sessions
+- ``end(session_id)`` / ``reopen(session_id, *, max_active=None)``: leave / rejoin the owner's
+  active sessions (a rejoin within ``max_active``, as ``create``)
 - ``count_active(owner) -> int``: sessions neither ended nor expired (per-key limit)
 - ``touch(session_id)``: refresh the TTL (writes refresh it too)
 - ``ping() -> float``: latency in seconds; ``close()``; ``healthy``: backing store reachable
@@ -21,7 +23,8 @@ Limits (constructor arguments): ``max_events`` (events kept per session, default
 (seconds a session lives after its last write or touch, default 3600), ``max_buffered_events``
 (Redis only: unwritten events per session during an outage, default 10000).
 
-Errors: ``NotFound`` (unknown or expired session), ``StoreUnavailable`` (an ``Overloaded``: Redis is
+Errors: ``NotFound`` (unknown or expired session), ``TooManySessions`` (a ``RateLimited``:
+``max_active`` reached), ``StoreUnavailable`` (an ``Overloaded``: Redis is
 unreachable and the data is not in memory, or the write-behind buffer is full), ``TypeError``
 (a config, state or event that is not a JSON-encodable dict).
 
@@ -42,6 +45,7 @@ from gemma_mesh.gateway.sessions.base import (
     SessionRecord,
     SessionStore,
     StoreUnavailable,
+    TooManySessions,
 )
 from gemma_mesh.gateway.sessions.memory import MemorySessionStore
 from gemma_mesh.gateway.sessions.redis_store import RedisSessionStore
@@ -57,6 +61,7 @@ __all__ = [
     "SessionRecord",
     "SessionStore",
     "StoreUnavailable",
+    "TooManySessions",
     "open_store",
 ]
 

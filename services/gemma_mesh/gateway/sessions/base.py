@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma_mesh.common.errors import Overloaded
+from gemma_mesh.common.errors import Overloaded, RateLimited
 
 DEFAULT_MAX_EVENTS = 10_000
 """Events kept per session (the oldest are dropped beyond this)."""
@@ -29,6 +29,13 @@ Observe = Callable[[str, float, bool], None]
 class StoreUnavailable(Overloaded):
     """The session store cannot take or serve this right now (Redis unreachable and the data is not
     held in memory, or a session's write-behind buffer is full). Retry later."""
+
+
+class TooManySessions(RateLimited):
+    """``create`` or ``reopen`` with ``max_active``: the owner already has that many active sessions."""
+
+    def __init__(self, max_active: int) -> None:
+        super().__init__(f"{max_active} sessions already open for this key (max_sessions_per_key)")
 
 
 @dataclass(frozen=True)
@@ -172,8 +179,17 @@ class SessionStore(ABC):
         return True
 
     @abstractmethod
-    async def create(self, owner: str, config: dict[str, Any], ttl_s: float | None = None) -> SessionRecord:
-        """Start a session for ``owner`` (TTL default: the store's ``ttl_s``). Counts as active."""
+    async def create(
+        self, owner: str, config: dict[str, Any], ttl_s: float | None = None, *, max_active: int | None = None
+    ) -> SessionRecord:
+        """Start a session for ``owner`` (TTL default: the store's ``ttl_s``). Counts as active.
+
+        With ``max_active``, admission is atomic: of any number of concurrent creates (on any
+        replica sharing the store) at most ``max_active`` active sessions result.
+
+        Raises:
+            TooManySessions: ``owner`` already has ``max_active`` active sessions.
+        """
 
     @abstractmethod
     async def get(self, session_id: str) -> SessionRecord | None:
@@ -209,8 +225,13 @@ class SessionStore(ABC):
         """Mark the session ended: it stops counting as active; its events stay until the TTL."""
 
     @abstractmethod
-    async def reopen(self, session_id: str) -> None:
-        """Undo ``end()`` (a client resumed the session): it counts as active again. Refreshes the TTL."""
+    async def reopen(self, session_id: str, *, max_active: int | None = None) -> None:
+        """Undo ``end()`` (a client resumed the session): it counts as active again. Refreshes the TTL.
+
+        Raises:
+            TooManySessions: with ``max_active``, the owner already has that many other active
+                sessions (admitted atomically, as ``create``).
+        """
 
     @abstractmethod
     async def count_active(self, owner: str) -> int:

@@ -7,6 +7,11 @@ what it received (the open segment's final is written to the log), releases the 
 The resuming connection then reads the session's final state and replays a complete log. A holder
 that died (a killed replica) stops refreshing, and its lease expires after ``ttl_s``.
 
+A refresh is one atomic step: keep the lease if it is ours, *re-take* it if it is absent (it lapsed
+while Redis was unreachable or restarted empty, with nobody else claiming it), and give up only
+when another connection holds it or asked to take over. A Redis outage longer than the lease thus
+costs a live session nothing; only a real takeover closes the old connection (4001).
+
 With Redis the lease is shared by every replica (``SET`` with ``PX`` and two small Lua scripts);
 without it, an in-process table. Redis trouble never blocks a session: a lease operation that cannot
 reach Redis counts as granted (the session store's own outage handling keeps the events).
@@ -38,12 +43,14 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return cur
 """
 
-# KEYS: holder, wanted. ARGV: me, ttl ms. -> 1: still mine; 0: lost or a takeover is requested.
+# KEYS: holder, wanted. ARGV: me, ttl ms. -> 1: still (or again) mine; 0: another holder, or a
+# takeover is requested. An absent holder (lapsed during an outage, lost in a restart) is re-taken.
 _KEEP_LUA = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
 local wanted = redis.call('GET', KEYS[2])
 if wanted and wanted ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
@@ -87,8 +94,10 @@ class SessionLeases:
         return current
 
     async def keep(self, session_id: str, holder: str) -> bool:
-        """Refresh the lease; False when it was lost or another connection asked to take over."""
-        if self._live(self._holders, session_id) != holder:
+        """Refresh the lease (re-take it if it lapsed unclaimed); False when another connection
+        holds it or asked to take over."""
+        current = self._live(self._holders, session_id)
+        if current is not None and current != holder:
             return False
         wanted = self._live(self._wanted, session_id)
         if wanted is not None and wanted != holder:
@@ -111,7 +120,9 @@ class RedisSessionLeases(SessionLeases):
     def __init__(self, url: str, *, prefix: str = "gemma-mesh", ttl_s: float = DEFAULT_TTL_S) -> None:
         super().__init__(ttl_s)
         self._prefix = prefix
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=1.0)
+        self._redis = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
         self._claim = self._redis.register_script(_CLAIM_LUA)
         self._keep = self._redis.register_script(_KEEP_LUA)
         self._release = self._redis.register_script(_RELEASE_LUA)

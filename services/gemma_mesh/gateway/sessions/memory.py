@@ -13,6 +13,7 @@ from gemma_mesh.gateway.sessions.base import (
     LocalSession,
     SessionRecord,
     SessionStore,
+    TooManySessions,
     encode_event,
     json_copy,
     new_session_id,
@@ -47,8 +48,16 @@ class MemorySessionStore(SessionStore):
             raise NotFound(f"session {session_id!r} does not exist or expired", param="session_id")
         return session
 
-    async def create(self, owner: str, config: dict[str, Any], ttl_s: float | None = None) -> SessionRecord:
+    def _active(self, owner: str) -> int:
         self._sweep()
+        return sum(1 for s in self._sessions.values() if s.owner == owner and not s.ended)
+
+    async def create(
+        self, owner: str, config: dict[str, Any], ttl_s: float | None = None, *, max_active: int | None = None
+    ) -> SessionRecord:
+        # No await from the count to the insert: concurrent creates on this event loop are atomic.
+        if max_active is not None and self._active(owner) >= max_active:
+            raise TooManySessions(max_active)
         ttl_s = self._session_ttl(ttl_s)
         session = LocalSession(
             session_id=new_session_id(),
@@ -98,14 +107,15 @@ class MemorySessionStore(SessionStore):
         session.ended = True
         session.refresh()
 
-    async def reopen(self, session_id: str) -> None:
+    async def reopen(self, session_id: str, *, max_active: int | None = None) -> None:
         session = self._live(session_id)
+        if session.ended and max_active is not None and self._active(session.owner) >= max_active:
+            raise TooManySessions(max_active)
         session.ended = False
         session.refresh()
 
     async def count_active(self, owner: str) -> int:
-        self._sweep()
-        return sum(1 for s in self._sessions.values() if s.owner == owner and not s.ended)
+        return self._active(owner)
 
     async def touch(self, session_id: str) -> None:
         self._live(session_id).refresh()

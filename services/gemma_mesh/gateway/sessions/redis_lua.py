@@ -89,3 +89,16 @@ refresh(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
 return {1, written, duplicate, skipped, recreated}
 """
 )
+
+# KEYS: owner index. ARGV: session id, now (ms), ttl (ms), max active -> 1: admitted, 0: refused.
+# The per-key session limit in one step: expired entries go, a session already counted stays
+# admitted, another is added only below the limit (no check-then-set across replicas).
+ADMIT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return 1
+"""

@@ -43,13 +43,14 @@ from gemma_mesh.gateway.sessions.base import (
     SessionRecord,
     SessionStore,
     StoreUnavailable,
+    TooManySessions,
     decode_event,
     dumps,
     encode_event,
     json_copy,
     new_session_id,
 )
-from gemma_mesh.gateway.sessions.redis_lua import APPEND_LUA, RESTORE_LUA, UPDATE_LUA
+from gemma_mesh.gateway.sessions.redis_lua import ADMIT_LUA, APPEND_LUA, RESTORE_LUA, UPDATE_LUA
 
 log = get_logger("gateway.sessions")
 
@@ -168,6 +169,7 @@ class RedisSessionStore(SessionStore):
         self._append_lua = self._redis.register_script(APPEND_LUA)
         self._update_lua = self._redis.register_script(UPDATE_LUA)
         self._restore_lua = self._redis.register_script(RESTORE_LUA)
+        self._admit_lua = self._redis.register_script(ADMIT_LUA)
         self._mirrors: dict[str, _Mirror] = {}
         self._healthy = True
         self._closed = False
@@ -424,13 +426,42 @@ class RedisSessionStore(SessionStore):
         if m.ended and m.clean():
             self._drop(m)
 
+    async def _admit(self, owner: str, session_id: str, ttl_s: float, max_active: int) -> None:
+        """Count ``session_id`` among ``owner``'s active sessions unless that makes more than
+        ``max_active`` (``ADMIT_LUA``, atomic across replicas). While Redis is unreachable the
+        sessions this replica holds are counted instead (a lower bound, as ``count_active``).
+
+        Raises:
+            TooManySessions: the limit is reached.
+        """
+        index = f"{self._prefix}owner:{owner}:active"
+        if self._healthy:
+            args = [session_id, _now_ms(), max(1, round(ttl_s * 1000)), max_active]
+            try:
+                admitted = await self._call("admit", lambda: self._admit_lua(keys=[index], args=args))
+            except _Down:
+                pass
+            else:
+                if not admitted:
+                    raise TooManySessions(max_active)
+                return
+        self._sweep()
+        held = sum(1 for m in self._mirrors.values() if m.owner == owner and not m.ended)
+        if held >= max_active:
+            raise TooManySessions(max_active)
+
     # --- SessionStore --------------------------------------------------------------------------
 
-    async def create(self, owner: str, config: dict[str, Any], ttl_s: float | None = None) -> SessionRecord:
+    async def create(
+        self, owner: str, config: dict[str, Any], ttl_s: float | None = None, *, max_active: int | None = None
+    ) -> SessionRecord:
         self._start_watchdog()
         ttl_s = self._session_ttl(ttl_s)
+        session_id = new_session_id()
+        if max_active is not None:
+            await self._admit(owner, session_id, ttl_s, max_active)
         m = _Mirror(
-            session_id=new_session_id(),
+            session_id=session_id,
             owner=owner,
             config=json_copy(config, "config"),
             state={},
@@ -481,7 +512,11 @@ class RedisSessionStore(SessionStore):
     async def end(self, session_id: str) -> None:
         await self._update(session_id, "end", ended=True)
 
-    async def reopen(self, session_id: str) -> None:
+    async def reopen(self, session_id: str, *, max_active: int | None = None) -> None:
+        if max_active is not None:
+            m = await self._mirror(session_id)
+            if m.ended:
+                await self._admit(m.owner, session_id, m.ttl_s, max_active)
         await self._update(session_id, "reopen", ended=False)
 
     async def touch(self, session_id: str) -> None:
