@@ -122,3 +122,9 @@ def test_service_on_a_taken_port(service, reuseport, names):
         port = holder.getsockname()[1]
         proc = run_cli("serve", service, "--host", "127.0.0.1", "--port", str(port))
     assert_one_error_line(proc, f"cannot listen on 127.0.0.1:{port}", names)
+
+
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_up_with_a_port_out_of_range(port):
+    proc = run_cli("up", "--port", port)
+    assert_one_error_line(proc, f"port {port} for the gateway (--port) is not in 0-65535")

@@ -136,17 +136,6 @@ def test_stream_reports_missing_files_and_bad_tasks_in_one_line(tmp_path, libriv
     assert not_audio.returncode == 2 and not_audio.stderr.decode().startswith("error: ")
 
 
-def test_up_refuses_a_port_in_use():
-    import socket
-
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc = subprocess.run([*CLI, "up", "--port", str(port)], env=ENV, capture_output=True, timeout=60)
-    assert proc.returncode == 2 and "pick --port" in proc.stderr.decode(), proc.stderr.decode()
-
-
 def _time_wait_on(port: int) -> bool:
     """Whether a TCP socket with local port ``port`` is in TIME_WAIT (state 06 in /proc/net/tcp)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -161,22 +150,23 @@ def test_port_check_ignores_time_wait_but_not_a_listener():
     import socket
 
     from gemma_mesh.common.errors import InvalidRequest
-    from gemma_mesh.up import _check_port_free
+    from gemma_mesh.common.net import check_port_free
 
     with socket.socket() as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        with pytest.raises(InvalidRequest, match="pick --port"):
-            _check_port_free("127.0.0.1", port)
+        with pytest.raises(InvalidRequest, match="Address already in use; pick another port"):
+            check_port_free("127.0.0.1", port, what="the gateway")
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         served, _ = listener.accept()
         served.close()  # the server side closes first: its end (the listening port) waits in TIME_WAIT
         client.recv(1)
         client.close()
     assert _time_wait_on(port)
-    _check_port_free("127.0.0.1", port)  # a stopped server's TIME_WAIT does not hold the port
+    # A stopped server's TIME_WAIT does not hold the port.
+    check_port_free("127.0.0.1", port, what="the gateway")
 
 
 @pytest.mark.slow

@@ -24,8 +24,9 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gemma_mesh.common.errors import InvalidRequest, MeshError
+from gemma_mesh.common.errors import MeshError
 from gemma_mesh.common.logging import get_logger
+from gemma_mesh.common.net import check_port_free
 
 log = get_logger("up")
 
@@ -45,23 +46,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Raises InvalidRequest when ``host:port`` cannot be bound (another process has it).
-
-    Binds with ``SO_REUSEADDR``, as the gateway's server does (asyncio's ``create_server``, which
-    uvicorn uses, sets it on POSIX): connections of a just-stopped mesh left in TIME_WAIT do not
-    block the port, a socket listening on it still does (Linux refuses the bind then).
-    """
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as error:
-            raise InvalidRequest(
-                f"cannot use {host}:{port} for the gateway: {error.strerror}; pick --port"
-            ) from None
 
 
 @dataclass
@@ -164,7 +148,7 @@ class Mesh:
             InvalidRequest: the gateway's port is taken (another process would answer its probes).
             MeshError: a child exits while starting, or does not become healthy in time.
         """
-        _check_port_free(self.config.host, self.config.port)
+        check_port_free(self.config.host, self.config.port, what="the gateway (--port)")
         for child in self.children.values():
             await self._spawn(child)
         deadline = time.monotonic() + self.config.ready_timeout_s
