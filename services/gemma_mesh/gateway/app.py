@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
@@ -28,36 +27,19 @@ from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.auth import Authenticator
 from gemma_mesh.gateway.captioning import VadSettings
 from gemma_mesh.gateway.clients import MeshClient
-from gemma_mesh.gateway.drain import LiveConnections
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import VadBatcher
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.readiness import check_dependencies
 from gemma_mesh.gateway.sessions import SessionStore, open_store
-from gemma_mesh.gateway.sessions.lease import SessionLeases, open_leases
+from gemma_mesh.gateway.sessions.lease import open_leases
 from gemma_mesh.gateway.settings import GatewaySettings
+from gemma_mesh.gateway.state import GatewayState
 from gemma_mesh.gateway.stream import StreamConnection
 from gemma_mesh.gateway.token_secret import shared_token_secret
 
 log = get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-@dataclass
-class GatewayState:
-    """What every request handler of one replica shares."""
-
-    settings: GatewaySettings
-    clients: MeshClient
-    store: SessionStore
-    metrics: GatewayMetrics
-    auth: Authenticator
-    vad_settings: VadSettings
-    leases: SessionLeases
-    vad_batcher: VadBatcher
-    caption_latency: CaptionLatencyMonitor
-    analysis_slots: asyncio.Semaphore  # max_concurrent_analyses, shared by every session's frames
-    live: LiveConnections = field(default_factory=LiveConnections)  # drained on shutdown
 
 
 async def _check_store(store: SessionStore) -> None:

@@ -48,7 +48,7 @@ from gemma_mesh.gateway.openai.serving_transcription import OpenAIServingTranscr
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from gemma_mesh.gateway.app import GatewayState
+    from gemma_mesh.gateway.state import GatewayState
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
 
