@@ -10,8 +10,9 @@ import math
 import numpy as np
 
 from gemma_mesh.gateway.captioning import RepetitionGuard
-from gemma_mesh.gateway.clients import ChatMessage, MeshClient, Part, Sampling
+from gemma_mesh.gateway.clients import MeshClient
 from gemma_mesh.gateway.live.captions import caption_soft_tokens
+from gemma_mesh.gateway.mesh_types import ChatMessage, Part, Sampling
 from gemma_mesh.gateway.prompts import transcription_instruction
 from gemma_mesh.gateway.protocol import SessionConfig
 from gemma_mesh.model.audio_io import decode_audio

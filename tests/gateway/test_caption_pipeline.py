@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gemma_mesh.gateway.captioning import VadSettings
-from gemma_mesh.gateway.clients import Answer
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionPipeline
+from gemma_mesh.gateway.mesh_types import Answer
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import CaptionFinal, CaptionPartial, SessionConfig
 from gemma_mesh.model.audio_io import decode_audio

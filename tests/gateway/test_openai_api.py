@@ -28,7 +28,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from gemma_mesh.common.errors import Overloaded
-from gemma_mesh.gateway.clients import Delta, MeshClient
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.mesh_types import Delta
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import ChatCompletionRequest
 from gemma_mesh.gateway.openai.serving import OpenAIServingChat

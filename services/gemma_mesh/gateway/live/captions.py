@@ -42,17 +42,10 @@ from gemma_mesh.gateway.captioning import (
     VadSegmenter,
     VadSettings,
 )
-from gemma_mesh.gateway.clients import (
-    PRIORITY_LIVE_CAPTION,
-    AudioEncodeStream,
-    ChatMessage,
-    MeshClient,
-    Part,
-    Sampling,
-    SoftTokens,
-)
+from gemma_mesh.gateway.clients import AudioEncodeStream, MeshClient
 from gemma_mesh.gateway.live.latency import CaptionLatencyMonitor
 from gemma_mesh.gateway.live.vad_batcher import StreamVad, VadBatcher
+from gemma_mesh.gateway.mesh_types import PRIORITY_LIVE_CAPTION, ChatMessage, Part, Sampling, SoftTokens
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.prompts import context_text, transcription_instruction, translation_instruction
 from gemma_mesh.gateway.protocol import (

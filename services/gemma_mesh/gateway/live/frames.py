@@ -22,7 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from gemma_mesh.common.errors import InvalidRequest, MeshError
 from gemma_mesh.common.logging import get_logger
 from gemma_mesh.gateway.captioning import RepetitionGuard
-from gemma_mesh.gateway.clients import PRIORITY_FRAME_ANALYSIS, ChatMessage, MeshClient, Part, Sampling
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.mesh_types import PRIORITY_FRAME_ANALYSIS, ChatMessage, Part, Sampling
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.protocol import Error, FrameAnalysis, VideoConfig
 from gemma_mesh.gateway.protocol import Warning as WarningEvent

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import PRIORITY_REQUEST, Sampling
+from gemma_mesh.gateway.mesh_types import PRIORITY_REQUEST, Sampling
 from gemma_mesh.gateway.openai.protocol_base import OpenAIBaseModel, is_none
 from gemma_mesh.gateway.openai.protocol_tools import (
     ChatCompletionNamedToolChoice,

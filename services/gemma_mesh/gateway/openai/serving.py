@@ -28,17 +28,17 @@ import numpy as np
 
 from gemma_mesh.common.errors import InvalidRequest, MeshError, NotFound
 from gemma_mesh.common.logging import get_logger
-from gemma_mesh.gateway.clients import (
+from gemma_mesh.gateway.clients import MeshClient
+from gemma_mesh.gateway.live.captions import RATE_HZ
+from gemma_mesh.gateway.mesh_types import (
     ChatMessage,
     Delta,
     Done,
-    MeshClient,
     Part,
     Sampling,
     TokenLogprobs,
     ToolCallDelta,
 )
-from gemma_mesh.gateway.live.captions import RATE_HZ
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.media import decode_base64, image_bytes
 from gemma_mesh.gateway.openai.protocol import (

@@ -21,8 +21,9 @@ from gemma_mesh.gateway.captioning import (
     VadSegmenter,
     VadSettings,
 )
-from gemma_mesh.gateway.clients import PRIORITY_REQUEST, MeshClient
+from gemma_mesh.gateway.clients import MeshClient
 from gemma_mesh.gateway.live.captions import RATE_HZ, CaptionDecode, transcribe
+from gemma_mesh.gateway.mesh_types import PRIORITY_REQUEST
 from gemma_mesh.gateway.metrics import GatewayMetrics
 from gemma_mesh.gateway.openai.protocol import (
     TranscriptionRequest,
