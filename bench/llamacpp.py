@@ -55,13 +55,16 @@ req = json.load(sys.stdin)
 llm = Llama(model_path=req["model"], n_ctx=req["n_ctx"], n_batch=512, n_threads=req["threads"],
             n_threads_batch=req["threads"], seed=0, verbose=False)
 text_ids = llm.tokenize(req["text"].encode("utf-8"), add_bos=False, special=False)
-out = []
-for token in llm.generate(req["prompt_ids"], top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
-                          repeat_penalty=1.0, reset=True):
-    out.append(int(token))
-    if len(out) == req["max_tokens"]:
-        break
-print(json.dumps({"tokens": out, "text_ids": text_ids}))
+runs = []
+for prompt in req["prompts"]:
+    out = []
+    for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                              reset=True):
+        out.append(int(token))
+        if len(out) == req["max_tokens"]:
+            break
+    runs.append(out)
+print(json.dumps({"tokens": runs, "text_ids": text_ids}))
 """
 
 
@@ -148,10 +151,12 @@ class LlamaCpp:
         records = _json_lines(proc.stdout) or _json_lines(proc.stderr)
         return {int(r["pl"]): r for r in records}
 
-    def greedy(self, model: Path, prompt_ids: list[int], max_tokens: int, *, threads: int, text: str) -> dict:
-        """Greedy continuation of ``prompt_ids`` through the bindings; also llama.cpp's ids for ``text``.
+    def greedy(
+        self, model: Path, prompts: list[list[int]], max_tokens: int, *, threads: int, text: str
+    ) -> dict:
+        """Greedy continuations of each prompt (ids) through the bindings; also llama.cpp's ids for ``text``.
 
-        Returns ``{"tokens": [max_tokens ids], "text_ids": [...]}``.
+        Returns ``{"tokens": [[max_tokens ids] per prompt], "text_ids": [...]}``.
         """
         env = {
             **os.environ,
@@ -160,9 +165,9 @@ class LlamaCpp:
         }
         request = {
             "model": str(model),
-            "prompt_ids": prompt_ids,
+            "prompts": prompts,
             "max_tokens": max_tokens,
-            "n_ctx": len(prompt_ids) + max_tokens + 8,
+            "n_ctx": max(len(p) for p in prompts) + max_tokens + 8,
             "threads": threads,
             "text": text,
         }

@@ -14,8 +14,12 @@ formats are symmetric with one scale per 32 weights). Then, pair by pair (fp32 v
   ours counts the tokens all streams emit while every one of them is decoding (in process, the
   engine's continuous batching); llama.cpp's is ``llama-batched-bench``'s S_TG (all sequences in one
   batch per step);
-- greedy tokens: the same prompt ids through both, the length of the common prefix of the
-  continuations; and llama.cpp's tokenization of the prompt text against the checkpoint's tokenizer.
+- greedy tokens: ``--greedy-prompts`` prompts (the 512-token prompt's prefixes of 64, 128, ...
+  tokens, so each continuation starts from another context) through both as the same ids,
+  ``--greedy-tokens`` new tokens each: how many continuations are identical and the shortest common
+  prefix (a random model soon repeats one token, hence many short contexts rather than one long
+  continuation); for a 4-bit pair, how many each side shares with its own full-precision run; and
+  llama.cpp's tokenization of the prompt text against the checkpoint's tokenizer.
 
 Best of ``--reps`` for single-stream figures on both sides (llama-bench's samples, our runs). Both
 use ``--threads`` threads (default: all cores). llama.cpp is fetched and built by ``bench/llamacpp.py``
@@ -94,30 +98,35 @@ def _engine(bundle: ModelBundle, batch: int, **overrides) -> Engine:
 
 
 def ours_single(bundle: ModelBundle, prompt: np.ndarray, gen: int, reps: int, **overrides) -> dict:
-    """One request at a time: best TTFT, best decode tokens/s, and the greedy tokens.
-
-    Returns ``{"ttft_ms", "decode_tokens_per_s", "tokens"}``.
-    """
+    """One request at a time: best TTFT and best decode tokens/s. Returns ``{"ttft_ms", "decode_tokens_per_s"}``."""
     engine = _engine(bundle, 1, **overrides)
     try:
-        runs, tokens = [], []
+        runs = []
         for i in range(reps + 1):  # the first run warms the session up
             handle = engine.submit(GenerationRequest(f"single-{i}", prompt, max_tokens=gen, ignore_eos=True))
-            ids: list[int] = []
-            for event in handle.iter_events(timeout_s=1800):
-                if isinstance(event, Finished):
-                    runs.append(event)
-                else:
-                    ids += event.token_ids
-            tokens = ids
+            runs.append(next(e for e in handle.iter_events(timeout_s=1800) if isinstance(e, Finished)))
     finally:
         engine.stop()
-    runs = runs[1:]
     return {
-        "ttft_ms": min(f.ttft_s for f in runs) * 1000,
-        "decode_tokens_per_s": max(f.decode_tokens_per_s for f in runs),
-        "tokens": tokens,
+        "ttft_ms": min(f.ttft_s for f in runs[1:]) * 1000,
+        "decode_tokens_per_s": max(f.decode_tokens_per_s for f in runs[1:]),
     }
+
+
+def ours_greedy(bundle: ModelBundle, prompts: list[np.ndarray], gen: int, **overrides) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (batched: the engine's rows are independent)."""
+    engine = _engine(bundle, len(prompts), **overrides)
+    try:
+        handles = [
+            engine.submit(GenerationRequest(f"greedy-{i}", p, max_tokens=gen, ignore_eos=True))
+            for i, p in enumerate(prompts)
+        ]
+        return [
+            [t for e in h.iter_events(timeout_s=1800) if not isinstance(e, Finished) for t in e.token_ids]
+            for h in handles
+        ]
+    finally:
+        engine.stop()
 
 
 def ours_aggregate(bundle: ModelBundle, prompt: np.ndarray, gen: int, streams: int, **overrides) -> float:
@@ -180,7 +189,7 @@ def compare_pair(
 ) -> tuple[dict[str, float | int], dict[str, list[int]]]:
     """Every figure of one precision pair (ours ``bundle`` against llama.cpp's ``gguf``).
 
-    ``reference``: both sides' greedy tokens at full precision (``{"ours": [...], "theirs": [...]}``),
+    ``reference``: both sides' greedy tokens at full precision (``{"ours": [[...]], "theirs": [[...]]}``),
     for a 4-bit pair. Returns the figures and this pair's greedy tokens in that form.
     """
     t, p, g = args.threads, args.prompt_tokens, args.gen_tokens
@@ -195,23 +204,33 @@ def compare_pair(
     batched = peer.batched_bench(gguf, threads=t, prompt=p, gen=g, parallel=args.concurrency)
     for c in args.concurrency:
         out[f"llamacpp_aggregate_tokens_per_s_at_{c}"] = batched[c]["speed_tg"]
-    log("  llama.cpp: greedy tokens (bindings)")
-    theirs = peer.greedy(gguf, [int(i) for i in prompt], g, threads=t, text=TEXT)
+    step = len(prompt) // args.greedy_prompts
+    prompts = [prompt[: step * (i + 1)] for i in range(args.greedy_prompts)]
+    log(f"  llama.cpp: greedy tokens of {len(prompts)} prompts (bindings)")
+    theirs = peer.greedy(
+        gguf, [[int(i) for i in q] for q in prompts], args.greedy_tokens, threads=t, text=TEXT
+    )
     log("  gemma-mesh: single stream")
     ours = ours_single(bundle, prompt, g, args.reps, **overrides)
+    log(f"  gemma-mesh: greedy tokens of {len(prompts)} prompts")
+    mine = ours_greedy(bundle, prompts, args.greedy_tokens, **overrides)
     out["ttft_ms"] = ours["ttft_ms"]
     out["decode_tokens_per_s"] = ours["decode_tokens_per_s"]
     for c in args.concurrency:
         log(f"  gemma-mesh: {c} concurrent streams")
         out[f"aggregate_tokens_per_s_at_{c}"] = ours_aggregate(bundle, prompt, g, c, **overrides)
-    out["greedy_tokens"] = g
-    out["greedy_common_prefix"] = common_prefix(ours["tokens"], theirs["tokens"])
-    if reference is not None:  # a 4-bit pair: how far each side follows its own full-precision run
-        out["greedy_common_prefix_with_own_f32"] = common_prefix(ours["tokens"], reference["ours"])
-        out["llamacpp_greedy_common_prefix_with_own_f32"] = common_prefix(
-            theirs["tokens"], reference["theirs"]
+    out["greedy_prompts"] = len(prompts)
+    out["greedy_prompts_identical"] = sum(a == b for a, b in zip(mine, theirs["tokens"], strict=True))
+    out["greedy_shortest_common_prefix"] = min(map(common_prefix, mine, theirs["tokens"]))
+    out["greedy_distinct_first_tokens"] = len({run[0] for run in mine})
+    if reference is not None:  # a 4-bit pair: how many continuations each side shares with its own f32 run
+        out["greedy_prompts_identical_to_own_f32"] = sum(
+            a == b for a, b in zip(mine, reference["ours"], strict=True)
         )
-    greedy = {"ours": ours["tokens"], "theirs": theirs["tokens"]}
+        out["llamacpp_greedy_prompts_identical_to_own_f32"] = sum(
+            a == b for a, b in zip(theirs["tokens"], reference["theirs"], strict=True)
+        )
+    greedy = {"ours": mine, "theirs": theirs["tokens"]}
     ids = bundle.tokenizer.encode(TEXT, add_special_tokens=False).ids
     out["tokenizer_matches"] = int(list(ids) == list(theirs["text_ids"]))
     out["decode_vs_llamacpp"] = out["decode_tokens_per_s"] / out["llamacpp_decode_tokens_per_s"]
@@ -237,6 +256,8 @@ def main() -> int:
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="4,16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--greedy-prompts", type=int, default=8)
+    parser.add_argument("--greedy-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--work-dir", type=Path, default=HERE.parent / "runs" / "bench")
     parser.add_argument("--cache-dir", type=Path, default=llamacpp.DEFAULT_CACHE)
