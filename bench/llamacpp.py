@@ -124,18 +124,22 @@ class LlamaCpp:
             _run(argv + ([str(threads)] if threads else []), timeout_s=1800)
         return out
 
-    def bench(self, model: Path, *, threads: int, prompt: int, gen: int, depth: int, reps: int) -> dict:
+    def bench(
+        self, model: Path, *, threads: int, prompt: int, gen: int, depth: int, reps: int, poll: int = 50
+    ) -> dict:
         """One ``llama-bench`` test (``-o json``): ``prompt`` tokens (pp) or ``gen`` tokens (tg) at ``depth``.
+
+        ``poll``: ggml's polling level while its threads wait for work (0: sleep; 50: llama.cpp's default).
 
         Returns llama-bench's record (``avg_ts``, ``samples_ts`` in tokens/s, ``flash_attn``, ...).
         """
         argv = [str(self.binary("llama-bench")), "-m", str(model), "-t", str(threads), "-o", "json"]
-        argv += ["-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps)]
+        argv += ["-p", str(prompt), "-n", str(gen), "-d", str(depth), "-r", str(reps), "--poll", str(poll)]
         (record,) = json.loads(_run(argv, timeout_s=1800))
         return record
 
     def batched_bench(
-        self, model: Path, *, threads: int, prompt: int, gen: int, parallel: list[int]
+        self, model: Path, *, threads: int, prompt: int, gen: int, parallel: list[int], poll: int = 50
     ) -> dict[int, dict]:
         """``llama-batched-bench``: ``pl`` sequences of ``prompt`` random tokens, then ``gen`` steps of all.
 
@@ -145,6 +149,7 @@ class LlamaCpp:
         argv = [str(self.binary("llama-batched-bench")), "-m", str(model), "-t", str(threads)]
         argv += ["-tb", str(threads), "-c", str(ctx), "-b", "2048", "-ub", "512", "--output-format", "jsonl"]
         argv += ["-npp", str(prompt), "-ntg", str(gen), "-npl", ",".join(map(str, parallel))]
+        argv += ["--poll", str(poll)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"llama-batched-bench exited {proc.returncode}: {proc.stderr[-2000:]}")

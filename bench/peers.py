@@ -195,13 +195,14 @@ def compare_pair(
     t, p, g = args.threads, args.prompt_tokens, args.gen_tokens
     out: dict[str, float | int] = {}
     log(f"  llama.cpp: llama-bench pp{p}, tg{g}@d{p}")
-    pp = peer.bench(gguf, threads=t, prompt=p, gen=0, depth=0, reps=args.reps)
-    tg = peer.bench(gguf, threads=t, prompt=0, gen=g, depth=p, reps=args.reps)
+    poll = args.llama_poll
+    pp = peer.bench(gguf, threads=t, prompt=p, gen=0, depth=0, reps=args.reps, poll=poll)
+    tg = peer.bench(gguf, threads=t, prompt=0, gen=g, depth=p, reps=args.reps, poll=poll)
     out["llamacpp_ttft_ms"] = p / max(pp["samples_ts"]) * 1000
     out["llamacpp_decode_tokens_per_s"] = max(tg["samples_ts"])
     out["llamacpp_flash_attn"] = str(tg.get("flash_attn"))
     log(f"  llama.cpp: llama-batched-bench npl {args.concurrency}")
-    batched = peer.batched_bench(gguf, threads=t, prompt=p, gen=g, parallel=args.concurrency)
+    batched = peer.batched_bench(gguf, threads=t, prompt=p, gen=g, parallel=args.concurrency, poll=poll)
     for c in args.concurrency:
         out[f"llamacpp_aggregate_tokens_per_s_at_{c}"] = batched[c]["speed_tg"]
     step = len(prompt) // args.greedy_prompts
@@ -266,6 +267,12 @@ def main() -> int:
         "--allow-spinning", action="store_true", help="ONNX Runtime's idle threads busy-wait (as ggml's do)"
     )
     parser.add_argument(
+        "--llama-poll",
+        type=int,
+        default=50,
+        help="llama.cpp's --poll: how much its idle threads busy-wait (0: not at all; 50: its default)",
+    )
+    parser.add_argument(
         "--engine-settings",
         default="",
         help="DecoderSettings overrides for our side, KEY=VALUE,... (e.g. prefill_chunk_tokens=512)",
@@ -283,6 +290,7 @@ def main() -> int:
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "allow_spinning": args.allow_spinning,
+        "llama_poll": args.llama_poll,
         "engine_settings": args.engine_settings,
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
     }
