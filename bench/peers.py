@@ -22,12 +22,13 @@ formats are symmetric with one scale per 32 weights). Then, pair by pair (fp32 v
   llama.cpp's tokenization of the prompt text against the checkpoint's tokenizer.
 
 Best of ``--reps`` for single-stream figures on both sides (llama-bench's samples, our runs). Both
-use ``--threads`` threads (default: all cores). llama.cpp is fetched and built by ``bench/llamacpp.py``
+use ``--threads`` threads (default: all cores); llama.cpp's threads busy-wait at its default
+``--llama-poll 50``, ours only with ``--allow-spinning``. llama.cpp is fetched and built by ``bench/llamacpp.py``
 under ``--cache-dir``; checkpoints and bundles go under ``--work-dir`` (shared with bench/decoder.py).
 Prints a table, then one JSON line (ratios are ours over llama.cpp's, except TTFT: ours over theirs,
 lower is better).
 
-    python bench/peers.py                       # small: ~25 minutes on 2 cores once built
+    python bench/peers.py                       # small: 6-20 minutes on 2 cores once built
     python bench/peers.py --sizes tiny --reps 1 # a smoke run
 """
 
