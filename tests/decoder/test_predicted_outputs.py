@@ -106,7 +106,7 @@ def test_tokens_rejected_past_the_sliding_window_leave_the_ring_intact(tiny_bund
 def test_a_stop_string_inside_an_accepted_prediction_ends_the_request_there(tiny_bundle):
     """The prediction is the unstopped output; with a stop string from its middle the request must
     finish inside the prefill walk, with the same tokens and text as decoding with that stop."""
-    free = _request(tiny_bundle, 7, 5, max_tokens=24, ignore_eos=True)
+    free = _request(tiny_bundle, 8, 5, max_tokens=24, ignore_eos=True)
     tokens = _solo(tiny_bundle, free)
     text = tiny_bundle.tokenizer.decode(tokens[:14], skip_special_tokens=True)
     stop = text[-3:]

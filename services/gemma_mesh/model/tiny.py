@@ -4,7 +4,8 @@ The checkpoint keeps every architectural feature of Gemma 4 E4B at toy sizes, so
 the runtime and the services are exercised on the same code paths as the real model:
 
 - text decoder: per-layer embeddings (PLE), sliding and full attention layers (full last), KV-shared
-  tail layers (one producer per attention type), a global head dim different from the local one,
+  tail layers (one producer per attention type; the cache-owning layers end with a sliding layer
+  then a full one, as E4B's layers 22 and 23 do), a global head dim different from the local one,
   proportional RoPE on full layers, final logit softcapping, double-wide MLPs on shared layers;
 - audio conformer (USM): stride-2 subsampling convolutions, chunked local attention with relative
   positions, causal light convolutions, clipped linears, output projection;
@@ -70,7 +71,7 @@ PRESETS: dict[str, TinySize] = {
         head_dim=16,
         global_head_dim=32,
         hidden_size_per_layer_input=8,
-        num_kv_shared_layers=2,
+        num_kv_shared_layers=3,  # layers 0..2 own caches and end sliding, full (check_kv_sharing_layout)
         sliding_window=32,
         audio_hidden_size=32,
         audio_layers=2,
@@ -90,7 +91,7 @@ PRESETS: dict[str, TinySize] = {
         head_dim=96,
         global_head_dim=192,
         hidden_size_per_layer_input=64,
-        num_kv_shared_layers=4,
+        num_kv_shared_layers=3,  # layers 0..8 own caches and end sliding, full
         sliding_window=512,
         audio_hidden_size=128,
         audio_layers=2,
@@ -136,8 +137,46 @@ def _layer_types(num_layers: int, period: int) -> list[str]:
     return types
 
 
+def check_kv_sharing_layout(layer_types: list[str], num_kv_shared_layers: int) -> None:
+    """Refuse a layout whose cache-owning layers do not end with a sliding layer then a full one.
+
+    Gemma 4 E4B (42 layers, the last 18 KV-shared) owns caches in layers 0..23, layer 22 sliding and
+    layer 23 full; each shared layer reads the last cache-owning layer of its type
+    (``Gemma4TextConfig.kv_sharing_modes``). llama.cpp hard-codes that shape: a shared layer reuses
+    layer ``n_layer_kv_from_start - 2`` when sliding, ``- 1`` when full (``llama-model.cpp``), so a
+    checkpoint without it does not load there (``GGML_ASSERT(map_layer_ids.find(il_reuse) ...)``).
+
+    Args:
+        layer_types: one ``"sliding_attention"`` / ``"full_attention"`` per layer.
+        num_kv_shared_layers: how many tail layers reuse an earlier layer's KV cache.
+
+    Raises:
+        ValueError: the cache-owning region is shorter than two layers, does not end with
+            (sliding, full), or the shared tail lacks a layer of either type.
+    """
+    first_shared = len(layer_types) - num_kv_shared_layers
+    if num_kv_shared_layers == 0:
+        return
+    if first_shared < 2 or layer_types[first_shared - 2 : first_shared] != [
+        "sliding_attention",
+        "full_attention",
+    ]:
+        raise ValueError(
+            f"the cache-owning layers 0..{first_shared - 1} must end with a sliding then a full layer "
+            f"(as E4B's layers 22 and 23), got {layer_types[max(first_shared - 2, 0) : first_shared]}"
+        )
+    if set(layer_types[first_shared:]) != {"sliding_attention", "full_attention"}:
+        raise ValueError(f"the KV-shared layers {first_shared}.. must include both attention types")
+
+
 def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
-    """Return the ``Gemma4Config`` keyword arguments for ``size`` with the tokenizer's special-token ids."""
+    """Return the ``Gemma4Config`` keyword arguments for ``size`` with the tokenizer's special-token ids.
+
+    Raises:
+        ValueError: the preset's KV-sharing layout differs from E4B's (``check_kv_sharing_layout``).
+    """
+    layer_types = _layer_types(size.num_hidden_layers, size.full_attention_period)
+    check_kv_sharing_layout(layer_types, size.num_kv_shared_layers)
     text_config = {
         "vocab_size": size.vocab_size,
         "vocab_size_per_layer_input": size.vocab_size,
@@ -151,7 +190,7 @@ def build_config(size: TinySize, token_ids: dict[str, int]) -> dict[str, Any]:
         "hidden_size_per_layer_input": size.hidden_size_per_layer_input,
         "num_kv_shared_layers": size.num_kv_shared_layers,
         "sliding_window": size.sliding_window,
-        "layer_types": _layer_types(size.num_hidden_layers, size.full_attention_period),
+        "layer_types": layer_types,
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {
