@@ -52,7 +52,10 @@ def test_logprobs_equal_transformers_log_softmax(client: openai.OpenAI, tiny_bun
         assert entry.logprob == pytest.approx(row.max(), abs=1e-4)  # greedy: the most likely token
         top_ids = np.argsort(-row, kind="stable")[:5]
         np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], row[top_ids], atol=1e-4)
-        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([int(i)]) for i in top_ids]
+        # Each candidate as its own text, control tokens included (vLLM's and transformers' decode).
+        assert [t.token for t in entry.top_logprobs] == [
+            tokenizer.decode([int(i)], skip_special_tokens=False) for i in top_ids
+        ]
         assert entry.top_logprobs[0].token == entry.token
         assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
         if not tokenizer.id_to_token(token).startswith("<0x"):

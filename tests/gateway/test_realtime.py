@@ -70,14 +70,16 @@ def model_rate_samples(pcm: np.ndarray) -> np.ndarray:
     return np.concatenate([stream.resample_chunk(c.astype(np.float32) / 32768.0) for c in chunks(pcm)])
 
 
-def transcription_of(url: str, audio16: np.ndarray, tmp_path, name: str) -> str:
+def transcription_of(url: str, audio16: np.ndarray, tmp_path, name: str, language: str | None = None) -> str:
+    """``/v1/audio/transcriptions`` of ``audio16`` (16 kHz float32) with the session's ``language``
+    (it is part of the instruction, so the same request needs the same language)."""
     path = tmp_path / f"{name}.wav"
     sf.write(path, audio16, 16000, subtype="FLOAT")
     with path.open("rb") as f:
         reply = httpx.post(
             f"{url}/v1/audio/transcriptions",
             files={"file": (path.name, f, "audio/wav")},
-            data={"model": MODEL},
+            data={"model": MODEL, **({"language": language} if language else {})},
             timeout=120,
         )
     assert reply.status_code == 200, reply.text
@@ -161,7 +163,9 @@ async def test_server_vad_turns_at_24_khz(gateway_url, pcm24, tmp_path):
             "seconds": pytest.approx((end - start) / 1000, abs=1e-3),
         }
         # VAD bounds are whole ms (multiples of 16 samples at 16 kHz)
-        assert transcript == transcription_of(gateway_url, audio16[start * 16 : end * 16], tmp_path, item)
+        assert transcript == transcription_of(
+            gateway_url, audio16[start * 16 : end * 16], tmp_path, item, language="en"
+        )
     assert any(e["type"].endswith(".delta") for e in events), "no deltas at all"
 
 
