@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 
@@ -54,3 +55,20 @@ class LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
         self._loop.close()
+
+
+@contextlib.contextmanager
+def decoder_stub(settings: Any, bundle: Any) -> Iterator[Any]:
+    """A decoder server (``DecoderSettings`` with port 0) on ``bundle`` in a thread, and a
+    synchronous ``DecoderStub`` on a channel to it; both closed on exit."""
+    import grpc
+
+    from gemma_mesh.decoder.server import start_decoder
+    from gemma_mesh.proto.v1 import decoder_pb2_grpc
+
+    with ServerThread(lambda: start_decoder(settings, bundle)) as started:
+        channel = grpc.insecure_channel(f"127.0.0.1:{started.port}")
+        try:
+            yield decoder_pb2_grpc.DecoderStub(channel)
+        finally:
+            channel.close()

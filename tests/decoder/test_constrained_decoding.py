@@ -20,11 +20,10 @@ import pytest
 from gemma_mesh.common.errors import InvalidRequest
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest
 from gemma_mesh.decoder.grammar import ConstraintSpec, GrammarState
-from gemma_mesh.decoder.server import start_decoder
 from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.model.sampling import SamplingParams
-from gemma_mesh.proto.v1 import decoder_pb2, decoder_pb2_grpc
-from tests.grpc_helpers import ServerThread
+from gemma_mesh.proto.v1 import decoder_pb2
+from tests.grpc_helpers import decoder_stub
 
 PERSON = {
     "type": "object",
@@ -242,10 +241,8 @@ def stub(tiny_bundle):
         max_batch_size=8,
         max_constraint_chars=4096,
     )
-    with ServerThread(lambda: start_decoder(settings, tiny_bundle)) as started:
-        channel = grpc.insecure_channel(f"127.0.0.1:{started.port}")
-        yield decoder_pb2_grpc.DecoderStub(channel)
-        channel.close()
+    with decoder_stub(settings, tiny_bundle) as stub:
+        yield stub
 
 
 def _generate(

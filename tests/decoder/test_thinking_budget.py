@@ -11,10 +11,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gemma_mesh.decoder.server import start_decoder
 from gemma_mesh.decoder.settings import DecoderSettings
-from gemma_mesh.proto.v1 import decoder_pb2, decoder_pb2_grpc
-from tests.grpc_helpers import ServerThread
+from gemma_mesh.proto.v1 import decoder_pb2
+from tests.grpc_helpers import decoder_stub
 
 MAX_TOKENS = 40
 
@@ -28,10 +27,8 @@ def stub(tiny_bundle):
         thinking_budget_low=3,
         thinking_budget_medium=9,
     )
-    with ServerThread(lambda: start_decoder(settings, tiny_bundle)) as started:
-        channel = grpc.insecure_channel(f"127.0.0.1:{started.port}")
-        yield decoder_pb2_grpc.DecoderStub(channel)
-        channel.close()
+    with decoder_stub(settings, tiny_bundle) as stub:
+        yield stub
 
 
 def _ids(stub, tiny_bundle, **kwargs) -> tuple[list[int], str, str]:
