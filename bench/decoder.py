@@ -250,6 +250,14 @@ async def _aggregate(
     return out, constrained
 
 
+def report(figures: dict) -> None:
+    """Every figure on its own line (stderr), then all of them as the last line: one JSON object."""
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        log(f"{key:<{width}}  {value}")
+    print(json.dumps(figures))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -326,10 +334,7 @@ def main() -> int:
     for key in ("decode_speedup_vs_transformers", "aggregate_speedup_at_16", f"json_schema_slowdown_at_{c}"):
         if f"{headline}_{key}" in figures:
             figures[key] = figures[f"{headline}_{key}"]
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        log(f"{key:<{width}}  {value}")
-    print(json.dumps(figures))
+    report(figures)
     return 0
 
 

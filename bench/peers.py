@@ -35,7 +35,6 @@ lower is better).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -49,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "services"))
 
 import llamacpp  # noqa: E402
-from decoder import ensure_bundle, log  # noqa: E402
+from decoder import ensure_bundle, log, report  # noqa: E402
 
 from gemma_mesh.decoder.engine import Engine, Finished, GenerationRequest  # noqa: E402
 from gemma_mesh.decoder.settings import DecoderSettings  # noqa: E402
@@ -330,10 +329,7 @@ def main() -> int:
             figures[key] = figures[f"{headline}_{source}"]
     figures["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     figures = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        log(f"{key:<{width}}  {value}")
-    print(json.dumps(figures))
+    report(figures)
     return 0
 
 

@@ -58,13 +58,17 @@ class LoopThread:
 
 
 @contextlib.contextmanager
-def decoder_stub(settings: Any, bundle: Any) -> Iterator[Any]:
-    """A decoder server (``DecoderSettings`` with port 0) on ``bundle`` in a thread, and a
-    synchronous ``DecoderStub`` on a channel to it; both closed on exit."""
+def decoder_stub(bundle: Any, **settings: Any) -> Iterator[Any]:
+    """A decoder server on ``bundle`` in a thread (free ports, CPU provider, ``settings`` over
+    ``DecoderSettings``' defaults), and a synchronous ``DecoderStub`` on a channel to it; both
+    closed on exit."""
     import grpc
 
     from gemma_mesh.decoder.server import start_decoder
+    from gemma_mesh.decoder.settings import DecoderSettings
     from gemma_mesh.proto.v1 import decoder_pb2_grpc
+
+    settings = DecoderSettings(port=0, metrics_port=0, providers=["CPUExecutionProvider"], **settings)
 
     with ServerThread(lambda: start_decoder(settings, bundle)) as started:
         channel = grpc.insecure_channel(f"127.0.0.1:{started.port}")

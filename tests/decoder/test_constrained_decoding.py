@@ -234,14 +234,7 @@ def test_with_thinking_the_grammar_starts_after_the_thought_channel(tiny_bundle)
 
 @pytest.fixture(scope="module")
 def stub(tiny_bundle):
-    settings = DecoderSettings(
-        port=0,
-        metrics_port=0,
-        providers=["CPUExecutionProvider"],
-        max_batch_size=8,
-        max_constraint_chars=4096,
-    )
-    with decoder_stub(settings, tiny_bundle) as stub:
+    with decoder_stub(tiny_bundle, max_batch_size=8, max_constraint_chars=4096) as stub:
         yield stub
 
 

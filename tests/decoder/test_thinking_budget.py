@@ -11,7 +11,6 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gemma_mesh.decoder.settings import DecoderSettings
 from gemma_mesh.proto.v1 import decoder_pb2
 from tests.grpc_helpers import decoder_stub
 
@@ -20,14 +19,7 @@ MAX_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def stub(tiny_bundle):
-    settings = DecoderSettings(
-        port=0,
-        metrics_port=0,
-        providers=["CPUExecutionProvider"],
-        thinking_budget_low=3,
-        thinking_budget_medium=9,
-    )
-    with decoder_stub(settings, tiny_bundle) as stub:
+    with decoder_stub(tiny_bundle, thinking_budget_low=3, thinking_budget_medium=9) as stub:
         yield stub
 
 
